@@ -1,0 +1,87 @@
+"""Terminal chat: `python -m model_runtime chat --model PATH_OR_ID`.
+
+Type a message and the answer streams. `clear` empties the history, `exit` or `stop` quits,
+Ctrl+C stops the current answer and returns to the prompt (Ctrl+C at the prompt quits).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+
+WELCOME = "ChatGLM-6B terminal chat. Type a message; 'clear' empties the history, 'exit' or 'stop' quits, " \
+          "Ctrl+C stops an answer."
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m model_runtime", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    chat = commands.add_parser("chat", help="chat in the terminal")
+    chat.add_argument("--model", default="THUDM/chatglm-6b", help="checkpoint directory or Hugging Face id")
+    chat.add_argument("--device", default="auto", help="auto, cuda, cpu or mps")
+    chat.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: per device)")
+    chat.add_argument("--max-length", type=int, default=2048, help="prompt plus answer, in tokens")
+    chat.add_argument("--top-p", type=float, default=0.7)
+    chat.add_argument("--temperature", type=float, default=0.95, help="0 means greedy")
+    chat.add_argument("--seed", type=int, default=None)
+    return parser.parse_args(argv)
+
+
+def stream_one_answer(model, tokenizer, query, history, args) -> list:
+    """Print one streamed answer; Ctrl+C stops it early. Returns the history with this turn."""
+    from .chat import stream_chat
+
+    cancel = threading.Event()
+    new_history, shown = history + [(query, "")], ""
+    answers = stream_chat(model, tokenizer, query, history, max_length=args.max_length, top_p=args.top_p,
+                          temperature=args.temperature, seed=args.seed, cancel=cancel)
+    print("ChatGLM: ", end="", flush=True)
+    try:
+        for response, new_history in answers:
+            print(response[len(shown):], end="", flush=True)
+            shown = response
+    except KeyboardInterrupt:
+        cancel.set()
+        for response, new_history in answers:  # let the generator end cleanly ("cancelled")
+            pass
+        print(" [stopped]", end="")
+    print()
+    return new_history
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from .config import CheckpointError
+    from .loading import load_model
+    from .protocol import InvalidRequest
+
+    try:
+        tokenizer, model = load_model(args.model, device=args.device, dtype=args.dtype)
+    except (CheckpointError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(WELCOME)
+    history: list = []
+    while True:
+        try:
+            query = input("\nUser: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if query in ("exit", "stop"):
+            return 0
+        if query == "clear":
+            history = []
+            print("(history cleared)")
+            continue
+        if not query:
+            continue
+        try:
+            history = stream_one_answer(model, tokenizer, query, history, args)
+        except InvalidRequest as error:
+            print(f"\n(error: {error})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

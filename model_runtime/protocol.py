@@ -1,0 +1,163 @@
+"""The engine interface: the only thing the web demo and the API know about the model.
+
+Plain data types and one Protocol, no torch, so that `webdemo` can import this module on a
+machine without the model stack and so that a remote OpenAI-compatible server can stand behind
+the same interface as the local engine.
+
+A caller builds a `ChatRequest`, hands it to `ChatBackend.submit`, and iterates the returned
+`ChatStream` for `ChatEvent`s until one has `finished` set. `ChatStream.cancel()` (or
+`ChatBackend.cancel(request_id)`) stops the work at the next decode step; the stream then ends
+with finish_reason "cancelled".
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Literal, Optional, Protocol, Sequence
+
+Role = Literal["system", "user", "assistant"]
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+EventKind = Literal["queued", "delta", "done"]
+
+_request_counter = itertools.count(1)
+
+
+class InvalidRequest(ValueError):
+    """A request the engine refuses before doing any work (bad parameter, prompt too long...)."""
+
+
+class EngineBusy(RuntimeError):
+    """The waiting queue is full: the caller should try again later."""
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. temperature 0 means greedy; max_length counts prompt plus answer
+    (the ChatGLM convention); max_new_tokens, when set, also bounds the answer alone."""
+
+    max_length: int = 2048
+    max_new_tokens: Optional[int] = None
+    temperature: float = 0.95
+    top_p: float = 0.7
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+    stop: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        """Raise InvalidRequest naming the first bad field."""
+        def bad(name, value, rule):
+            raise InvalidRequest(f"{name}={value!r} is out of range: {rule}")
+
+        for name in ("max_length", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                bad(name, value, "must be an integer")
+        if self.max_length < 1:
+            bad("max_length", self.max_length, "must be >= 1")
+        if self.max_new_tokens is not None and (
+            isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int)
+            or self.max_new_tokens < 1
+        ):
+            bad("max_new_tokens", self.max_new_tokens, "must be an integer >= 1")
+        if self.top_k < 0:
+            bad("top_k", self.top_k, "must be >= 0 (0 disables top-k)")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                bad(name, value, "must be a finite number")
+        if self.temperature < 0:
+            bad("temperature", self.temperature, "must be >= 0 (0 means greedy)")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", self.top_p, "must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            bad("repetition_penalty", self.repetition_penalty, "must be > 0")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            bad("seed", self.seed, "must be an integer")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", self.stop, "must be non-empty strings")
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One answer to generate: the conversation so far, ending with the user's message."""
+
+    messages: tuple[Message, ...]
+    sampling: SamplingParams = SamplingParams()
+    request_id: str = field(default_factory=lambda: f"req-{next(_request_counter)}")
+    deadline_s: Optional[float] = None  # seconds from submission; then finish_reason "cancelled"
+
+
+@dataclass(frozen=True)
+class ChatEvent:
+    """One step of a streamed answer.
+
+    kind "queued": waiting; queue_position is 1 for the next request to start.
+    kind "delta": `delta` is new text; `text` the whole answer so far (already post-processed).
+    kind "done": the last event; finish_reason says why, `error` holds a message on "error".
+    """
+
+    kind: EventKind
+    request_id: str
+    delta: str = ""
+    text: str = ""
+    queue_position: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    dropped_turns: int = 0  # oldest history turns left out of the prompt to fit max_length
+    finish_reason: Optional[FinishReason] = None
+    error: Optional[str] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.kind == "done"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a front end needs to know to draw its controls."""
+
+    name: str
+    max_sequence_length: int
+    supports_system_prompt: bool = False
+    random_weights: bool = False  # a tiny test checkpoint: answers are noise
+
+
+class ChatStream(Protocol):
+    request_id: str
+
+    def __iter__(self) -> Iterator[ChatEvent]: ...
+
+    def cancel(self) -> None: ...
+
+
+class ChatBackend(Protocol):
+    """Submit chat requests, stream their events, cancel them. Thread-safe."""
+
+    info: ModelInfo
+
+    def submit(self, request: ChatRequest) -> ChatStream:
+        """Validate and enqueue; raises InvalidRequest or EngineBusy at once, never later."""
+        ...
+
+    def cancel(self, request_id: str) -> None: ...
+
+    def stats(self) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+def messages_from_pairs(history: Sequence[tuple[str, str]], query: str, system: Optional[str] = None) -> tuple[Message, ...]:
+    """The seed's (query, response) history plus a new query, as role messages."""
+    messages = [Message("system", system)] if system else []
+    for user_text, answer in history:
+        messages += [Message("user", user_text), Message("assistant", answer)]
+    messages.append(Message("user", query))
+    return tuple(messages)

@@ -1,0 +1,129 @@
+"""Chat API: the seed's chat/stream_chat, prompt format, history budget, streamed text."""
+import threading
+
+import pytest
+
+from model_runtime.chat import (AnswerText, answer_reserve, pairs_from_messages, plan_prompt,
+                                process_response, round_prompt, stream_answer)
+from model_runtime.protocol import InvalidRequest, Message, SamplingParams
+
+
+def test_round_prompt_format():
+    assert round_prompt("你好", []) == "你好"
+    assert round_prompt("再见", [("你好", "你好！")]) == "[Round 0]\n问：你好\n答：你好！\n[Round 1]\n问：再见\n答："
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("  你好,世界  ", "你好，世界"),
+    ("现在是[[训练时间]]", "现在是2023年"),
+    ("真的?好!", "真的？好！"),
+    ("Hello, world! a:b", "Hello, world! a:b"),
+    ("比例:3;", "比例：3;"),
+])
+def test_process_response(raw, expected):
+    assert process_response(raw) == expected
+
+
+def test_chat_and_stream_chat_agree(tiny_model):
+    tokenizer, model = tiny_model
+    response, history = model.chat(tokenizer, "你好", history=[], max_length=64, temperature=0)
+    assert response and history == [("你好", response)]
+    updates = list(model.stream_chat(tokenizer, "你好", [], max_length=64, temperature=0))
+    assert len(updates) > 3  # it streams
+    texts = [text for text, _ in updates]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # only ever appended to
+    assert updates[-1] == (response, [("你好", response)])
+
+
+def test_seed_compatible_keywords(tiny_model):
+    tokenizer, model = tiny_model
+    response, history = model.chat(tokenizer, "How are you?", history=[("你好", "你好！")], max_length=2048,
+                                   top_p=0.7, temperature=0.95)
+    assert isinstance(response, str) and len(history) == 2
+
+
+def test_max_length_counts_prompt_and_answer(tiny_model):
+    tokenizer, model = tiny_model
+    prompt_tokens = len(tokenizer.encode("你好"))
+    params = SamplingParams(max_length=prompt_tokens + 5, temperature=0)
+    last = list(stream_answer(model, tokenizer, "你好", [], params))[-1]
+    assert last.finish_reason == "length"
+    assert last.prompt_tokens + last.completion_tokens == prompt_tokens + 5
+
+
+def test_oldest_turns_are_dropped_to_leave_room_for_the_answer(tiny_model):
+    tokenizer, model = tiny_model
+    history = [(f"第{i}个问题 about the weather", "天气很好 " * 10) for i in range(8)]
+    max_length = 160
+    plan = plan_prompt(tokenizer, "今天呢?", history, max_length)
+    assert 0 < plan.dropped_turns < len(history)
+    assert len(plan.tokens) <= max_length - answer_reserve(max_length)
+    kept = history[plan.dropped_turns:]
+    assert plan.tokens == tokenizer.encode(round_prompt("今天呢?", kept))
+    # One more turn would not have fitted.
+    longer = tokenizer.encode(round_prompt("今天呢?", history[plan.dropped_turns - 1:]))
+    assert len(longer) > max_length - answer_reserve(max_length)
+    last = list(stream_answer(model, tokenizer, "今天呢?", history, SamplingParams(max_length=max_length)))[-1]
+    assert last.dropped_turns == plan.dropped_turns
+
+
+def test_a_query_too_long_for_max_length_is_refused_clearly(tiny_model):
+    tokenizer, model = tiny_model
+    with pytest.raises(InvalidRequest, match="shorten the message or raise the maximum length"):
+        model.chat(tokenizer, "天气" * 50_000, max_length=2048)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_length": -1}, "max_length"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_k": 2.5}, "top_k"),
+])
+def test_bad_arguments_are_refused(tiny_model, kwargs, message):
+    tokenizer, model = tiny_model
+    with pytest.raises(InvalidRequest, match=message):
+        model.chat(tokenizer, "你好", **kwargs)
+
+
+def test_non_string_query_is_refused(tiny_model):
+    tokenizer, model = tiny_model
+    with pytest.raises(InvalidRequest, match="string"):
+        model.chat(tokenizer, 42)
+
+
+def test_cancel_stops_within_one_step(tiny_model):
+    tokenizer, model = tiny_model
+    cancel = threading.Event()
+    seen = 0
+    for update in stream_answer(model, tokenizer, "你好", [], SamplingParams(max_length=2048, temperature=0), cancel):
+        seen += 1
+        if seen == 2:
+            cancel.set()
+    assert update.finish_reason == "cancelled"
+    assert update.completion_tokens < 20
+
+
+class ByteTokenizer:
+    """Decodes ids as UTF-8 bytes, to exercise half characters in the stream."""
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_streamed_text_never_shows_half_a_character_or_unsettled_punctuation():
+    text = AnswerText(ByteTokenizer())
+    data = "好,世".encode()
+    shown = [text.update(list(data[:n])) and text.shown for n in range(1, len(data) + 1)]
+    assert all("\ufffd" not in s for s in shown if s)
+    assert "好," not in shown  # the comma waits: the next character turns it full-width
+    assert text.shown == "好，世"
+    assert text.finish(list(data)) == ""
+
+
+def test_messages_become_query_and_history():
+    messages = [Message("system", "Be brief."), Message("user", "a"), Message("assistant", "b"), Message("user", "c")]
+    assert pairs_from_messages(messages) == ("c", [("Be brief.\na", "b")])
+    with pytest.raises(InvalidRequest):
+        pairs_from_messages([Message("user", "a"), Message("assistant", "b")])
