@@ -128,9 +128,12 @@ class DecodeBatch:
 
     def _sample(self, seqs: list[Sequence], hidden: torch.Tensor) -> None:
         logits = self.model.logits(hidden)[:, :self.vocab_size]
-        for row, seq in enumerate(seqs):
-            history = torch.tensor(seq.tokens, device=logits.device)
-            seq.append(seq.sampler(logits[row], history))
+        # Sample every row before appending any: if one sampler raises, no sequence has moved,
+        # so the caller may retry the step for each sequence alone.
+        chosen = [seq.sampler(logits[row], torch.tensor(seq.tokens, device=logits.device))
+                  for row, seq in enumerate(seqs)]
+        for seq, token in zip(seqs, chosen):
+            seq.append(token)
 
 
 def generate(model: ChatGLMModel, prompts: list[list[int]], params: SamplingParams,

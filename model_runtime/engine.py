@@ -1,0 +1,326 @@
+"""The serving engine: one model, many users, continuous batching in one background thread.
+
+`Engine` implements `protocol.ChatBackend`. `submit()` validates and encodes a request in the
+caller's thread (so errors come back at once), then puts it in a bounded FIFO queue. The
+scheduler thread, once per step:
+
+1. ends requests that were cancelled or passed their deadline (their slots free up at once);
+2. admits waiting requests, first come first served, while KV-cache slots are free, and prefills
+   them together in one forward;
+3. advances every other live request by one token in one batched forward;
+4. turns new tokens into text events on each request's own queue.
+
+A forward that raises is retried one request at a time, so only the request at fault ends
+with an error event; a sampler that raises ends only its own request.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+
+from .chat import AnswerText, pairs_from_messages, plan_prompt
+from .generate import DecodeBatch, Sequence, new_sequence
+from .protocol import ChatEvent, ChatRequest, EngineBusy, InvalidRequest, ModelInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Job:
+    """Engine-side state of one request."""
+
+    request: ChatRequest
+    seq: Sequence
+    dropped_turns: int
+    events: "queue.Queue[ChatEvent]" = field(default_factory=queue.Queue)
+    text: Optional[AnswerText] = None
+    submitted: float = field(default_factory=time.monotonic)
+    deadline: Optional[float] = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    first_token_at: Optional[float] = None
+    queue_position: int = 0
+    done: bool = False
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    def event(self, kind, **fields) -> ChatEvent:
+        return ChatEvent(kind=kind, request_id=self.request_id, text=self.text.shown if self.text else "",
+                         prompt_tokens=len(self.seq.prompt), completion_tokens=len(self.seq.generated),
+                         dropped_turns=self.dropped_turns, **fields)
+
+
+class EngineStream:
+    """The caller's side of one request: iterate for events; cancel() to stop it."""
+
+    def __init__(self, engine: "Engine", job: _Job):
+        self._engine = engine
+        self._job = job
+        self.request_id = job.request_id
+
+    def __iter__(self) -> Iterator[ChatEvent]:
+        finished = False
+        try:
+            while not finished:
+                event = self._job.events.get()
+                finished = event.finished
+                yield event
+        finally:
+            if not finished:  # the consumer went away (closed tab, dropped client)
+                self.cancel()
+
+    def cancel(self) -> None:
+        self._engine.cancel(self.request_id)
+
+
+class Engine:
+    """Continuous-batching chat engine around one loaded model (see the module docstring).
+
+    slots: sequences decoded together at most (KV-cache rows, each of `context_length` tokens);
+    max_queue: requests allowed to wait beyond those; step_delay: seconds to sleep per step
+    (a debugging aid that makes streams slow enough to watch)."""
+
+    def __init__(self, tokenizer, model, *, slots: int = 8, max_queue: int = 64, context_length: Optional[int] = None,
+                 name: str = "chatglm-6b", random_weights: bool = False, step_delay: float = 0.0):
+        if slots < 1 or max_queue < 0:
+            raise ValueError("slots must be >= 1 and max_queue >= 0")
+        self.tokenizer = tokenizer
+        self.model = model
+        self.max_queue = max_queue
+        self.slots = slots
+        self.step_delay = step_delay
+        self.batch = DecodeBatch(model, slots, context_length or model.config.max_sequence_length,
+                                 vocab_size=tokenizer.vocab_size)
+        self.info = ModelInfo(name=name, max_sequence_length=self.batch.max_len, random_weights=random_weights)
+        self._lock = threading.Condition()
+        self._waiting: deque[_Job] = deque()
+        self._running: list[_Job] = []
+        self._jobs: dict[str, _Job] = {}
+        self._closed = False
+        self._counters = {"requests_total": 0, "requests_rejected_busy": 0, "requests_cancelled": 0,
+                          "requests_failed": 0, "requests_completed": 0, "tokens_generated_total": 0}
+        self._ttft_sum = 0.0
+        self._ttft_count = 0
+        self._recent_tokens: deque[tuple[float, int]] = deque()
+        self._thread = threading.Thread(target=self._run, name="chatglm-engine", daemon=True)
+        self._thread.start()
+
+    # ---- the ChatBackend interface -------------------------------------------------------------
+
+    def submit(self, request: ChatRequest) -> EngineStream:
+        request.sampling.validate()
+        max_length = min(request.sampling.max_length, self.info.max_sequence_length)
+        query, history = pairs_from_messages(request.messages)
+        plan = plan_prompt(self.tokenizer, query, history, max_length)
+        try:
+            seq = new_sequence(self.model, plan.tokens, request.sampling)
+        except ValueError as error:
+            raise InvalidRequest(str(error)) from None
+        job = _Job(request, seq, plan.dropped_turns)
+        if request.deadline_s is not None:
+            job.deadline = job.submitted + request.deadline_s
+        with self._lock:
+            if self._closed:
+                raise EngineBusy("the engine is shutting down")
+            if request.request_id in self._jobs:
+                raise InvalidRequest(f"request id {request.request_id!r} is already in use")
+            if len(self._waiting) - len(self.batch.free_slots) >= self.max_queue:
+                self._counters["requests_rejected_busy"] += 1
+                raise EngineBusy(f"the server is busy ({len(self._waiting)} requests waiting): try again shortly")
+            self._counters["requests_total"] += 1
+            self._jobs[request.request_id] = job
+            self._waiting.append(job)
+            self._announce_queue_positions()
+            self._lock.notify()
+        return EngineStream(self, job)
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            job = self._jobs.get(request_id)
+            if job is None:
+                return
+            job.cancelled.set()
+            if job in self._waiting:  # never started: end it right here
+                self._waiting.remove(job)
+                self._finish(job, "cancelled")
+                self._announce_queue_positions()
+            self._lock.notify()
+
+    def stats(self) -> dict:
+        with self._lock:
+            now = time.monotonic()
+            window = [(t, n) for t, n in self._recent_tokens if now - t <= 10.0]
+            span = (now - window[0][0]) if window else 0.0
+            return {
+                **self._counters,
+                "queue_length": len(self._waiting),
+                "active_sequences": len(self._running),
+                "slots_total": self.slots,
+                "tokens_per_second": sum(n for _, n in window) / span if span > 0 else 0.0,
+                "time_to_first_token_seconds_sum": self._ttft_sum,
+                "time_to_first_token_seconds_count": self._ttft_count,
+            }
+
+    def close(self) -> None:
+        """Stop the scheduler; requests still running end as cancelled."""
+        with self._lock:
+            self._closed = True
+            for job in list(self._jobs.values()):
+                job.cancelled.set()
+            self._lock.notify()
+        self._thread.join(timeout=30)
+
+    # ---- the scheduler thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not self._waiting and not self._running:
+                    self._lock.wait()
+                if self._closed:
+                    for job in list(self._jobs.values()):
+                        self._end(job, "cancelled")
+                    return
+                self._drop_cancelled()
+                newcomers = self._admit()
+            try:
+                if newcomers:
+                    self._forward(self.batch.prefill, newcomers)
+                ongoing = [job for job in self._running if job not in newcomers and not job.seq.finished]
+                if ongoing:
+                    self._forward(self.batch.step, ongoing)
+                self._publish(newcomers + ongoing)
+            except Exception:  # a bug in the loop itself: fail what is running, keep serving
+                log.exception("engine step failed")
+                with self._lock:
+                    for job in list(self._running):
+                        self._end(job, "error", error="internal error in the engine; see the server log")
+            if self.step_delay:
+                time.sleep(self.step_delay)
+
+    def _drop_cancelled(self) -> None:
+        now = time.monotonic()
+        for job in list(self._running):
+            if job.cancelled.is_set() or (job.deadline is not None and now > job.deadline):
+                self._end(job, "cancelled")
+
+    def _admit(self) -> list[_Job]:
+        admitted = []
+        while self._waiting and self.batch.free_slots:
+            job = self._waiting.popleft()
+            self.batch.admit(job.seq)
+            job.text = AnswerText(self.tokenizer)
+            self._running.append(job)
+            admitted.append(job)
+        if admitted:
+            self._announce_queue_positions()
+        return admitted
+
+    def _forward(self, run, jobs: list[_Job]) -> None:
+        """One batched forward; if it fails, each request alone, failing only those that fail."""
+        try:
+            run([job.seq for job in jobs])
+            return
+        except Exception as error:
+            if len(jobs) == 1:
+                self._fail(jobs[0], error)
+                return
+        for job in jobs:
+            try:
+                run([job.seq])
+            except Exception as error:
+                self._fail(job, error)
+
+    def _fail(self, job: _Job, error: Exception) -> None:
+        if isinstance(error, torch.OutOfMemoryError):
+            message = "out of memory while generating this answer: try a shorter conversation or maximum length"
+        else:
+            message = f"generation failed: {type(error).__name__}: {error}"
+        log.warning("request %s failed: %s", job.request_id, message)
+        with self._lock:
+            self._end(job, "error", error=message)
+
+    def _publish(self, jobs: list[_Job]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for job in jobs:
+                if job.done:
+                    continue
+                if job.first_token_at is None:
+                    job.first_token_at = now
+                    self._ttft_sum += now - job.submitted
+                    self._ttft_count += 1
+                self._counters["tokens_generated_total"] += 1
+                self._recent_tokens.append((now, 1))
+                if job.seq.finished:
+                    self._end(job, job.seq.finish_reason)
+                else:
+                    delta = job.text.update(job.seq.generated)
+                    if delta:
+                        job.events.put(job.event("delta", delta=delta))
+            while self._recent_tokens and now - self._recent_tokens[0][0] > 10.0:
+                self._recent_tokens.popleft()
+
+    def _end(self, job: _Job, reason: str, error: Optional[str] = None) -> None:
+        """Release the job's slot and send its final event (caller holds the lock)."""
+        if job in self._running:
+            self._running.remove(job)
+            self.batch.release(job.seq)
+        self._finish(job, reason, error)
+
+    def _finish(self, job: _Job, reason: str, error: Optional[str] = None) -> None:
+        if job.done:
+            return
+        job.done = True
+        delta = job.text.finish(job.seq.generated) if job.text and reason != "error" else ""
+        job.events.put(job.event("done", delta=delta, finish_reason=reason, error=error))
+        self._jobs.pop(job.request_id, None)
+        counter = {"cancelled": "requests_cancelled", "error": "requests_failed"}.get(reason, "requests_completed")
+        self._counters[counter] += 1
+
+    def _announce_queue_positions(self) -> None:
+        """Tell each waiting request its place in line (those a free slot awaits are not in line)."""
+        for index, job in enumerate(self._waiting):
+            position = index + 1 - len(self.batch.free_slots)
+            if position > 0 and job.queue_position != position:
+                job.queue_position = position
+                job.events.put(job.event("queued", queue_position=position))
+
+
+def start_engine(model: str = "THUDM/chatglm-6b", *, device: str = "auto", dtype=None, tiny_random: bool = False,
+                 slots: Optional[int] = None, max_queue: int = 64, step_delay: float = 0.0, **load_kwargs) -> Engine:
+    """Load a checkpoint (or build the tiny random one) and start an engine on it.
+
+    slots: concurrent sequences; by default as many as fit (up to 16) in a quarter of the memory
+    left after loading the model."""
+    from .loading import load_model
+
+    if tiny_random:
+        import tempfile
+        from .testing import write_tiny_checkpoint
+        model = str(write_tiny_checkpoint(tempfile.mkdtemp(prefix="chatglm-tiny-")))
+    tokenizer, net = load_model(model, device=device, dtype=dtype, **load_kwargs)
+    if slots is None:
+        slots = default_slots(net)
+    name = "chatglm-6b-tiny-random" if tiny_random else str(model).rstrip("/").split("/")[-1]
+    return Engine(tokenizer, net, slots=slots, max_queue=max_queue, name=name, random_weights=tiny_random,
+                  step_delay=step_delay)
+
+
+def default_slots(model, limit: int = 16) -> int:
+    """As many full-length KV-cache rows as fit in a quarter of the free memory (at least 1)."""
+    per_slot = model.kv_cache_bytes_per_token() * model.config.max_sequence_length
+    if model.device.type == "cuda":
+        free = torch.cuda.mem_get_info(model.device)[0]
+    else:
+        import psutil
+        free = psutil.virtual_memory().available
+    return max(1, min(limit, int(free * 0.25 // per_slot)))
