@@ -1,0 +1,146 @@
+"""Shared measuring tools for the benchmarks: machine ceilings, peak memory, random checkpoints,
+and the table/JSON report. Every speed is reported beside a ceiling measured in the same run."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CACHE = Path(os.environ.get("BENCH_CACHE", Path(__file__).resolve().parent / ".cache"))
+
+# ChatGLM-6B's published config.json sizes.
+CHATGLM_6B = {"hidden_size": 4096, "num_layers": 28, "num_attention_heads": 32, "inner_hidden_size": 16384,
+              "vocab_size": 130528, "max_sequence_length": 2048}
+
+
+def memory_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
+    """Best read bandwidth of a torch sum over a large float32 buffer, with torch's thread count."""
+    buffer = torch.ones(int(gib * 2**30) // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return buffer.numel() * 4 / best / 1e9
+
+
+def gemm_gflops(m: int = 512, k: int = 4096, n: int = 4096, repeats: int = 5) -> float:
+    """Best float32 matrix-multiply throughput at a prefill-like shape."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * m * k * n / best / 1e9
+
+
+class PeakRSS:
+    """Highest resident memory of this process seen since the last reset (polled every 5 ms)."""
+
+    def __init__(self):
+        self._process = psutil.Process()
+        self.peak = self._process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def reset(self) -> None:
+        self.peak = self._process.memory_info().rss
+
+    @contextmanager
+    def phase(self, into: dict, key: str):
+        """Record the phase's peak RSS (GiB) into `into[key]`."""
+        self.reset()
+        yield
+        into[key] = round(max(self.peak, self._process.memory_info().rss) / 2**30, 2)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)}
+
+
+def write_random_checkpoint(directory: Path, sizes: dict, shards: int = 8, seed: int = 0) -> Path:
+    """A random float16 ChatGLM-6B checkpoint of the given sizes in the official .bin shard layout,
+    written layer group by layer group so that memory stays at one shard. Tokenizer files come
+    from the tiny builder (token ids beyond its vocabulary are simply never produced)."""
+    from model_runtime.config import GLMConfig
+    from model_runtime.tokenizer import ChatGLMTokenizer
+    from model_runtime.testing import write_tiny_tokenizer
+
+    directory = Path(directory)
+    if (directory / "pytorch_model.bin.index.json").exists():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    write_tiny_tokenizer(directory)
+    tokenizer = ChatGLMTokenizer.from_pretrained(directory)
+    config = GLMConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       mask_token_id=tokenizer.mask_token_id, gmask_token_id=tokenizer.gmask_token_id,
+                       pad_token_id=tokenizer.pad_token_id, **sizes)
+    (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    generator = torch.Generator().manual_seed(seed)
+    h, f = config.hidden_size, config.inner_hidden_size
+
+    def randn(*shape):
+        return (torch.randn(*shape, generator=generator) / shape[-1] ** 0.5).half()
+
+    def layer(i):
+        p = f"transformer.layers.{i}."
+        return {p + "input_layernorm.weight": torch.ones(h).half(), p + "input_layernorm.bias": torch.zeros(h).half(),
+                p + "attention.query_key_value.weight": randn(3 * h, h), p + "attention.query_key_value.bias": randn(3 * h),
+                p + "attention.dense.weight": randn(h, h), p + "attention.dense.bias": randn(h),
+                p + "post_attention_layernorm.weight": torch.ones(h).half(),
+                p + "post_attention_layernorm.bias": torch.zeros(h).half(),
+                p + "mlp.dense_h_to_4h.weight": randn(f, h), p + "mlp.dense_h_to_4h.bias": randn(f),
+                p + "mlp.dense_4h_to_h.weight": randn(h, f), p + "mlp.dense_4h_to_h.bias": randn(h)}
+
+    groups = [list(range(config.num_layers))[i::shards] for i in range(shards)]
+    weight_map = {}
+    for number, layers in enumerate(groups, 1):
+        name = f"pytorch_model-{number:05d}-of-{shards:05d}.bin"
+        state = {}
+        if number == 1:
+            state["transformer.word_embeddings.weight"] = randn(config.vocab_size, h)
+        if number == shards:
+            state["transformer.final_layernorm.weight"] = torch.ones(h).half()
+            state["transformer.final_layernorm.bias"] = torch.zeros(h).half()
+        for i in layers:
+            state.update(layer(i))
+        torch.save(state, directory / name)
+        weight_map.update({key: name for key in state})
+        del state
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return directory
+
+
+def report(name: str, rows: list[dict], extra: dict) -> Path:
+    """Print rows as a table and write them, with `extra` (ceilings, machine), to results/NAME.json."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    widths = {c: max(len(c), *(len(str(row.get(c, ""))) for row in rows)) for c in columns}
+    print(" | ".join(c.ljust(widths[c]) for c in columns))
+    print("-+-".join("-" * widths[c] for c in columns))
+    for row in rows:
+        print(" | ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **extra, "rows": rows}, indent=2) + "\n")
+    print(f"\nwritten {path}")
+    return path
