@@ -1,4 +1,5 @@
-"""ChatGLM-6B conversations: the round prompt, the history budget, and streamed answer text.
+"""GLM conversations: the prompt (ChatGLM-6B's rounds here; every model's layout through
+`chat_formats.chat_format_for`), the history budget, and streamed answer text.
 
 History rule: the prompt always holds the new query and as many of the most recent turns as fit
 in `max_length` while leaving room for at least `answer_reserve(max_length)` answer tokens. The
@@ -12,6 +13,7 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence as Seq
 
+from .chat_formats import chat_format_for
 from .generate import DecodeBatch, new_sequence
 from .protocol import InvalidRequest, Message, SamplingParams
 
@@ -49,17 +51,21 @@ def answer_reserve(max_length: int) -> int:
 class PromptPlan:
     tokens: list[int]
     dropped_turns: int
+    stop_ids: frozenset = frozenset()  # the chat format's stop tokens (besides config.json's eos)
 
 
-def plan_prompt(tokenizer, query: str, history: Seq[tuple[str, str]], max_length: int) -> PromptPlan:
-    """Encode query plus the newest history turns that fit (see the module's history rule)."""
+def plan_prompt(tokenizer, query: str, history: Seq[tuple[str, str]], max_length: int,
+                system: Optional[str] = None) -> PromptPlan:
+    """Encode query plus the newest history turns that fit (see the module's history rule), in
+    the tokenizer's chat format; a system prompt (ChatGLM3/GLM-4) is always kept."""
     if not isinstance(query, str):
         raise InvalidRequest(f"the query must be a string, got {type(query).__name__}")
     budget = max_length - answer_reserve(max_length)
+    chat_format = chat_format_for(tokenizer)
     for dropped in range(len(history) + 1):
-        tokens = tokenizer.encode(round_prompt(query, history[dropped:]))
+        tokens = chat_format.encode(tokenizer, query, history[dropped:], system)
         if len(tokens) <= budget:
-            return PromptPlan(tokens, dropped)
+            return PromptPlan(tokens, dropped, chat_format.stop_ids(tokenizer))
     raise InvalidRequest(
         f"the message is {len(tokens)} tokens long, but with maximum length {max_length} a prompt may "
         f"hold at most {budget}: shorten the message or raise the maximum length")
@@ -92,23 +98,38 @@ def pairs_from_messages(messages: Seq[Message]) -> tuple[str, History]:
     return query, history
 
 
+def plan_messages(tokenizer, messages: Seq[Message], max_length: int) -> PromptPlan:
+    """`plan_prompt` for role messages: models with a system role (ChatGLM3, GLM-4) keep the
+    system messages as one system prompt; the others get them in front of the first query."""
+    system = None
+    if chat_format_for(tokenizer).supports_system_prompt:
+        system = "\n".join(m.content for m in messages if m.role == "system") or None
+        messages = [m for m in messages if m.role != "system"]
+    query, history = pairs_from_messages(messages)
+    return plan_prompt(tokenizer, query, history, max_length, system=system)
+
+
 class AnswerText:
     """The answer as it streams: decoded, post-processed, and only ever appended to.
 
     Text is held back while it could still change: a half UTF-8 character (U+FFFD), ASCII
-    punctuation that a following CJK character would turn full-width, an unclosed "[[".
+    punctuation that a following CJK character would turn full-width, an unclosed "[[", or a
+    tail that may be the start of a stop string. At a stop string the text ends (`stopped`).
     """
 
     _UNSTABLE_TAIL = re.compile(r"(\ufffd+|[,!:;?]|\[\[[^\]]*\]?)$")
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, stop: Seq[str] = ()):
         self.tokenizer = tokenizer
+        self.process_response = chat_format_for(tokenizer).process_response
+        self.stop = tuple(stop)
+        self.stopped = False
         self.shown = ""
 
     def update(self, answer_tokens: list[int]) -> str:
         """New stable text since the last call."""
         raw = self.tokenizer.decode(answer_tokens)
-        stable = process_response(self._UNSTABLE_TAIL.sub("", raw))
+        stable = self._cut_at_stop(self.process_response(self._UNSTABLE_TAIL.sub("", raw)), final=False)
         if not stable.startswith(self.shown):
             return ""
         delta, self.shown = stable[len(self.shown):], stable
@@ -116,10 +137,22 @@ class AnswerText:
 
     def finish(self, answer_tokens: list[int]) -> str:
         """The rest of the text once the answer is complete (nothing is held back any more)."""
-        final = process_response(self.tokenizer.decode(answer_tokens).replace("\ufffd", ""))
+        raw = self.tokenizer.decode(answer_tokens).replace("\ufffd", "")
+        final = self._cut_at_stop(self.process_response(raw), final=True)
         delta = final[len(self.shown):] if final.startswith(self.shown) else ""
         self.shown = final
         return delta
+
+    def _cut_at_stop(self, text: str, final: bool) -> str:
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            return text[:min(hits)].rstrip()
+        if not final:
+            for size in range(max(map(len, self.stop), default=1) - 1, 0, -1):
+                if any(s.startswith(text[-size:]) for s in self.stop):
+                    return text[:-size].rstrip()
+        return text
 
 
 @dataclass(frozen=True)
@@ -133,16 +166,18 @@ class AnswerUpdate:
 
 
 def stream_answer(model, tokenizer, query: str, history: Seq[tuple[str, str]], params: SamplingParams,
-                  cancel: Optional[threading.Event] = None) -> Iterator[AnswerUpdate]:
+                  cancel: Optional[threading.Event] = None, system: Optional[str] = None) -> Iterator[AnswerUpdate]:
     """One answer, token by token, on the model's own single-slot cache (not thread-safe: many
-    users share a model through the engine instead)."""
+    users share a model through the engine instead). For causal models the slot keeps the
+    conversation, so the next turn only prefills its new text. system: a system prompt
+    (ChatGLM3/GLM-4; put before the first query for the others)."""
     params.validate()
     max_length = min(params.max_length, model.config.max_sequence_length)
-    plan = plan_prompt(tokenizer, query, history, max_length)
-    seq = new_sequence(model, plan.tokens, params)
+    plan = plan_prompt(tokenizer, query, history, max_length, system=system)
+    seq = new_sequence(model, plan.tokens, params, stop_ids=plan.stop_ids)
     batch = DecodeBatch(model, slots=1, max_len=model.config.max_sequence_length, vocab_size=tokenizer.vocab_size)
     batch.admit(seq)
-    text = AnswerText(tokenizer)
+    text = AnswerText(tokenizer, params.stop)
 
     def snapshot(delta, finish_reason=None):
         return AnswerUpdate(text.shown, delta, len(plan.tokens), len(seq.generated), plan.dropped_turns,
@@ -155,20 +190,29 @@ def stream_answer(model, tokenizer, query: str, history: Seq[tuple[str, str]], p
         delta = text.update(seq.generated)
         if delta:
             yield snapshot(delta)
+        if text.stopped:
+            break
         batch.step([seq])
     delta = text.finish(seq.generated)
-    yield snapshot(delta, seq.finish_reason or "cancelled")
+    yield snapshot(delta, "stop" if text.stopped else seq.finish_reason or "cancelled")
 
 
-def stream_chat(model, tokenizer, query: str, history: Optional[History] = None, max_length: int = 2048,
-                top_p: float = 0.7, temperature: float = 0.95, top_k: int = 50,
-                repetition_penalty: float = 1.0, seed: Optional[int] = None,
-                cancel: Optional[threading.Event] = None) -> Iterator[tuple[str, History]]:
-    """The seed's streaming chat: yields (response so far, history including this turn)."""
+def stream_chat(model, tokenizer, query: str, history: Optional[History] = None, max_length: Optional[int] = None,
+                top_p: Optional[float] = None, temperature: Optional[float] = None, top_k: int = 50,
+                repetition_penalty: Optional[float] = None, seed: Optional[int] = None,
+                cancel: Optional[threading.Event] = None, system: Optional[str] = None) -> Iterator[tuple[str, History]]:
+    """The seed's streaming chat: yields (response so far, history including this turn).
+    Sampling settings left out take the model's reference defaults (ChatGLM-6B: max_length 2048,
+    top_p 0.7, temperature 0.95; see chat_formats for the others)."""
     history = list(history or [])
-    params = SamplingParams(max_length=max_length, top_p=top_p, temperature=temperature, top_k=top_k,
-                            repetition_penalty=repetition_penalty, seed=seed)
-    for update in stream_answer(model, tokenizer, query, history, params, cancel):
+    defaults = chat_format_for(tokenizer).default_sampling
+    params = SamplingParams(
+        max_length=defaults.max_length if max_length is None else max_length,
+        top_p=defaults.top_p if top_p is None else top_p,
+        temperature=defaults.temperature if temperature is None else temperature, top_k=top_k,
+        repetition_penalty=defaults.repetition_penalty if repetition_penalty is None else repetition_penalty,
+        seed=seed)
+    for update in stream_answer(model, tokenizer, query, history, params, cancel, system=system):
         yield update.text, history + [(query, update.text)]
 
 

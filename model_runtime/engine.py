@@ -217,7 +217,7 @@ class Engine:
         while self._waiting and self.batch.free_slots:
             job = self._waiting.popleft()
             self.batch.admit(job.seq)
-            job.text = AnswerText(self.tokenizer)
+            job.text = AnswerText(self.tokenizer, job.request.sampling.stop)
             self._running.append(job)
             admitted.append(job)
         if admitted:
@@ -262,10 +262,12 @@ class Engine:
                 self._recent_tokens.append((now, 1))
                 if job.seq.finished:
                     self._end(job, job.seq.finish_reason)
-                else:
-                    delta = job.text.update(job.seq.generated)
-                    if delta:
-                        job.events.put(job.event("delta", delta=delta))
+                    continue
+                delta = job.text.update(job.seq.generated)
+                if delta:
+                    job.events.put(job.event("delta", delta=delta))
+                if job.text.stopped:  # a stop string appeared
+                    self._end(job, "stop")
             while self._recent_tokens and now - self._recent_tokens[0][0] > 10.0:
                 self._recent_tokens.popleft()
 

@@ -127,3 +127,24 @@ def test_messages_become_query_and_history():
     assert pairs_from_messages(messages) == ("c", [("Be brief.\na", "b")])
     with pytest.raises(InvalidRequest):
         pairs_from_messages([Message("user", "a"), Message("assistant", "b")])
+
+
+def test_stop_strings_end_the_text_and_are_never_shown_in_part():
+    text = AnswerText(ByteTokenizer(), stop=("END", "停"))
+    data = "abc EN".encode()
+    text.update(list(data))
+    assert text.shown == "abc" and not text.stopped  # " EN" may begin "END": held back
+    text.update(list("abc ENough".encode()))
+    assert text.shown == "abc ENough"
+    text.update(list("abc ENough END more".encode()))
+    assert text.stopped and text.shown == "abc ENough"
+    assert text.finish(list("abc ENough END more".encode())) == ""
+
+
+def test_stop_string_in_a_real_answer(tiny_model):
+    tokenizer, model = tiny_model
+    full = list(stream_answer(model, tokenizer, "你好", [], SamplingParams(max_length=64, temperature=0)))[-1].text
+    stop = full[10:13]
+    cut = list(stream_answer(model, tokenizer, "你好", [], SamplingParams(max_length=64, temperature=0, stop=(stop,))))
+    assert cut[-1].finish_reason == "stop"
+    assert cut[-1].text == full[:full.find(stop)].rstrip()

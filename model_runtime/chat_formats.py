@@ -1,0 +1,130 @@
+"""Prompt layouts, stop tokens, answer clean-up and reference defaults of each GLM chat model.
+
+`chat_format_for(tokenizer)` gives the format of a loaded checkpoint: the family tokenizers carry
+theirs (`tokenizer.chat_format`), ChatGLM-6B's tokenizer gets ChatGLM-6B's format. `chat.py`,
+the engine and the page go through it, so nothing else needs to know which model is loaded.
+
+| family | prompt | stops | system prompt |
+|---|---|---|---|
+| chatglm  | `[Round {i}]\\n问：{q}\\n答：{a}\\n` rounds from 0, then [gMASK] <sop> | <eop> | no (put before the first query) |
+| chatglm2 | [gMASK] sop `[Round {i}]\\n\\n问：{q}\\n\\n答：{a}\\n\\n` from 1 | </s> | no (put before the first query) |
+| chatglm3 | [gMASK] sop, `<\\|role\\|>` + enc(metadata + "\\n") + enc(content) per message, `<\\|assistant\\|>` | </s>, <\\|user\\|>, <\\|observation\\|> | yes |
+| glm4     | [gMASK]<sop>, the same per message, `<\\|assistant\\|>` | <\\|endoftext\\|>, <\\|user\\|>, <\\|observation\\|> | yes |
+
+Role tokens are only ever placed here, by id; message text is encoded as plain text.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence as Seq
+
+from .protocol import SamplingParams
+
+History = Seq[tuple[str, str]]
+
+
+def _with_system_in_first_query(query: str, history: History, system: Optional[str]):
+    """Models without a system role: the system text goes in front of the first query (as
+    `chat.pairs_from_messages` does for ChatGLM-6B)."""
+    history = list(history)
+    if system:
+        if history:
+            history[0] = (f"{system}\n{history[0][0]}", history[0][1])
+        else:
+            query = f"{system}\n{query}"
+    return query, history
+
+
+def _clean(text: str) -> str:
+    """ChatGLM2/3 and GLM-4 answer clean-up: strip (this also drops ChatGLM3/GLM-4's empty
+    metadata line, the "\\n" an answer starts with) and the date placeholder."""
+    return text.strip().replace("[[训练时间]]", "2023年")
+
+
+class ChatFormat:
+    """ChatGLM-6B: numbered rounds from 0, the tokenizer appends [gMASK] <sop>."""
+
+    name = "chatglm"
+    supports_system_prompt = False
+    causal = False  # the whole prompt is a bidirectional prefix: no KV reuse across turns
+    default_sampling = SamplingParams(max_length=2048, top_p=0.7, temperature=0.95)
+
+    def encode(self, tokenizer, query: str, history: History, system: Optional[str] = None) -> list[int]:
+        from .chat import round_prompt
+
+        query, history = _with_system_in_first_query(query, history, system)
+        return tokenizer.encode(round_prompt(query, history))
+
+    def stop_ids(self, tokenizer) -> frozenset[int]:
+        return frozenset({tokenizer.eos_token_id})
+
+    def process_response(self, text: str) -> str:
+        from .chat import process_response
+
+        return process_response(text)
+
+
+class ChatGLM2Format(ChatFormat):
+    name = "chatglm2"
+    causal = True
+    default_sampling = SamplingParams(max_length=8192, top_p=0.8, temperature=0.8)
+
+    @staticmethod
+    def prompt_text(query: str, history: History) -> str:
+        rounds = [f"[Round {i}]\n\n问：{q}\n\n答：{a}\n\n" for i, (q, a) in enumerate(history, 1)]
+        return "".join(rounds) + f"[Round {len(history) + 1}]\n\n问：{query}\n\n答："
+
+    def encode(self, tokenizer, query: str, history: History, system: Optional[str] = None) -> list[int]:
+        query, history = _with_system_in_first_query(query, history, system)
+        return tokenizer.encode(self.prompt_text(query, history))
+
+    def stop_ids(self, tokenizer) -> frozenset[int]:
+        return frozenset({tokenizer.eos_token_id})
+
+    def process_response(self, text: str) -> str:
+        return _clean(text)
+
+
+class RoleFormat(ChatFormat):
+    """ChatGLM3-6B and GLM-4: a role token per message, then metadata and "\\n", then the content;
+    the prompt ends with <|assistant|>. The system prompt is a message of its own."""
+
+    name = "chatglm3"
+    supports_system_prompt = True
+    causal = True
+    default_sampling = SamplingParams(max_length=8192, top_p=0.8, temperature=0.8)
+    stop_names = ("<|user|>", "<|observation|>")
+
+    def message(self, tokenizer, role: str, content: str, metadata: str = "") -> list[int]:
+        return ([tokenizer.special_id(f"<|{role}|>")] + tokenizer.encode(f"{metadata}\n", add_special_tokens=False)
+                + tokenizer.encode(content, add_special_tokens=False))
+
+    def encode(self, tokenizer, query: str, history: History, system: Optional[str] = None) -> list[int]:
+        tokens = list(tokenizer.prefix_tokens)
+        if system:
+            tokens += self.message(tokenizer, "system", system)
+        for user_text, answer in history:
+            tokens += self.message(tokenizer, "user", user_text)
+            tokens += self.message(tokenizer, "assistant", answer)
+        tokens += self.message(tokenizer, "user", query)
+        return tokens + [tokenizer.special_id("<|assistant|>")]
+
+    def stop_ids(self, tokenizer) -> frozenset[int]:
+        return frozenset({tokenizer.eos_token_id} | {tokenizer.special_id(name) for name in self.stop_names})
+
+    def process_response(self, text: str) -> str:
+        return _clean(text)
+
+
+class GLM4Format(RoleFormat):
+    name = "glm4"
+    # The official demo's settings (trans_cli_demo / web demo of GLM-4-9B-chat).
+    default_sampling = SamplingParams(max_length=8192, top_p=0.8, temperature=0.6, repetition_penalty=1.2)
+
+
+GLM6B_FORMAT = ChatFormat()
+FORMATS = {"chatglm": GLM6B_FORMAT, "chatglm2": ChatGLM2Format(), "chatglm3": RoleFormat(), "glm4": GLM4Format()}
+
+
+def chat_format_for(tokenizer) -> ChatFormat:
+    """The chat format a tokenizer's checkpoint uses (ChatGLM-6B's when it names none)."""
+    return getattr(tokenizer, "chat_format", None) or GLM6B_FORMAT
