@@ -11,6 +11,8 @@ _EXPORTS = {
     "GLMConfig": "config",
     "ChatGLMModel": "model",
     "ChatGLMTokenizer": "tokenizer",
+    "ChatGLM2Model": "glm2",  # ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B-chat
+    "GLM2Config": "glm2",
     "chat": "chat",
     "stream_chat": "chat",
 }

@@ -9,7 +9,7 @@ import argparse
 import sys
 import threading
 
-WELCOME = "ChatGLM-6B terminal chat. Type a message; 'clear' empties the history, 'exit' or 'stop' quits, " \
+WELCOME = "GLM terminal chat. Type a message; 'clear' empties the history, 'exit' or 'stop' quits, " \
           "Ctrl+C stops an answer."
 
 
@@ -21,9 +21,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     chat.add_argument("--model", default="THUDM/chatglm-6b", help="checkpoint directory or Hugging Face id")
     chat.add_argument("--device", default="auto", help="auto, cuda, cpu or mps")
     chat.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: per device)")
-    chat.add_argument("--max-length", type=int, default=2048, help="prompt plus answer, in tokens")
-    chat.add_argument("--top-p", type=float, default=0.7)
-    chat.add_argument("--temperature", type=float, default=0.95, help="0 means greedy")
+    chat.add_argument("--max-length", type=int, default=None,
+                      help="prompt plus answer, in tokens (default: the model's reference setting, 2048 for ChatGLM-6B)")
+    chat.add_argument("--top-p", type=float, default=None, help="default: the model's reference setting")
+    chat.add_argument("--temperature", type=float, default=None, help="0 means greedy; default: the model's")
+    chat.add_argument("--system", default=None, help="a system prompt (ChatGLM3 / GLM-4; put before the first "
+                      "question for the others)")
     chat.add_argument("--seed", type=int, default=None)
     return parser.parse_args(argv)
 
@@ -35,7 +38,7 @@ def stream_one_answer(model, tokenizer, query, history, args) -> list:
     cancel = threading.Event()
     new_history, shown = history + [(query, "")], ""
     answers = stream_chat(model, tokenizer, query, history, max_length=args.max_length, top_p=args.top_p,
-                          temperature=args.temperature, seed=args.seed, cancel=cancel)
+                          temperature=args.temperature, seed=args.seed, cancel=cancel, system=args.system)
     print("ChatGLM: ", end="", flush=True)
     try:
         for response, new_history in answers:

@@ -128,7 +128,10 @@ class AnswerText:
 
     def update(self, answer_tokens: list[int]) -> str:
         """New stable text since the last call."""
-        raw = self.tokenizer.decode(answer_tokens)
+        # Bytes that are not (yet) a whole UTF-8 character decode to U+FFFD: at the end they may
+        # still complete, in the middle (byte-level BPE, e.g. GLM-4) they never will. Dropped
+        # everywhere, as finish() does, so that the text is only ever appended to.
+        raw = self.tokenizer.decode(answer_tokens).replace("\ufffd", "")
         stable = self._cut_at_stop(self.process_response(self._UNSTABLE_TAIL.sub("", raw)), final=False)
         if not stable.startswith(self.shown):
             return ""
@@ -193,6 +196,7 @@ def stream_answer(model, tokenizer, query: str, history: Seq[tuple[str, str]], p
         if text.stopped:
             break
         batch.step([seq])
+    batch.release(seq)  # causal models keep the conversation's keys/values for its next turn
     delta = text.finish(seq.generated)
     yield snapshot(delta, "stop" if text.stopped else seq.finish_reason or "cancelled")
 

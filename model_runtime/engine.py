@@ -21,11 +21,12 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 
-from .chat import AnswerText, pairs_from_messages, plan_prompt
+from .chat import AnswerText, plan_messages
+from .chat_formats import chat_format_for
 from .generate import DecodeBatch, Sequence, new_sequence
 from .protocol import ChatEvent, ChatRequest, EngineBusy, InvalidRequest, ModelInfo
 
@@ -99,14 +100,18 @@ class Engine:
         self.step_delay = step_delay
         self.batch = DecodeBatch(model, slots, context_length or model.config.max_sequence_length,
                                  vocab_size=tokenizer.vocab_size)
-        self.info = ModelInfo(name=name, max_sequence_length=self.batch.max_len, random_weights=random_weights)
+        chat_format = chat_format_for(tokenizer)
+        self.info = ModelInfo(name=name, max_sequence_length=self.batch.max_len, random_weights=random_weights,
+                              supports_system_prompt=chat_format.supports_system_prompt,
+                              default_sampling=chat_format.default_sampling)
         self._lock = threading.Condition()
         self._waiting: deque[_Job] = deque()
         self._running: list[_Job] = []
         self._jobs: dict[str, _Job] = {}
         self._closed = False
         self._counters = {"requests_total": 0, "requests_rejected_busy": 0, "requests_cancelled": 0,
-                          "requests_failed": 0, "requests_completed": 0, "tokens_generated_total": 0}
+                          "requests_failed": 0, "requests_completed": 0, "tokens_generated_total": 0,
+                          "prompt_tokens_reused_total": 0}  # KV cache of earlier turns (causal models)
         self._ttft_sum = 0.0
         self._ttft_count = 0
         self._recent_tokens: deque[tuple[float, int]] = deque()
@@ -118,10 +123,9 @@ class Engine:
     def submit(self, request: ChatRequest) -> EngineStream:
         request.sampling.validate()
         max_length = min(request.sampling.max_length, self.info.max_sequence_length)
-        query, history = pairs_from_messages(request.messages)
-        plan = plan_prompt(self.tokenizer, query, history, max_length)
+        plan = plan_messages(self.tokenizer, request.messages, max_length)
         try:
-            seq = new_sequence(self.model, plan.tokens, request.sampling)
+            seq = new_sequence(self.model, plan.tokens, request.sampling, stop_ids=plan.stop_ids)
         except ValueError as error:
             raise InvalidRequest(str(error)) from None
         job = _Job(request, seq, plan.dropped_turns)
@@ -217,6 +221,7 @@ class Engine:
         while self._waiting and self.batch.free_slots:
             job = self._waiting.popleft()
             self.batch.admit(job.seq)
+            self._counters["prompt_tokens_reused_total"] += job.seq.cached
             job.text = AnswerText(self.tokenizer, job.request.sampling.stop)
             self._running.append(job)
             admitted.append(job)
@@ -254,7 +259,8 @@ class Engine:
             for job in jobs:
                 if job.done:
                     continue
-                if job.first_token_at is None:
+                first_token = job.first_token_at is None
+                if first_token:
                     job.first_token_at = now
                     self._ttft_sum += now - job.submitted
                     self._ttft_count += 1
@@ -264,7 +270,7 @@ class Engine:
                     self._end(job, job.seq.finish_reason)
                     continue
                 delta = job.text.update(job.seq.generated)
-                if delta:
+                if delta or first_token:  # the first token always says "generating now"
                     job.events.put(job.event("delta", delta=delta))
                 if job.text.stopped:  # a stop string appeared
                     self._end(job, "stop")
@@ -297,29 +303,41 @@ class Engine:
                 job.events.put(job.event("queued", queue_position=position))
 
 
-def start_engine(model: str = "THUDM/chatglm-6b", *, device: str = "auto", dtype=None, tiny_random: bool = False,
-                 slots: Optional[int] = None, max_queue: int = 64, step_delay: float = 0.0, **load_kwargs) -> Engine:
+def start_engine(model: str = "THUDM/chatglm-6b", *, device: str = "auto", dtype=None,
+                 tiny_random: Union[bool, str] = False, slots: Optional[int] = None, max_queue: int = 64,
+                 step_delay: float = 0.0, context_length: Optional[int] = None, **load_kwargs) -> Engine:
     """Load a checkpoint (or build the tiny random one) and start an engine on it.
 
+    tiny_random: True builds a tiny random ChatGLM-6B; "chatglm2", "chatglm3" or "glm4" one of
+    those (testing_family.py); `model` is then ignored.
+
     slots: concurrent sequences; by default as many as fit (up to 16) in a quarter of the memory
-    left after loading the model."""
+    left after loading the model.
+    context_length: tokens per sequence (prompt plus answer); by default the model's own, at most
+    DEFAULT_CONTEXT (GLM-4's 128k tokens would take 5 GiB of KV cache per slot)."""
     from .loading import load_model
 
     if tiny_random:
         import tempfile
         from .testing import write_tiny_checkpoint
-        model = str(write_tiny_checkpoint(tempfile.mkdtemp(prefix="chatglm-tiny-")))
+        family = tiny_random if isinstance(tiny_random, str) else "chatglm"
+        model = str(write_tiny_checkpoint(tempfile.mkdtemp(prefix=f"{family}-tiny-"), family=family))
     tokenizer, net = load_model(model, device=device, dtype=dtype, **load_kwargs)
+    context_length = context_length or min(net.config.max_sequence_length, DEFAULT_CONTEXT)
     if slots is None:
-        slots = default_slots(net)
-    name = "chatglm-6b-tiny-random" if tiny_random else str(model).rstrip("/").split("/")[-1]
-    return Engine(tokenizer, net, slots=slots, max_queue=max_queue, name=name, random_weights=tiny_random,
-                  step_delay=step_delay)
+        slots = default_slots(net, context_length=context_length)
+    tiny_names = {"chatglm": "chatglm-6b", "chatglm2": "chatglm2-6b", "chatglm3": "chatglm3-6b", "glm4": "glm-4-9b-chat"}
+    name = f"{tiny_names[family]}-tiny-random" if tiny_random else str(model).rstrip("/").split("/")[-1]
+    return Engine(tokenizer, net, slots=slots, max_queue=max_queue, name=name, random_weights=bool(tiny_random),
+                  step_delay=step_delay, context_length=context_length)
 
 
-def default_slots(model, limit: int = 16) -> int:
+DEFAULT_CONTEXT = 8192
+
+
+def default_slots(model, limit: int = 16, context_length: Optional[int] = None) -> int:
     """As many full-length KV-cache rows as fit in a quarter of the free memory (at least 1)."""
-    per_slot = model.kv_cache_bytes_per_token() * model.config.max_sequence_length
+    per_slot = model.kv_cache_bytes_per_token() * (context_length or model.config.max_sequence_length)
     if model.device.type == "cuda":
         free = torch.cuda.mem_get_info(model.device)[0]
     else:

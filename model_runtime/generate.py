@@ -4,11 +4,18 @@
 is prefilled, then advances one token per `step()` together with every other live sequence, and
 gives its slot back when it finishes. `model.chat`, `stream_chat`, `generate` and the serving
 engine all drive this one loop.
+
+Causal models (ChatGLM2/3, GLM-4: layout prefix_len 0) keep, in `model.slot_contents`, the tokens
+whose keys and values a free slot still holds. `admit` gives a new sequence the free slot whose
+tokens share the longest prefix with its prompt, and `prefill` then runs only the rest of the
+prompt (`Sequence.cached` says how many tokens were reused): a conversation's next turn prefills
+only the new text. Keys and values depend only on the tokens before them, so this computes the
+same numbers as a full prefill.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence as Seq
 
 import torch
 
@@ -28,6 +35,8 @@ class Sequence:
     layout: SequenceLayout
     tokens: list[int] = field(default_factory=list)
     slot: int = -1
+    cached: int = 0  # prompt tokens whose keys/values were already in the slot (not prefilled)
+    kv_len: int = 0  # tokens whose keys/values are in the slot now
     finish_reason: Optional[str] = None  # "stop" | "length" once finished
 
     def __post_init__(self):
@@ -60,9 +69,18 @@ def new_sequence(model: ChatGLMModel, prompt: list[int], params: SamplingParams,
     if len(prompt) >= limit:
         raise ValueError(f"the prompt has {len(prompt)} tokens, which leaves no room for an answer "
                          f"within max_length={limit}")
-    stops = frozenset(stop_ids) | {model.config.eos_token_id}
+    stops = frozenset(stop_ids) | set(getattr(model.config, "eos_token_ids", (model.config.eos_token_id,)))
     return Sequence(prompt=list(prompt), sampler=Sampler(params, model.device), max_length=limit,
                     stop_ids=stops, layout=model.layout_for_prompt(prompt))
+
+
+def shared_prefix(a: Seq[int], b: Seq[int], limit: int) -> int:
+    """Length of the common prefix of two token lists, at most limit."""
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 class DecodeBatch:
@@ -83,30 +101,60 @@ class DecodeBatch:
             return False
         if seq.max_length > self.max_len:
             seq.max_length = self.max_len  # the cache bounds every sequence
-        seq.slot = self.free_slots.pop(0)
+        seq.slot, seq.cached = self._choose_slot(seq)
+        seq.kv_len = seq.cached
+        self.free_slots.remove(seq.slot)
         return True
+
+    MIN_REUSE = 8  # shorter shared prefixes do not evict another conversation's cached turns
+
+    def _choose_slot(self, seq: Sequence) -> tuple[int, int]:
+        """(slot, prompt tokens already cached there): the free slot sharing the longest prefix
+        with the prompt; else an empty slot; else the least recently released one."""
+        contents = getattr(self.model, "slot_contents", None)
+        if contents is None or seq.layout.prefix_len:  # no reuse across a bidirectional prefix
+            return self.free_slots[0], 0
+        limit = len(seq.prompt) - 1  # the last prompt token must run to give the first logits
+        shared = {slot: shared_prefix(contents.get(slot, ()), seq.prompt, limit) for slot in self.free_slots}
+        best = max(self.free_slots, key=shared.__getitem__)
+        if shared[best] < self.MIN_REUSE:
+            empty = [slot for slot in self.free_slots if slot not in contents]
+            if empty:
+                return empty[0], 0
+            if not shared[best]:
+                best = next(slot for slot in contents if slot in shared)  # least recently used
+        contents.pop(best, None)
+        return best, shared[best]
 
     def release(self, seq: Sequence) -> None:
         if seq.slot >= 0:
+            contents = getattr(self.model, "slot_contents", None)
+            if contents is not None and not seq.layout.prefix_len and seq.kv_len:
+                contents.pop(seq.slot, None)  # re-insert: the dict's order is least recently used first
+                contents[seq.slot] = seq.tokens[:seq.kv_len]
             self.free_slots.append(seq.slot)
             self.free_slots.sort()
             seq.slot = -1
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> None:
-        """Run the prompts of newly admitted sequences (right-padded together) and sample each
-        one's first answer token."""
+        """Run the prompts of newly admitted sequences (right-padded together; each from its first
+        token not yet cached) and sample each one's first answer token."""
         device = self.model.device
-        length = max(len(s.prompt) for s in seqs)
+        starts = torch.tensor([s.cached for s in seqs])
+        length = max(len(s.prompt) - s.cached for s in seqs)
         tokens = torch.full((len(seqs), length), self.model.config.pad_token_id, dtype=torch.long)
         for row, seq in enumerate(seqs):
-            tokens[row, :len(seq.prompt)] = torch.tensor(seq.prompt)
-        # Padding writes past each prompt's end; those cache cells are overwritten by the next
-        # token before any query can see them (a query at p sees only the prefix and j <= p).
-        positions = torch.stack([s.layout.positions(0, length) for s in seqs])
-        cache_positions = torch.arange(length).expand(len(seqs), length)
-        last = torch.tensor([len(s.prompt) - 1 for s in seqs], device=device)
-        hidden = self._forward(seqs, tokens, positions, cache_positions, length)
+            tokens[row, :len(seq.prompt) - seq.cached] = torch.tensor(seq.prompt[seq.cached:])
+        # Padding writes past each prompt's end (at the cache's last cell at most); those cells
+        # are overwritten by the next token before any query can see them (a query at p sees
+        # only the prefix and j <= p).
+        positions = torch.stack([s.layout.positions(s.cached, s.cached + length) for s in seqs])
+        cache_positions = (starts[:, None] + torch.arange(length)).clamp_(max=self.max_len - 1)
+        last = torch.tensor([len(s.prompt) - 1 - s.cached for s in seqs], device=device)
+        hidden = self._forward(seqs, tokens, positions, cache_positions, int(cache_positions.max()) + 1)
+        for seq in seqs:
+            seq.kv_len = len(seq.prompt)
         self._sample(seqs, hidden[torch.arange(len(seqs), device=device), last])
 
     @torch.inference_mode()
@@ -116,6 +164,8 @@ class DecodeBatch:
         tokens = torch.tensor([[s.tokens[-1]] for s in seqs])
         positions = torch.stack([s.layout.positions(i, i + 1) for s, i in zip(seqs, index.tolist())])
         hidden = self._forward(seqs, tokens, positions, index[:, None], int(index.max()) + 1)
+        for seq in seqs:
+            seq.kv_len = len(seq.tokens)
         self._sample(seqs, hidden[:, -1])
 
     def _forward(self, seqs, tokens, positions, cache_positions, kv_len):

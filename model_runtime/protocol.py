@@ -101,6 +101,7 @@ class ChatEvent:
 
     kind "queued": waiting; queue_position is 1 for the next request to start.
     kind "delta": `delta` is new text; `text` the whole answer so far (already post-processed).
+        The first token always sends one, even with no text yet: it marks "generating now".
     kind "done": the last event; finish_reason says why, `error` holds a message on "error".
     """
 
@@ -126,8 +127,12 @@ class ModelInfo:
 
     name: str
     max_sequence_length: int
-    supports_system_prompt: bool = False
+    supports_system_prompt: bool = False  # ChatGLM3 / GLM-4: show a "System prompt" box
     random_weights: bool = False  # a tiny test checkpoint: answers are noise
+    # The model's reference settings (max_length, top_p, temperature, repetition_penalty), for
+    # the controls' initial values: ChatGLM-6B 2048/0.7/0.95, ChatGLM2/3 8192/0.8/0.8, GLM-4
+    # 8192/0.8/0.6 with repetition penalty 1.2.
+    default_sampling: SamplingParams = SamplingParams()
 
 
 class ChatStream(Protocol):

@@ -273,10 +273,19 @@ def _write_shards(directory: Path, state: dict, shards: int, weight_format: str)
 
 
 def write_tiny_checkpoint(directory: str | Path, size: TinySize = TinySize(), seed: int = 0,
-                          weight_formats: tuple[str, ...] = ("bin", "safetensors"), shards: int = 2) -> Path:
+                          weight_formats: tuple[str, ...] = ("bin", "safetensors"), shards: int = 2,
+                          family: str = "chatglm") -> Path:
     """A complete random ChatGLM-6B checkpoint directory in the official layout: config.json,
-    tokenizer files, and the same weights as .bin shards and/or safetensors shards with indexes."""
+    tokenizer files, and the same weights as .bin shards and/or safetensors shards with indexes.
+    family "chatglm2", "chatglm3" or "glm4" writes one of those instead (testing_family.py)."""
     directory = Path(directory)
+    if family != "chatglm":
+        from .testing_family import FamilyTinySize, write_tiny_family_checkpoint
+        family_size = FamilyTinySize(
+            hidden_size=size.hidden_size, num_layers=size.num_layers, num_attention_heads=size.num_attention_heads,
+            kv_channels=size.hidden_size // size.num_attention_heads, ffn_hidden_size=size.inner_hidden_size // 2,
+            seq_length=size.max_sequence_length)
+        return write_tiny_family_checkpoint(directory, family, family_size, seed, weight_formats, shards)
     write_tiny_tokenizer(directory)
     tokenizer = ChatGLMTokenizer.from_pretrained(directory)
     raw_config = _tiny_config(tokenizer, size)
@@ -298,10 +307,12 @@ def main(argv=None) -> int:
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--layers", type=int, default=TinySize.num_layers)
     make.add_argument("--hidden-size", type=int, default=TinySize.hidden_size)
+    make.add_argument("--family", default="chatglm", choices=("chatglm", "chatglm2", "chatglm3", "glm4"),
+                      help="which model's layout, tokenizer and chat format (default: ChatGLM-6B)")
     args = parser.parse_args(argv)
     size = TinySize(hidden_size=args.hidden_size, num_layers=args.layers,
                     inner_hidden_size=4 * args.hidden_size)
-    print(write_tiny_checkpoint(args.directory, size, seed=args.seed))
+    print(write_tiny_checkpoint(args.directory, size, seed=args.seed, family=args.family))
     return 0
 
 

@@ -1,0 +1,475 @@
+"""ChatGLM2-6B, ChatGLM3-6B and GLM-4-9B-chat in plain PyTorch (see shared/docs/glm-family-spec.md).
+
+The later GLM chat models share ChatGLM-6B's embedding, SDPA attention core, static KV-cache slots
+(`model.KVCache`), sampling and generation loop; they differ where their checkpoints differ:
+
+- pre-norm blocks with RMSNorm and plain residuals (no alpha scaling);
+- grouped key/value heads (`multi_query_group_num`, 2): query head h reads group h // (heads / groups),
+  so the cache holds only the groups' keys and values (16x smaller than ChatGLM-6B's);
+- rotary position on the first half of each head's dims, on adjacent pairs, base 10000 * rope_ratio,
+  plain positions 0..n-1;
+- causal attention (no bidirectional prompt prefix), so a conversation's cache can be reused for its
+  next turn: the layout's prefix_len is 0 and `model.attention_mask` reduces to a causal mask;
+- a SwiGLU MLP and an untied output layer.
+
+Parameter names match the published checkpoints (`transformer.embedding.*`, `transformer.encoder.*`,
+`transformer.output_layer`). P-tuning v2 prefixes (`pre_seq_len`) are supported: their keys and
+values sit in front of every attention call, always visible, without rotary.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CheckpointError
+from .model import KVCache
+
+FAMILIES = ("chatglm2", "chatglm3", "glm4")
+
+
+@dataclass(frozen=True)
+class GLM2Config:
+    """The sizes and ids of a ChatGLM2/ChatGLM3/GLM-4 checkpoint (field names follow config.json).
+
+    `family` is not a field of the published config.json files: `family.read_config` works it out
+    from the checkpoint (see there); configs this runtime writes store it as `glm_family`. The
+    properties below give the names the shared code (generation loop, engine, loader) uses for
+    ChatGLM-6B's config."""
+
+    padded_vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    seq_length: int
+    kv_channels: Optional[int] = None
+    multi_query_attention: bool = True
+    multi_query_group_num: int = 2
+    layernorm_epsilon: float = 1e-5
+    rope_ratio: float = 1.0
+    eos_token_id: Union[int, tuple[int, ...]] = 2
+    pad_token_id: int = 0
+    rmsnorm: bool = True
+    post_layer_norm: bool = True
+    add_bias_linear: bool = False
+    add_qkv_bias: bool = True
+    apply_residual_connection_post_layernorm: bool = False
+    original_rope: bool = True
+    tie_word_embeddings: bool = False
+    torch_dtype: str = "float16"
+    quantization_bit: int = 0
+    quantization_embeddings: bool = False  # a ChatGLM-6B variant; never set by these checkpoints
+    pre_seq_len: Optional[int] = None
+    prefix_projection: bool = False
+    family: str = field(default="chatglm3", compare=True)
+
+    # ---- names shared with GLMConfig ----------------------------------------------------------
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.multi_query_group_num if self.multi_query_attention else self.num_attention_heads
+
+    @property
+    def vocab_size(self) -> int:
+        return self.padded_vocab_size
+
+    @property
+    def max_sequence_length(self) -> int:
+        return self.seq_length
+
+    @property
+    def inner_hidden_size(self) -> int:
+        return self.ffn_hidden_size
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+
+    @property
+    def causal(self) -> bool:
+        return True
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(parameters outside the blocks' Linear layers, parameters of those Linear layers): what
+        the loader's memory check needs (only the latter are quantized)."""
+        h, f, d = self.hidden_size, self.ffn_hidden_size, self.head_dim
+        q, kv = self.num_attention_heads * d, self.kv_heads * d
+        block_linear = h * (q + 2 * kv) + q * h + h * 2 * f + f * h
+        other = 2 * self.padded_vocab_size * h + self.num_layers * (2 * h + q + 2 * kv) + h
+        return other, self.num_layers * block_linear
+
+    # ---- reading and writing config.json --------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config.json", family: Optional[str] = None) -> "GLM2Config":
+        known = {f.name: f for f in fields(cls)}
+        if "padded_vocab_size" not in raw and "vocab_size" in raw:
+            raw = dict(raw, padded_vocab_size=raw["vocab_size"])
+        required = [name for name, f in known.items() if f.default is MISSING]
+        missing = [name for name in required if name not in raw]
+        if missing:
+            raise CheckpointError(f"{source}: missing required field(s) {', '.join(missing)}")
+        values = {name: raw[name] for name in known if name in raw and raw[name] is not None}
+        if isinstance(values.get("eos_token_id"), list):
+            values["eos_token_id"] = tuple(values["eos_token_id"])
+        family = family or raw.get("glm_family")
+        if family is not None:
+            values["family"] = family
+        values["rope_ratio"] = float(values.get("rope_ratio", 1.0))
+        config = cls(**values)
+        config._check(source)
+        return config
+
+    @classmethod
+    def from_file(cls, path: Path, family: Optional[str] = None) -> "GLM2Config":
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: not found; a checkpoint directory needs its config.json") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+        return cls.from_dict(raw, source=str(path), family=family)
+
+    def to_dict(self) -> dict:
+        raw = {"model_type": "chatglm", "architectures": ["ChatGLMModel"]}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            raw["glm_family" if f.name == "family" else f.name] = list(value) if isinstance(value, tuple) else value
+        return raw
+
+    def _check(self, source: str) -> None:
+        for name in ("padded_vocab_size", "hidden_size", "num_layers", "num_attention_heads",
+                     "ffn_hidden_size", "seq_length", "multi_query_group_num"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise CheckpointError(f"{source}: {name} must be a positive integer, got {value!r}")
+        if self.family not in FAMILIES:
+            raise CheckpointError(f"{source}: unknown GLM family {self.family!r}")
+        if self.num_attention_heads % self.kv_heads:
+            raise CheckpointError(f"{source}: {self.num_attention_heads} attention heads do not split into "
+                                  f"{self.kv_heads} key/value groups")
+        if self.head_dim % 4:
+            raise CheckpointError(f"{source}: kv_channels {self.head_dim} must be a multiple of 4 (rotary pairs)")
+        unsupported = {"rmsnorm": True, "post_layer_norm": True, "add_bias_linear": False,
+                       "apply_residual_connection_post_layernorm": False, "original_rope": True}
+        for name, wanted in unsupported.items():
+            if getattr(self, name) != wanted:
+                raise CheckpointError(f"{source}: {name}={getattr(self, name)!r} is not supported "
+                                      f"(the published ChatGLM2/3 and GLM-4 checkpoints have {wanted})")
+        if self.rope_ratio <= 0:
+            raise CheckpointError(f"{source}: rope_ratio must be positive, got {self.rope_ratio!r}")
+        if self.quantization_bit not in (0, 4, 8):
+            raise CheckpointError(f"{source}: quantization_bit must be 0, 4 or 8, got {self.quantization_bit!r}")
+
+
+@dataclass(frozen=True)
+class CausalLayout:
+    """Positions of a causal GLM sequence: token i sits at position i. prefix_len 0 means 'no
+    bidirectional prefix' to `model.attention_mask` (which then is plain causal)."""
+
+    prefix_len: int = 0
+
+    def positions(self, start: int, end: int) -> torch.Tensor:
+        """Positions [end - start] of the tokens at sequence indices start..end-1."""
+        return torch.arange(start, end)
+
+
+CAUSAL = CausalLayout()
+
+
+class RMSNorm(nn.Module):
+    """`w * x * rsqrt(mean(x^2) + eps)`, computed in float32, returned in the input dtype."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * normed).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary on the first half of each head's dims, adjacent pairs, base 10000 * rope_ratio.
+
+    theta_i = base^(-2i/rotary_dim) for i < rotary_dim / 2, with rotary_dim = head_dim / 2.
+    ChatGLM2's reference computes theta and the positions in float16 before their product (it ran
+    the published float16 weights so); ChatGLM3 and GLM-4 in float32. cos/sin are then rounded to
+    the model's dtype, as in the reference."""
+
+    def __init__(self, head_dim: int, rope_ratio: float = 1.0, half_precision_angles: bool = False):
+        super().__init__()
+        self.rotary_dim = head_dim // 2
+        self.base = 10000.0 * rope_ratio
+        self.half_precision_angles = half_precision_angles
+
+    def inv_freq(self, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+        exponents = torch.arange(0, self.rotary_dim, 2, dtype=dtype, device=device) / self.rotary_dim
+        return 1.0 / (self.base ** exponents)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> cos, sin [B, T, 1, rotary_dim / 2] in dtype."""
+        if self.half_precision_angles and dtype in (torch.float16, torch.bfloat16):
+            angles = (positions.to(torch.float16)[..., None] * self.inv_freq(torch.float16, positions.device)).float()
+        else:
+            angles = positions.to(torch.float32)[..., None] * self.inv_freq(torch.float32, positions.device)
+        return angles.cos().to(dtype)[:, :, None], angles.sin().to(dtype)[:, :, None]
+
+
+def apply_rotary_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of the first 2 * cos.shape[-1] dims of x [B, T, heads, d];
+    the other dims pass through."""
+    rotary_dim = 2 * cos.shape[-1]
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    pairs = rot.unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
+    return torch.cat([rotated, rest], dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: GLM2Config):
+        super().__init__()
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.kv_heads
+        self.head_dim = config.head_dim
+        q_size = self.heads * self.head_dim
+        kv_size = self.kv_heads * self.head_dim
+        self.split = (q_size, kv_size, kv_size)
+        self.query_key_value = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.add_qkv_bias)
+        self.dense = nn.Linear(q_size, config.hidden_size, bias=config.add_bias_linear)
+        self.kv_cache: Optional[KVCache] = None
+        # P-tuning v2: keys and values [kv_heads, pre_seq_len, head_dim] seen by every query.
+        self.prefix_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def forward(self, x, cos, sin, mask, slots, cache_positions):
+        batch, length, _ = x.shape
+        # Output rows are laid out [all q | all k | all v], not per head.
+        q, k, v = self.query_key_value(x).split(self.split, dim=-1)
+        q = apply_rotary_pairs(q.view(batch, length, self.heads, self.head_dim), cos, sin)
+        k = apply_rotary_pairs(k.view(batch, length, self.kv_heads, self.head_dim), cos, sin)
+        v = v.view(batch, length, self.kv_heads, self.head_dim)
+        keys, values = self.kv_cache.update(slots, cache_positions, k, v, mask.shape[-1])
+        if self.prefix_kv is not None:
+            prefix_k, prefix_v = (t.expand(batch, -1, -1, -1) for t in self.prefix_kv)
+            keys, values = torch.cat([prefix_k, keys], dim=2), torch.cat([prefix_v, values], dim=2)
+            visible = mask.new_ones(mask.shape[:-1] + (prefix_k.shape[2],))
+            mask = torch.cat([visible, mask], dim=-1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                             enable_gqa=self.kv_heads != self.heads)
+        return self.dense(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: dense_h_to_4h's output halves are gate and up; dense_4h_to_h(silu(gate) * up)."""
+
+    def __init__(self, config: GLM2Config):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=config.add_bias_linear)
+        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear)
+
+    def forward(self, x):
+        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)
+        return self.dense_4h_to_h(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GLM2Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.self_attention = SelfAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.mlp = MLP(config)
+
+    @property
+    def attention(self) -> SelfAttention:
+        """The name ChatGLM-6B's block uses (cache set-up and tools walk layers by it)."""
+        return self.self_attention
+
+    def forward(self, x, cos, sin, mask, slots, cache_positions):
+        x = x + self.self_attention(self.input_layernorm(x), cos, sin, mask, slots, cache_positions)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Embedding(nn.Module):
+    def __init__(self, config: GLM2Config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: GLM2Config):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+
+
+class PrefixEncoder(nn.Module):
+    """P-tuning v2: pre_seq_len learnt rows -> every layer's prefix keys and values."""
+
+    def __init__(self, config: GLM2Config):
+        super().__init__()
+        kv_size = config.num_layers * config.head_dim * config.kv_heads * 2
+        self.prefix_projection = config.prefix_projection
+        if config.prefix_projection:
+            self.embedding = nn.Embedding(config.pre_seq_len, kv_size)
+            self.trans = nn.Sequential(nn.Linear(kv_size, config.hidden_size), nn.Tanh(),
+                                       nn.Linear(config.hidden_size, kv_size))
+        else:
+            self.embedding = nn.Embedding(config.pre_seq_len, kv_size)
+
+    def forward(self) -> torch.Tensor:
+        rows = self.embedding.weight
+        return self.trans(rows) if self.prefix_projection else rows
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: GLM2Config):
+        super().__init__()
+        self.embedding = Embedding(config)
+        self.encoder = Encoder(config)
+        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        if config.pre_seq_len:
+            self.prefix_encoder = PrefixEncoder(config)
+
+    # ChatGLM-6B's names, for code that walks either network (quantization, tools).
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.encoder.layers
+
+    @property
+    def final_layernorm(self) -> RMSNorm:
+        return self.encoder.final_layernorm
+
+
+class ChatGLM2Model(nn.Module):
+    """ChatGLM2-6B / ChatGLM3-6B / GLM-4-9B-chat, with ChatGLM-6B's calling convention
+    (`forward(tokens, positions, cache_positions, mask, slots)`, `logits`, `layout_for_prompt`,
+    `setup_kv_cache`), so `generate.DecodeBatch` and the engine drive it unchanged.
+
+    `slot_contents` records, for KV-cache slots not in use, the tokens whose keys and values they
+    still hold (the generation loop keeps it): a later prompt that starts with those tokens only
+    prefills the rest. It is emptied whenever the cache is reallocated."""
+
+    causal = True
+
+    def __init__(self, config: GLM2Config):
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_ratio,
+                                      half_precision_angles=config.family == "chatglm2")
+        self.cache_slots = 0
+        self.cache_len = 0
+        self.slot_contents: dict[int, list[int]] = {}
+
+    @classmethod
+    def empty(cls, config: GLM2Config, device: torch.device, dtype: torch.dtype,
+              quantize: Optional[int] = None, quant_backend: str = "auto") -> "ChatGLM2Model":
+        """An uninitialised model allocated straight in dtype on device, for the loader to fill.
+        With quantize=4|8 the blocks' Linear layers are empty QuantizedLinear modules (quant.py)."""
+        with torch.device("meta"):
+            model = cls(config).to(dtype)
+        if quantize:
+            from .quant import replace_linears
+            replace_linears(model, quantize, device, quant_backend)
+        model.to_empty(device=device)
+        return model.eval()
+
+    def quantize(self, bits: int, backend: str = "auto") -> "ChatGLM2Model":
+        """Quantize the blocks' Linear layers to INT8 or INT4 in place (see quant.py)."""
+        from .quant import quantize_model
+        quantize_model(self, bits, backend)
+        self.slot_contents = {}  # cached keys/values came from the float weights
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.embedding.word_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.encoder.final_layernorm.weight.dtype
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.transformer.output_layer
+
+    def layout_for_prompt(self, prompt: list[int]) -> CausalLayout:
+        return CAUSAL
+
+    def setup_kv_cache(self, slots: int, max_len: int) -> None:
+        """(Re)allocate the static KV cache for `slots` sequences of up to max_len tokens (only the
+        key/value groups are stored), and compute the P-tuning prefix if there is one."""
+        max_len = min(max_len, self.config.seq_length)
+        if (slots, max_len) == (self.cache_slots, self.cache_len):
+            return
+        layers = self.transformer.encoder.layers
+        for layer in layers:
+            layer.self_attention.kv_cache = None
+        for layer in layers:
+            layer.self_attention.kv_cache = KVCache(slots, self.config.kv_heads, max_len, self.config.head_dim,
+                                                    self.dtype, self.device)
+        self.cache_slots, self.cache_len = slots, max_len
+        self.slot_contents = {}
+        if self.config.pre_seq_len:
+            self.refresh_prefix()
+
+    @torch.no_grad()
+    def refresh_prefix(self) -> None:
+        """Compute the P-tuning prefix keys and values from `transformer.prefix_encoder`."""
+        c = self.config
+        kv = self.transformer.prefix_encoder().to(self.dtype)  # [P, L * 2 * groups * d]
+        kv = kv.view(c.pre_seq_len, c.num_layers * 2, c.kv_heads, c.head_dim).permute(1, 2, 0, 3)
+        self.set_prefix(kv)
+
+    def set_prefix(self, kv: Optional[torch.Tensor]) -> None:
+        """Prefix keys and values [num_layers * 2, kv_heads, P, head_dim] (layer i's keys at 2i,
+        its values at 2i + 1), or None for no prefix."""
+        for i, layer in enumerate(self.transformer.encoder.layers):
+            layer.self_attention.prefix_kv = None if kv is None else (
+                kv[2 * i][None].to(self.device, self.dtype), kv[2 * i + 1][None].to(self.device, self.dtype))
+        self.slot_contents = {}
+
+    def kv_cache_bytes_per_token(self) -> int:
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.config.num_layers * self.config.kv_heads * self.config.head_dim * element
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache_positions: torch.Tensor,
+                mask: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states [B, T, hidden] (apply `logits` for logits).
+
+        tokens [B, T]; positions [B, T]; cache_positions [B, T]; mask [B, 1, T, kv_len] from
+        `model.attention_mask` (prefix_len 0: causal); slots [B]: cache row per row."""
+        if self.slot_contents:  # the slots written here no longer hold what was recorded
+            for slot in slots.tolist():
+                self.slot_contents.pop(slot, None)
+        x = self.transformer.embedding.word_embeddings(tokens)
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        for layer in self.transformer.encoder.layers:
+            x = layer(x, cos, sin, mask, slots, cache_positions)
+        return self.transformer.encoder.final_layernorm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of hidden states (only the rows the caller needs)."""
+        return self.transformer.output_layer(hidden).float()
+
+    def chat(self, tokenizer, query: str, history=None, **kwargs):
+        from .chat import chat
+        return chat(self, tokenizer, query, history, **kwargs)
+
+    def stream_chat(self, tokenizer, query: str, history=None, **kwargs):
+        from .chat import stream_chat
+        return stream_chat(self, tokenizer, query, history, **kwargs)
