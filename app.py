@@ -1,0 +1,170 @@
+"""ChatGLM-6B web demo: `python app.py`, then open http://127.0.0.1:7860.
+
+Every flag can also be set by an environment variable (shown in --help), which is how a Hugging
+Face Space passes its settings: set them as Space variables. On Spaces the page binds to
+0.0.0.0:7860 by itself. Try the page without downloading the model: `python app.py --tiny-random`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+from webdemo.hf_spaces import running_on_spaces
+
+DEFAULT_MODEL = "THUDM/chatglm-6b"
+TRUE = ("1", "true", "yes", "on")
+TINY_FAMILIES = ("chatglm", "chatglm2", "chatglm3", "glm4")
+
+
+def env(name: str, default=None):
+    value = os.environ.get(name)
+    return default if value in (None, "") else value
+
+
+def env_flag(name: str) -> bool:
+    return str(env(name, "")).lower() in TRUE
+
+
+def tiny_family(value):
+    """CHATGLM_TINY_RANDOM: 1/true means ChatGLM-6B, a family name that family, else off."""
+    if value is None or value.lower() in ("0", "false", "no", "off"):
+        return None
+    return "chatglm" if value.lower() in TRUE else value
+
+
+def auth_pair(value: str) -> tuple[str, str]:
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise argparse.ArgumentTypeError("expected USER:PASS")
+    return user, password
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    default_host = env("CHATGLM_HOST", env("GRADIO_SERVER_NAME", "0.0.0.0" if running_on_spaces() else "127.0.0.1"))
+    parser = argparse.ArgumentParser(
+        prog="python app.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Exit status: 0 after a normal shutdown, 1 when the model cannot be loaded, 2 for bad flags.")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default=env("CHATGLM_MODEL", DEFAULT_MODEL),
+                       help="checkpoint folder or Hugging Face id (env CHATGLM_MODEL; default %(default)s)")
+    model.add_argument("--quantize", type=int, choices=(4, 8), default=env("CHATGLM_QUANTIZE"),
+                       help="quantize the weights to 4 or 8 bits to save memory (env CHATGLM_QUANTIZE; default: off)")
+    model.add_argument("--device", default=env("CHATGLM_DEVICE", "auto"),
+                       help="auto, cuda, cpu or mps (env CHATGLM_DEVICE; default %(default)s: CUDA, then MPS, then CPU)")
+    model.add_argument("--tiny-random", nargs="?", const="chatglm", default=tiny_family(env("CHATGLM_TINY_RANDOM")),
+                       choices=TINY_FAMILIES, metavar="FAMILY",
+                       help="use a built-in tiny random model instead of --model: no download, answers are random "
+                            "text, for trying the page offline; FAMILY is one of %(choices)s (default chatglm, "
+                            "i.e. ChatGLM-6B) (env CHATGLM_TINY_RANDOM=1 or a family)")
+    model.add_argument("--slots", type=positive_int, default=env("CHATGLM_SLOTS"),
+                       help="answers decoded together in one batch (env CHATGLM_SLOTS; default: as many as "
+                            "fit in memory, at most 16)")
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default=default_host,
+                        help="address to listen on; 0.0.0.0 for all interfaces (env CHATGLM_HOST; "
+                             "default %(default)s; 0.0.0.0 on Hugging Face Spaces)")
+    server.add_argument("--port", type=int, default=int(env("CHATGLM_PORT", env("GRADIO_SERVER_PORT", 7860))),
+                        help="port to listen on (env CHATGLM_PORT; default %(default)s)")
+    server.add_argument("--share", action="store_true", default=env_flag("CHATGLM_SHARE"),
+                        help="also create a public *.gradio.live link for 72 hours (env CHATGLM_SHARE=1; "
+                             "ignored on Spaces)")
+    server.add_argument("--auth", type=auth_pair, default=None, metavar="USER:PASS",
+                        help="ask for this user name and password before showing the page (env CHATGLM_AUTH)")
+    server.add_argument("--queue-size", type=positive_int, default=int(env("CHATGLM_QUEUE_SIZE", 100)),
+                        help="requests that may wait in the page's queue; more are refused as busy "
+                             "(env CHATGLM_QUEUE_SIZE; default %(default)s)")
+    server.add_argument("--concurrency", type=positive_int, default=int(env("CHATGLM_CONCURRENCY", 64)),
+                        help="answers streaming at once; the model batches them, the rest wait in the queue "
+                             "(env CHATGLM_CONCURRENCY; default %(default)s)")
+    server.add_argument("--step-delay", type=float, default=float(env("CHATGLM_STEP_DELAY", 0)), metavar="SECONDS",
+                        help="sleep this long after every decode step; for tests and for watching Stop work "
+                             "(env CHATGLM_STEP_DELAY; default 0)")
+    args = parser.parse_args(argv)
+    if args.auth is None and env("CHATGLM_AUTH"):
+        try:
+            args.auth = auth_pair(env("CHATGLM_AUTH"))
+        except argparse.ArgumentTypeError:
+            parser.error("CHATGLM_AUTH: expected USER:PASS")
+    if args.quantize is not None:
+        try:
+            args.quantize = int(args.quantize)
+        except ValueError:
+            parser.error(f"CHATGLM_QUANTIZE: expected 4 or 8, got {args.quantize!r}")
+        if args.quantize not in (4, 8):
+            parser.error(f"CHATGLM_QUANTIZE: expected 4 or 8, got {args.quantize!r}")
+    if args.tiny_random not in (None, *TINY_FAMILIES):
+        parser.error(f"CHATGLM_TINY_RANDOM: expected 1 or one of {', '.join(TINY_FAMILIES)}, got {args.tiny_random!r}")
+    if args.slots is not None:
+        args.slots = int(args.slots)
+    if args.step_delay < 0:
+        parser.error("--step-delay must be >= 0")
+    return args
+
+
+def load_backend(args: argparse.Namespace):
+    """The local engine on the chosen checkpoint; SystemExit(1) with one clear message if it fails."""
+    import inspect
+
+    from model_runtime.config import CheckpointError
+    from model_runtime.engine import start_engine
+    from model_runtime.loading import load_model
+
+    options = dict(device=args.device, tiny_random=args.tiny_random or False, slots=args.slots,
+                   step_delay=args.step_delay)
+    if args.quantize:
+        if "quantize" not in inspect.signature(load_model).parameters:
+            fail(args, f"--quantize {args.quantize} is not supported by this version of model_runtime yet")
+        options["quantize"] = args.quantize
+    try:
+        return start_engine(args.model, **options)
+    except (CheckpointError, OSError, ValueError) as error:
+        fail(args, str(error))
+    except Exception as error:  # out of memory, a broken install...: advice, not a traceback
+        fail(args, f"{type(error).__name__}: {error}")
+
+
+def fail(args: argparse.Namespace, reason: str) -> None:
+    what = "the built-in tiny random model" if args.tiny_random else f"the model {args.model!r}"
+    print(f"error: could not load {what}: {reason}\n"
+          "What to do: pass --model a folder with config.json, tokenizer files and weights, or a Hugging Face "
+          "id such as THUDM/chatglm-6b (the first run downloads about 13 GB, so the network must work); "
+          "if memory is short, try --quantize 4 or 8, or --device cpu; to try the page without the model, "
+          "run: python app.py --tiny-random", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def stop_on_sigterm(signum, frame):
+    """`docker stop` and Spaces send SIGTERM: shut down like Ctrl+C (engine closed, temp files gone)."""
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    backend = load_backend(args)
+    from webdemo.ui import build_page
+
+    if backend.info.random_weights:
+        print("note: serving a tiny random model; its answers are random text", file=sys.stderr)
+    page = build_page(backend, concurrency_limit=args.concurrency, storage_secret=env("CHATGLM_STORAGE_SECRET"))
+    try:
+        page.launch(queue_size=args.queue_size, server_name=args.host, server_port=args.port,
+                    share=args.share and not running_on_spaces(), auth=args.auth)
+    finally:
+        page.close()
+        backend.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

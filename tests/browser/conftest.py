@@ -1,0 +1,59 @@
+"""Playwright with Debian's Chromium (installed by .ci/run) against the real app on 127.0.0.1."""
+import os
+import shutil
+
+import pytest
+
+from .app_server import AppServer
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+STEP_DELAY = "0.005"  # seconds per decode step: long answers take long enough to press Stop
+
+
+def _chromium_or_skip():
+    pytest.importorskip("playwright.sync_api")
+    if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
+        pytest.skip(f"{CHROMIUM} not found: install it with apt-get install chromium (see .ci/run)")
+
+
+@pytest.fixture(scope="module")
+def app_server():
+    _chromium_or_skip()
+    server = AppServer("--step-delay", STEP_DELAY)
+    yield server
+    server.stop()
+    assert "Traceback" not in server.log(tail=10**7), server.log()
+    assert server.process.returncode == 0, server.log()  # SIGTERM shuts down cleanly
+    server.log_path.unlink()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    _chromium_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                             args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def new_page(browser, app_server):
+    """Open the chat page in a fresh browser context (its own storage); closed after the test."""
+    contexts = []
+
+    def open_page(locale="en-US"):
+        context = browser.new_context(locale=locale, viewport={"width": 1280, "height": 860},
+                                      accept_downloads=True)
+        context.set_default_timeout(20_000)
+        contexts.append(context)
+        page = context.new_page()
+        page.goto(app_server.url)
+        page.wait_for_selector("#message textarea")
+        return page
+
+    yield open_page
+    for context in contexts:
+        context.close()

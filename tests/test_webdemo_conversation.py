@@ -1,0 +1,163 @@
+"""webdemo.conversation: stored history, settings checks, cancelling, the readout; streaming
+through the real Engine on the tiny checkpoint."""
+import threading
+import time
+
+import pytest
+
+from model_runtime.protocol import SamplingParams
+from webdemo.conversation import (ActiveStreams, Progress, check_message, check_settings, clean_history, readout,
+                                  stream_answer)
+
+
+def test_clean_history_keeps_alternating_turns_only():
+    assert clean_history(None) == [] and clean_history("x") == []
+    assert clean_history([["hi", "hello"], ["a", "b"]]) == [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    messy = [{"role": "user", "content": "q"}, {"role": "user", "content": "q2"}, {"role": "system", "content": "s"},
+             {"role": "assistant", "content": "a"}, {"role": "assistant", "content": 5}, 7, ["x"],
+             {"role": "user", "content": "dangling"}]
+    assert clean_history(messy) == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+
+def test_clean_history_bounds_what_a_browser_can_send():
+    huge = [["x" * 60_000, "y" * 60_000]] * 4
+    assert sum(len(m["content"]) for m in clean_history(huge)) <= 200_000
+
+
+def test_check_settings_accepts_the_slider_ranges():
+    params = check_settings(2048, 0.7, 0, limit=2048)
+    assert (params.max_length, params.top_p, params.temperature) == (2048, 0.7, 0.0)
+    defaults = SamplingParams(repetition_penalty=1.2, top_k=7)
+    assert check_settings(5.0, 1, 2, limit=8, defaults=defaults).repetition_penalty == 1.2
+
+
+@pytest.mark.parametrize("max_length, top_p, temperature, message", [
+    (0, 0.7, 0.95, "max_length must be between 1 and 2048, got 0."),
+    (4096, 0.7, 0.95, "max_length must be between 1 and 2048, got 4096."),
+    (10.5, 0.7, 0.95, "max_length must be between 1 and 2048, got 10.5."),
+    (100, 0, 0.95, "top_p must be between 0.01 and 1.0, got 0."),
+    (100, 1.5, 0.95, "top_p must be between 0.01 and 1.0, got 1.5."),
+    (100, 0.7, -0.1, "temperature must be between 0.0 and 2.0, got -0.1."),
+    (100, 0.7, float("nan"), "temperature must be a number, got nan."),
+    (100, "0.7", 0.9, "top_p must be a number, got '0.7'."),
+    (True, 0.7, 0.9, "max_length must be a number, got True."),
+])
+def test_check_settings_rejects_with_a_clear_message(max_length, top_p, temperature, message):
+    with pytest.raises(ValueError) as error:
+        check_settings(max_length, top_p, temperature, limit=2048)
+    assert str(error.value) == message
+
+
+def test_check_settings_speaks_chinese():
+    with pytest.raises(ValueError, match="必须在"):
+        check_settings(0, 0.7, 0.9, limit=2048, lang="zh")
+
+
+class Stream:
+    def __init__(self):
+        self.cancelled = threading.Event()
+
+    def cancel(self):
+        self.cancelled.set()
+
+
+def test_stop_cancels_running_streams_of_that_session_only():
+    active = ActiveStreams()
+    mine, theirs = Stream(), Stream()
+    active.add("me", mine, active.begin("me"))
+    active.add("you", theirs, active.begin("you"))
+    active.stop("me")
+    assert mine.cancelled.is_set() and not theirs.cancelled.is_set()
+
+
+def test_stop_before_the_stream_exists_cancels_it_on_arrival():
+    active = ActiveStreams()
+    started = active.begin("me")
+    active.stop("me")  # Stop pressed before the answer was submitted
+    late = Stream()
+    active.add("me", late, started)
+    assert late.cancelled.is_set()
+    fresh = Stream()  # the next answer is not affected
+    active.add("me", fresh, active.begin("me"))
+    assert not fresh.cancelled.is_set()
+    active.remove("me", late)
+    active.remove("me", fresh)
+    assert active.count() == 0
+
+
+def test_readout_lines():
+    progress = Progress("abc", True, "length", prompt_tokens=10, completion_tokens=6, dropped_turns=2,
+                        tokens_per_second=12.345)
+    assert readout(progress, 16, "en") == ("12.3 tokens/s · context 16 / 16 tokens · "
+                                           "2 older turn(s) left out of the model's context · "
+                                           "answer cut at the maximum length")
+    assert readout(Progress(queue_position=3), 16, "zh") == "排队中：第 3 位"
+    assert "stopped" in readout(Progress("x", True, "cancelled", prompt_tokens=3, completion_tokens=1), 9, "en")
+    assert "boom" in readout(Progress("", True, "error", error="boom"), 9, "en")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    from model_runtime.engine import Engine
+
+    tokenizer, model = tiny_model
+    engine = Engine(tokenizer, model, slots=2, step_delay=0.002)
+    yield engine
+    engine.close()
+
+
+def test_stream_answer_streams_and_ends(engine):
+    active = ActiveStreams()
+    updates = list(stream_answer(engine, [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "hi"}],
+                                 "早上好", SamplingParams(max_length=64, temperature=0), active, "s", 0))
+    assert updates[-1].finished and updates[-1].finish_reason in ("stop", "length")
+    assert all(not u.finished for u in updates[:-1])
+    texts = [u.text for u in updates]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+    assert updates[-1].prompt_tokens > 0 and updates[-1].completion_tokens > 0
+    assert active.count() == 0
+
+
+def test_closing_the_generator_cancels_in_the_engine(engine):
+    active = ActiveStreams()
+    cancelled = engine.stats()["requests_cancelled"]
+    updates = stream_answer(engine, [], "你好", SamplingParams(max_length=2048, temperature=0), active, "s", 0)
+    next(updates)
+    updates.close()  # what Gradio does when the page goes away or Stop cancels the handler
+    assert active.count() == 0
+    deadline = time.monotonic() + 2
+    while engine.stats()["requests_cancelled"] != cancelled + 1:  # ended at the engine's next step
+        assert time.monotonic() < deadline, engine.stats()
+        time.sleep(0.01)
+    assert engine.stats()["active_sequences"] == 0
+
+
+def test_stop_from_another_thread_ends_the_answer(engine):
+    active = ActiveStreams()
+    updates = stream_answer(engine, [], "你好", SamplingParams(max_length=2048, temperature=0), active, "s",
+                            active.begin("s"))
+    first = next(updates)
+    assert not first.finished
+    active.stop("s")
+    last = list(updates)[-1]
+    assert last.finished and last.finish_reason == "cancelled" and last.completion_tokens < 500
+
+
+def test_check_message():
+    assert check_message("hi") == "hi"
+    for bad, text in [("", "empty"), ("   \n", "empty"), (None, "empty"), ("x" * 16_001, "too long")]:
+        with pytest.raises(ValueError, match=text):
+            check_message(bad)
+    long_turn = [["x" * 16_001, "a"], ["q", "a"]]
+    assert clean_history(long_turn) == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+
+def test_server_texts_follow_accept_language():
+    from webdemo.i18n import EN, ZH, pick_language
+
+    assert pick_language("zh-CN,zh;q=0.9,en;q=0.8") == "zh"
+    assert pick_language("en-US,en;q=0.9,zh-CN;q=0.8") == "en"
+    assert pick_language("fr-FR,fr;q=0.9") == "en" and pick_language(None) == "en"
+    assert set(EN) == set(ZH)

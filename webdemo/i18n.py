@@ -1,0 +1,103 @@
+"""Page texts in English and Chinese.
+
+Static labels go to the browser through `gr.I18n`, which picks the language from the browser's
+locale. Texts made on the server while answering (the readout, error messages) follow the
+request's Accept-Language header through `pick_language` and `say`.
+"""
+from __future__ import annotations
+
+import gradio as gr
+
+EN = {
+    "subtitle": "An open bilingual chat model, running on this server.",
+    "random_notice": "⚠️ This page runs a **tiny random test model**: its answers are random text, "
+                     "useful only to try the interface.",
+    "placeholder": "Type a message and press Enter",
+    "send": "Send",
+    "stop": "Stop",
+    "regenerate": "Regenerate",
+    "undo": "Undo",
+    "reset": "Reset",
+    "max_length": "Maximum length",
+    "max_length_info": "Prompt plus answer, in tokens",
+    "top_p": "Top-p",
+    "temperature": "Temperature",
+    "temperature_info": "0 = always the most likely word",
+    "system_prompt": "System prompt",
+    "download_html": "Download HTML",
+    "download_json": "Download JSON",
+    "empty_chat": "Ask anything, in English or Chinese.",
+}
+
+ZH = {
+    "subtitle": "开源中英双语对话模型，运行在本服务器上。",
+    "random_notice": "⚠️ 本页面运行的是**微型随机测试模型**：回答是随机文字，只用于试用界面。",
+    "placeholder": "输入消息，按回车发送",
+    "send": "发送",
+    "stop": "停止",
+    "regenerate": "重新生成",
+    "undo": "撤销",
+    "reset": "清空",
+    "max_length": "最大长度",
+    "max_length_info": "提示加回答的 token 数",
+    "top_p": "Top-p",
+    "temperature": "温度",
+    "temperature_info": "0 = 总是选择最可能的词",
+    "system_prompt": "系统提示词",
+    "download_html": "下载 HTML",
+    "download_json": "下载 JSON",
+    "empty_chat": "用中文或英文问任何问题。",
+}
+
+# Texts composed on the server: str.format templates.
+MESSAGES = {
+    "en": {
+        "speed": "{speed:.1f} tokens/s",
+        "context": "context {used} / {limit} tokens",
+        "dropped": "{count} older turn(s) left out of the model's context",
+        "queued": "waiting in line: {position}",
+        "stopped": "stopped",
+        "truncated": "answer cut at the maximum length",
+        "failed": "the answer failed: {error}",
+        "busy": "The server is busy: please try again in a moment.",
+        "invalid": "Invalid request: {error}",
+        "range": "{name} must be between {low} and {high}, got {value!r}.",
+        "number": "{name} must be a number, got {value!r}.",
+        "empty": "The message is empty.",
+        "too_long": "The message is too long: {length} characters, at most {limit}.",
+        "history": "The history must be a list of [user message, answer] pairs.",
+    },
+    "zh": {
+        "speed": "{speed:.1f} token/秒",
+        "context": "上下文 {used} / {limit} token",
+        "dropped": "较早的 {count} 轮对话未放入模型上下文",
+        "queued": "排队中：第 {position} 位",
+        "stopped": "已停止",
+        "truncated": "回答达到最大长度被截断",
+        "failed": "回答出错：{error}",
+        "busy": "服务器繁忙，请稍后再试。",
+        "invalid": "请求无效：{error}",
+        "range": "{name} 必须在 {low} 与 {high} 之间，收到 {value!r}。",
+        "number": "{name} 必须是数字，收到 {value!r}。",
+        "empty": "消息为空。",
+        "too_long": "消息太长：{length} 个字符，最多 {limit} 个。",
+        "history": "history 必须是 [用户消息, 回答] 对的列表。",
+    },
+}
+
+PAGE_TEXTS = gr.I18n(en=EN, zh=ZH, **{"zh-CN": ZH, "zh-TW": ZH, "zh-HK": ZH})
+
+
+def pick_language(accept_language: str | None) -> str:
+    """'zh' when the browser prefers Chinese over English, else 'en'."""
+    for part in (accept_language or "").split(","):
+        tag = part.split(";")[0].strip().lower()
+        if tag.startswith("zh"):
+            return "zh"
+        if tag.startswith("en"):
+            return "en"
+    return "en"
+
+
+def say(lang: str, key: str, **values) -> str:
+    return MESSAGES.get(lang, MESSAGES["en"])[key].format(**values)
