@@ -68,7 +68,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--slots", type=positive_int, default=env("CHATGLM_SLOTS"),
                        help="answers decoded together in one batch (env CHATGLM_SLOTS; default: as many as "
                             "fit in memory, at most 16)")
+    model.add_argument("--context-length", type=positive_int, default=env("CHATGLM_CONTEXT_LENGTH"),
+                       help="tokens per conversation, prompt plus answer (env CHATGLM_CONTEXT_LENGTH; default: the "
+                            "model's own, at most 8192; with --backend openai the remote model's, default 8192)")
+    remote = parser.add_argument_group("remote model (the page in front of an OpenAI-compatible server)")
+    remote.add_argument("--backend", choices=("local", "openai"), default=env("CHATGLM_BACKEND", "local"),
+                        help="local: load the model in this process; openai: stream from --api-base instead "
+                             "(vLLM, llama.cpp server, another instance of this app) (env CHATGLM_BACKEND; "
+                             "default %(default)s)")
+    remote.add_argument("--api-base", default=env("CHATGLM_API_BASE"), metavar="URL",
+                        help="the remote server's OpenAI API root, e.g. http://gpu-box:8000/v1 (env CHATGLM_API_BASE)")
+    remote.add_argument("--api-key", default=env("CHATGLM_API_KEY"),
+                        help="key sent to the remote server (env CHATGLM_API_KEY)")
+    remote.add_argument("--remote-model", default=env("CHATGLM_REMOTE_MODEL"), metavar="NAME",
+                        help="model name on the remote server (env CHATGLM_REMOTE_MODEL; default: the first it lists)")
     server = parser.add_argument_group("server")
+    server.add_argument("--require-api-key", default=env("CHATGLM_REQUIRE_API_KEY"), metavar="KEY",
+                        help="clients of this server's OpenAI API (/v1/chat/completions) must send this key as "
+                             "'Authorization: Bearer KEY' (env CHATGLM_REQUIRE_API_KEY; default: no key)")
     server.add_argument("--host", default=default_host,
                         help="address to listen on; 0.0.0.0 for all interfaces (env CHATGLM_HOST; "
                              "default %(default)s; 0.0.0.0 on Hugging Face Spaces)")
@@ -105,13 +122,27 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"CHATGLM_TINY_RANDOM: expected 1 or one of {', '.join(TINY_FAMILIES)}, got {args.tiny_random!r}")
     if args.slots is not None:
         args.slots = int(args.slots)
+    if args.context_length is not None:
+        args.context_length = int(args.context_length)
+    if args.backend == "openai" and not args.api_base:
+        parser.error("--backend openai needs --api-base URL (the remote server's /v1 root)")
     if args.step_delay < 0:
         parser.error("--step-delay must be >= 0")
     return args
 
 
 def load_backend(args: argparse.Namespace):
-    """The local engine on the chosen checkpoint; SystemExit(1) with one clear message if it fails."""
+    """The local engine on the chosen checkpoint, or the remote server's client; SystemExit(1)
+    with one clear message if it fails."""
+    if args.backend == "openai":
+        from webdemo.remote import OpenAIBackend
+
+        try:
+            return OpenAIBackend(args.api_base, api_key=args.api_key, model=args.remote_model,
+                                 context_length=args.context_length or 8192)
+        except ConnectionError as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(1)
     import inspect
 
     from model_runtime.config import CheckpointError
@@ -119,7 +150,7 @@ def load_backend(args: argparse.Namespace):
     from model_runtime.loading import load_model
 
     options = dict(device=args.device, tiny_random=args.tiny_random or False, slots=args.slots,
-                   step_delay=args.step_delay)
+                   step_delay=args.step_delay, context_length=args.context_length)
     if args.quantize:
         if "quantize" not in inspect.signature(load_model).parameters:
             fail(args, f"--quantize {args.quantize} is not supported by this version of model_runtime yet")
@@ -152,6 +183,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     backend = load_backend(args)
+    from webdemo.api import add_api_routes
     from webdemo.ui import build_page
 
     if backend.info.random_weights:
@@ -159,7 +191,8 @@ def main(argv=None) -> int:
     page = build_page(backend, concurrency_limit=args.concurrency, storage_secret=env("CHATGLM_STORAGE_SECRET"))
     try:
         page.launch(queue_size=args.queue_size, server_name=args.host, server_port=args.port,
-                    share=args.share and not running_on_spaces(), auth=args.auth)
+                    share=args.share and not running_on_spaces(), auth=args.auth,
+                    add_routes=lambda app: add_api_routes(app, backend, api_key=args.require_api_key))
     finally:
         page.close()
         backend.close()

@@ -321,8 +321,11 @@ def start_engine(model: str = "THUDM/chatglm-6b", *, device: str = "auto", dtype
         import tempfile
         from .testing import write_tiny_checkpoint
         family = tiny_random if isinstance(tiny_random, str) else "chatglm"
-        model = str(write_tiny_checkpoint(tempfile.mkdtemp(prefix=f"{family}-tiny-"), family=family))
-    tokenizer, net = load_model(model, device=device, dtype=dtype, **load_kwargs)
+        with tempfile.TemporaryDirectory(prefix=f"{family}-tiny-") as folder:  # everything is in memory after loading
+            tokenizer, net = load_model(write_tiny_checkpoint(folder, family=family), device=device, dtype=dtype,
+                                        **load_kwargs)
+    else:
+        tokenizer, net = load_model(model, device=device, dtype=dtype, **load_kwargs)
     context_length = context_length or min(net.config.max_sequence_length, DEFAULT_CONTEXT)
     if slots is None:
         slots = default_slots(net, context_length=context_length)

@@ -88,8 +88,12 @@ class RemoteStream:
         body = {"model": self._backend.info.name, "stream": True, "stream_options": {"include_usage": True},
                 "messages": [{"role": m.role, "content": m.content} for m in self._request.messages],
                 "temperature": sampling.temperature, "top_p": sampling.top_p}
-        if sampling.max_new_tokens:
-            body["max_tokens"] = sampling.max_new_tokens
+        # max_length counts prompt plus answer, which only the server can count: it bounds the
+        # answer alone here, and is left out when it is the whole context (servers such as vLLM
+        # refuse max_tokens that do not fit beside the prompt).
+        limit = sampling.max_new_tokens or sampling.max_length
+        if limit < self._backend.info.max_sequence_length:
+            body["max_tokens"] = limit
         if sampling.seed is not None:
             body["seed"] = sampling.seed
         if sampling.stop:
