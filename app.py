@@ -60,6 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="quantize the weights to 4 or 8 bits to save memory (env CHATGLM_QUANTIZE; default: off)")
     model.add_argument("--device", default=env("CHATGLM_DEVICE", "auto"),
                        help="auto, cuda, cpu or mps (env CHATGLM_DEVICE; default %(default)s: CUDA, then MPS, then CPU)")
+    model.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=env("CHATGLM_DTYPE"),
+                       help="weights and activations (env CHATGLM_DTYPE; default: float16 on GPUs, bfloat16 on "
+                            "CPU, float32 for --tiny-random); only float32 gives the same greedy answer alone "
+                            "and in a batch")
     model.add_argument("--tiny-random", nargs="?", const="chatglm", default=tiny_family(env("CHATGLM_TINY_RANDOM")),
                        choices=TINY_FAMILIES, metavar="FAMILY",
                        help="use a built-in tiny random model instead of --model: no download, answers are random "
@@ -149,7 +153,7 @@ def load_backend(args: argparse.Namespace):
     from model_runtime.engine import start_engine
     from model_runtime.loading import load_model
 
-    options = dict(device=args.device, tiny_random=args.tiny_random or False, slots=args.slots,
+    options = dict(device=args.device, dtype=args.dtype, tiny_random=args.tiny_random or False, slots=args.slots,
                    step_delay=args.step_delay, context_length=args.context_length)
     if args.quantize:
         if "quantize" not in inspect.signature(load_model).parameters:

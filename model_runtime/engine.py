@@ -321,6 +321,9 @@ def start_engine(model: str = "THUDM/chatglm-6b", *, device: str = "auto", dtype
         import tempfile
         from .testing import write_tiny_checkpoint
         family = tiny_random if isinstance(tiny_random, str) else "chatglm"
+        # Tiny models cost nothing in float32, and only float32 keeps greedy answers identical
+        # alone and batched: half-precision kernels round differently for one row than for many.
+        dtype = dtype or "float32"
         with tempfile.TemporaryDirectory(prefix=f"{family}-tiny-") as folder:  # everything is in memory after loading
             tokenizer, net = load_model(write_tiny_checkpoint(folder, family=family), device=device, dtype=dtype,
                                         **load_kwargs)
