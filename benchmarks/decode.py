@@ -98,7 +98,11 @@ def main() -> None:
     for dtype in args.dtype:
         command = [sys.executable, __file__, "--worker", "--checkpoint", str(checkpoint), "--device", args.device,
                    "--dtype", dtype, "--prompt", str(args.prompt), "--tokens", str(args.tokens)]
-        row = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        run = subprocess.run(command, capture_output=True, text=True)
+        if run.returncode:  # e.g. float32 weights do not fit: report the loader's message
+            rows.append({"device": args.device, "dtype": dtype, "error": run.stderr.strip().splitlines()[-1]})
+            continue
+        row = json.loads(run.stdout.splitlines()[-1])
         ceiling = bandwidth / row["gb_read_per_token"]
         row["bandwidth_ceiling_tok_s"] = round(ceiling, 2)
         row["decode_vs_ceiling"] = round(row["decode_tok_s"] / ceiling, 2)
