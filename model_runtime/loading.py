@@ -6,8 +6,11 @@ are memory-mapped, never loaded whole as float32).
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import logging
+import mmap
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
@@ -15,6 +18,8 @@ import torch
 
 from .config import CheckpointError, GLMConfig
 from .model import ChatGLMModel
+from .family import load_tokenizer, model_class, read_config
+from .quant import QuantizedLinear, quantized_linears, resolve_quantization, trim_heap
 from .tokenizer import ChatGLMTokenizer
 
 log = logging.getLogger(__name__)
@@ -24,7 +29,8 @@ WEIGHT_FORMATS = {
     "safetensors": ("model.safetensors.index.json", "model.safetensors"),
     "bin": ("pytorch_model.bin.index.json", "pytorch_model.bin"),
 }
-IGNORED_TENSORS = ("rotary_emb.inv_freq", "lm_head.weight")  # recomputed / tied to the embeddings
+IGNORED_TENSORS = ("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq",  # recomputed
+                   "lm_head.weight")  # ChatGLM-6B: tied to the embeddings
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 
@@ -145,12 +151,16 @@ def read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     yield from state.items()
 
 
-def check_fits(config: GLMConfig, device: torch.device, dtype: torch.dtype) -> None:
+def check_fits(config: GLMConfig, device: torch.device, dtype: torch.dtype,
+               quantize: Optional[int] = None) -> None:
     """Refuse up front, with advice, a model larger than the memory left on the device."""
     element = torch.empty((), dtype=dtype).element_size()
     h, f, layers = config.hidden_size, config.inner_hidden_size, config.num_layers
-    params = config.vocab_size * h + layers * (4 * h * h + 2 * h * f)
-    needed = params * element
+    linear_bytes = quantize / 8 if quantize else element
+    needed = config.vocab_size * h * element + layers * (4 * h * h + 2 * h * f) * linear_bytes
+    if hasattr(config, "parameter_counts"):  # ChatGLM2/3, GLM-4: grouped KV, SwiGLU, untied output
+        other, block_linear = config.parameter_counts()
+        needed = other * element + block_linear * linear_bytes
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     elif device.type == "cpu":
@@ -165,14 +175,63 @@ def check_fits(config: GLMConfig, device: torch.device, dtype: torch.dtype) -> N
             "another device")
 
 
+def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """Address ranges where this process maps `path` (Linux; empty elsewhere)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    target = str(path.resolve())
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == target:
+            start, end = fields[0].split("-")
+            ranges.append((int(start, 16), int(end, 16)))
+    return ranges
+
+
+def _release_pages(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
+    """Drop the pages of a consumed tensor that is a view of a memory-mapped shard from this
+    process's memory, so that a shard never sits in RSS whole (only pages inside a file mapping
+    are touched, and they stay valid: a later read would fault them in from the file again)."""
+    start, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, (start + size) // page * page
+    if last <= first or not any(low <= first and last <= high for low, high in ranges):
+        return
+    _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+
+
+@functools.lru_cache(maxsize=None)
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def load_weights(model: ChatGLMModel, files: list[Path]) -> None:
     """Copy every shard's tensors into the model, converting dtype on the way."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    expected = {name for name in params if name != "lm_head.weight"}
+    quantized = quantized_linears(model)  # filled through load_tensor: float weights quantized on arrival
+    expected = {name for name in params if name != "lm_head.weight"} | {f"{name}.weight" for name in quantized}
     seen: set[str] = set()
+    release = hasattr(mmap, "MADV_DONTNEED")
     for path in files:
+        ranges = None
         for name, tensor in read_shard(path):
             if name.endswith(IGNORED_TENSORS):
+                continue
+            if release and ranges is None:
+                ranges = _mapped_ranges(path)  # the shard is mapped by now (if it is at all)
+            owner, _, leaf = name.rpartition(".")
+            if owner in quantized and leaf in QuantizedLinear.STORED:
+                try:
+                    quantized[owner].load_tensor(leaf, tensor)
+                except ValueError as error:
+                    raise CheckpointError(f"{path.name}: tensor {name!r} {error}") from None
+                seen.add(name)
+                if ranges:
+                    _release_pages(tensor, ranges)
+                trim_heap()  # quantizing/repacking temporaries leave heap holes glibc would keep
                 continue
             if name not in params:
                 raise CheckpointError(f"{path.name}: unexpected tensor {name!r} (is this a ChatGLM-6B checkpoint?)")
@@ -183,7 +242,10 @@ def load_weights(model: ChatGLMModel, files: list[Path]) -> None:
             with torch.no_grad():
                 target.copy_(tensor)
             seen.add(name)
-    missing = sorted(expected - seen)
+            if ranges:
+                _release_pages(tensor, ranges)
+    missing = sorted(expected - seen) + [f"{name}.weight_scale" for name, module in quantized.items()
+                                         if f"{name}.weight" in seen and not module.ready]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{files[0].parent}: the weight files lack {shown}")
@@ -191,24 +253,27 @@ def load_weights(model: ChatGLMModel, files: list[Path]) -> None:
 
 def load_model(name_or_path: Union[str, Path], device: Union[str, torch.device] = "auto",
                dtype: Union[None, str, torch.dtype] = None, weight_format: Optional[str] = None,
-               revision: Optional[str] = None) -> tuple[ChatGLMTokenizer, ChatGLMModel]:
-    """Load a ChatGLM-6B checkpoint (local directory or Hugging Face id) for inference.
+               revision: Optional[str] = None, quantize: Optional[int] = None,
+               quant_backend: str = "auto") -> tuple[ChatGLMTokenizer, ChatGLMModel]:
+    """Load a GLM checkpoint (local directory or Hugging Face id) for inference: ChatGLM-6B,
+    ChatGLM2-6B, ChatGLM3-6B or GLM-4-9B-chat, as its own files say (family.py).
 
     device: "auto" | "cuda" | "cpu" | "mps"; dtype: None picks float16 on GPUs, bfloat16 on CPU;
     weight_format: "safetensors" or "bin" (default: whichever the folder has, safetensors first).
+    quantize: 4 or 8 quantizes the blocks' Linear layers while loading, shard by shard (the float
+    model never sits in memory whole); checkpoints with config quantization_bit load as stored.
+    quant_backend: "auto" or a name from quant.KERNELS (the matmul kernel of quantized layers).
     Raises CheckpointError with a message that names the file (and tensor) at fault.
     """
     folder = resolve_checkpoint(name_or_path, revision)
-    config = GLMConfig.from_file(folder / "config.json")
-    try:
-        tokenizer = ChatGLMTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as error:
-        raise CheckpointError(str(error)) from None
+    config = read_config(folder)  # ChatGLM-6B, ChatGLM2/3 or GLM-4: see family.py
+    tokenizer = load_tokenizer(folder, config)
     device = pick_device(device)
     dtype = pick_dtype(device, dtype)
     files = weight_files(folder, weight_format)
-    check_fits(config, device, dtype)
-    model = ChatGLMModel.empty(config, device, dtype)
+    bits = resolve_quantization(config, quantize)
+    check_fits(config, device, dtype, bits)
+    model = model_class(config).empty(config, device, dtype, quantize=bits, quant_backend=quant_backend)
     load_weights(model, files)
-    log.info("loaded %s on %s in %s", folder, device, dtype)
+    log.info("loaded %s on %s in %s%s", folder, device, dtype, f", INT{bits}" if bits else "")
     return tokenizer, model

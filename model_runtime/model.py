@@ -101,7 +101,9 @@ class KVCache(nn.Module):
         rows = slots[:, None]
         self.k[rows, :, cache_positions] = k
         self.v[rows, :, cache_positions] = v
-        return self.k[slots, :, :kv_len], self.v[slots, :, :kv_len]
+        # index_select on the kv_len-column view copies only what attention reads (plain
+        # advanced indexing is several times slower on CPU).
+        return (self.k[:, :, :kv_len].index_select(0, slots), self.v[:, :, :kv_len].index_select(0, slots))
 
 
 class Attention(nn.Module):
@@ -173,11 +175,16 @@ class ChatGLMModel(nn.Module):
         self.cache_len = 0
 
     @classmethod
-    def empty(cls, config: GLMConfig, device: torch.device, dtype: torch.dtype) -> "ChatGLMModel":
+    def empty(cls, config: GLMConfig, device: torch.device, dtype: torch.dtype,
+              quantize: Optional[int] = None, quant_backend: str = "auto") -> "ChatGLMModel":
         """An uninitialised model allocated straight in dtype on device (no float32 detour), for
-        the loader to fill tensor by tensor."""
+        the loader to fill tensor by tensor. With quantize=4|8 the blocks' Linear layers are empty
+        QuantizedLinear modules (see quant.py) that quantize float weights as they arrive."""
         with torch.device("meta"):
             model = cls(config).to(dtype)
+        if quantize:
+            from .quant import replace_linears
+            replace_linears(model, quantize, device, quant_backend)
         model.to_empty(device=device)
         model.lm_head.weight = model.transformer.word_embeddings.weight  # to_empty unties
         model.rotary = RotaryEmbedding2D(config.head_dim).to(device)  # buffers are not in checkpoints
@@ -190,6 +197,12 @@ class ChatGLMModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.transformer.final_layernorm.weight.dtype
+
+    def quantize(self, bits: int, backend: str = "auto") -> "ChatGLMModel":
+        """Quantize the blocks' Linear layers to INT8 or INT4 in place, as in the seed's
+        `model.quantize(bits)`; returns the model (see quant.py)."""
+        from .quant import quantize_model
+        return quantize_model(self, bits, backend)
 
     def layout_for_prompt(self, prompt: list[int]) -> SequenceLayout:
         return layout_for_prompt(prompt, self.config)

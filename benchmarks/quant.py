@@ -1,0 +1,298 @@
+"""INT8 / INT4 ChatGLM-6B at full size with random weights, on CPU: the matmul kernels, then memory
+while loading and generating, and prefill / decode speed against the memory-read ceiling
+measured in the same run.
+
+    python benchmarks/quant.py                    # everything: about 10-15 minutes on 2 cores
+    python benchmarks/quant.py --bits 4           # one width
+    python benchmarks/quant.py --layers 4         # a quick look with fewer layers
+    python benchmarks/quant.py --kernels-only     # the kernel table alone (about 2 minutes)
+    python benchmarks/quant.py --skip-kernels     # only loading and serving
+
+1. Kernels: every CPU backend of model_runtime/quant.py on the four Linear shapes of one block
+   (12288x4096, 4096x4096, 16384x4096, 4096x16384), 1 row (a decode step) and 512 rows (a
+   prefill), best of 3; "tok/s" = rows / (layers x block time): the blocks' Linear layers only.
+   The opt-in fbgemm backend quantizes activations too: its error against the exact
+   dequantize-then-matmul result is measured on plain random activations and on activations with
+   outlier channels (1% of channels 30x larger, as LLM activations have).
+2. A random float16 checkpoint in the official .bin layout (benchmarks/common.py, shared with
+   decode.py, cached in benchmarks/.cache; about 12 GB for 28 layers).
+3. Per width, each step in a fresh process so that peaks do not mix:
+   a. on the fly: load_model(fp16 checkpoint, quantize=N) -> peak RSS and time; save_quantized;
+   b. serving: load_model(saved checkpoint) -> peak RSS; prefill a 32-token prompt and decode 16
+      tokens (after one warm-up step) -> peak RSS and tok/s; then a 512-token prefill -> tok/s.
+Peak RSS is the kernel's high-water mark (VmHWM, reset per phase) where Linux allows it. The
+KV cache is sized for each run's context (bfloat16: 0.44 GiB more per 1024 tokens at full size).
+Ceiling: every decode step reads the quantized block weights, the lm_head (tied embedding), norms
+and biases, and the KV cache once; tok/s cannot exceed bandwidth / those bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (CACHE, CHATGLM_6B, PeakRSS, gemm_gflops, memory_bandwidth_gbs,  # noqa: E402
+                               report, write_random_checkpoint)
+
+GIB = 2**30
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory of one phase
+
+
+def _status_kib(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+)", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+class PhasePeak:
+    """Peak RSS per phase: the kernel's exact high-water mark (VmHWM), reset between phases by
+    writing 5 to /proc/self/clear_refs (Linux >= 4.0); elsewhere common.PeakRSS's 5 ms polling."""
+
+    def __init__(self):
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.poller = None
+        except OSError:
+            self.poller = PeakRSS()
+
+    @contextmanager
+    def phase(self, into: dict, key: str):
+        if self.poller is not None:
+            with self.poller.phase(into, key):
+                yield
+            return
+        Path("/proc/self/clear_refs").write_text("5")
+        yield
+        into[key] = round(_status_kib("VmHWM") * 1024 / GIB, 2)
+
+    @staticmethod
+    def current_gib() -> float:
+        import psutil
+        return round(psutil.Process().memory_info().rss / GIB, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Kernels
+
+
+def best_time(fn, repeats: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def kernels_worker(args) -> dict:
+    import torch
+
+    from model_runtime.quant import KERNELS, quantize_weight, reference_linear
+
+    h, f = CHATGLM_6B["hidden_size"], CHATGLM_6B["inner_hidden_size"]
+    shapes = [(3 * h, h), (h, h), (f, h), (h, f)]
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for bits in args.bits:
+        layers = [quantize_weight(torch.randn(n, k, generator=generator) / k ** 0.5, bits) for n, k in shapes]
+        biases = [torch.zeros(n, dtype=torch.bfloat16) for n, _ in shapes]
+        candidates = [("cpu-int8pack" if bits == 8 else "cpu-int4pack", torch.bfloat16),
+                      ("dequant", torch.bfloat16), ("dequant", torch.float32), ("cpu-fbgemm-dynamic", torch.bfloat16)]
+        for name, dtype in candidates:
+            if KERNELS[name].unavailable(torch.device("cpu"), bits, dtype):
+                continue
+            kernels = [KERNELS[name].prepare(q, s, bits) for q, s in layers]
+            row = {"bits": bits, "kernel": name, "activations": str(dtype).removeprefix("torch."),
+                   "opt_in": KERNELS[name].opt_in}
+            for m in (1, 512):
+                xs = [torch.randn(m, k, generator=generator).to(dtype) for _, k in shapes]
+                seconds = sum(best_time(lambda: kernel(x, b.to(dtype))) for kernel, x, b in zip(kernels, xs, biases))
+                row[f"ms_per_block_{m}"] = round(seconds * 1e3, 1)
+                row[f"linears_tok_s_{m}"] = round(m / (CHATGLM_6B["num_layers"] * seconds), 2)
+            # Error against the exact (float64) dequantize-then-matmul, on the largest layer.
+            (q, s), kernel = layers[2], kernels[2]
+            plain = torch.randn(16, h, generator=generator)
+            outliers = plain.clone()
+            outliers[:, torch.randperm(h, generator=generator)[:h // 100]] *= 30
+            for label, x in (("random", plain), ("outliers", outliers)):
+                x = x.to(dtype)
+                expected = reference_linear(x, q, s, bits)
+                error = ((kernel(x).double() - expected).norm() / expected.norm()).item()
+                row[f"rel_error_{label}"] = float(f"{error:.2g}")
+            rows.append(row)
+            del kernels
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    return {"rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2.-3. Loading, serving
+
+
+def bytes_read_per_token(model, context: int) -> int:
+    from model_runtime.quant import quantized_linears
+
+    floats = sum(p.numel() * p.element_size() for p in model.parameters())  # lm_head = embedding, once
+    packed = sum(m.kernel.nbytes() for m in quantized_linears(model).values())
+    return floats + packed + model.kv_cache_bytes_per_token() * context
+
+
+def onthefly_worker(args) -> dict:
+    from model_runtime.loading import load_model
+    from model_runtime.quant import save_quantized
+
+    peak = PhasePeak()
+    row = {"mode": f"int{args.bits[0]} on the fly from fp16", "rss_before_gib": peak.current_gib()}
+    with peak.phase(row, "load_peak_rss_gib"):
+        start = time.perf_counter()
+        tokenizer, model = load_model(args.checkpoint, device="cpu", quantize=args.bits[0])
+        row["load_s"] = round(time.perf_counter() - start, 1)
+    start = time.perf_counter()
+    save_quantized(model, tokenizer, args.out)
+    row["save_s"] = round(time.perf_counter() - start, 1)
+    row["saved_gib"] = round(sum(p.stat().st_size for p in Path(args.out).iterdir()) / GIB, 2)
+    return row
+
+
+def serve_worker(args) -> dict:
+    import torch
+
+    from model_runtime.generate import DecodeBatch, new_sequence
+    from model_runtime.loading import load_model
+    from model_runtime.protocol import SamplingParams
+    from model_runtime.quant import quantized_linears
+
+    peak = PhasePeak()
+    row = {"mode": f"int{args.bits[0]} pre-quantized", "rss_before_gib": peak.current_gib()}
+    with peak.phase(row, "load_peak_rss_gib"):
+        start = time.perf_counter()
+        tokenizer, model = load_model(args.checkpoint, device="cpu")
+        row["load_s"] = round(time.perf_counter() - start, 1)
+    row["kernel"] = sorted({m.kernel.name for m in quantized_linears(model).values()})[0]
+    row["rss_loaded_gib"] = peak.current_gib()
+    generator = torch.Generator().manual_seed(0)
+
+    def sequence(length, new_tokens):
+        ids = torch.randint(5, tokenizer.mask_token_id, (length - 2,), generator=generator).tolist()
+        prompt = ids + [tokenizer.gmask_token_id, tokenizer.bos_token_id]
+        seq = new_sequence(model, prompt, SamplingParams(max_length=length + new_tokens + 1, temperature=0))
+        seq.stop_ids = frozenset()  # random weights: always decode the full count
+        batch = DecodeBatch(model, slots=1, max_len=length + new_tokens + 1, vocab_size=tokenizer.vocab_size)
+        batch.admit(seq)
+        return seq, batch
+
+    with peak.phase(row, "generate_peak_rss_gib"):
+        seq, batch = sequence(args.prompt, args.tokens + 1)
+        start = time.perf_counter()
+        batch.prefill([seq])
+        row[f"prefill{args.prompt}_tok_s"] = round(args.prompt / (time.perf_counter() - start), 2)
+        batch.step([seq])  # warm-up step
+        steps = []
+        for _ in range(args.tokens):
+            start = time.perf_counter()
+            batch.step([seq])
+            steps.append(time.perf_counter() - start)
+        row["decode_tok_s"] = round(args.tokens / sum(steps), 2)
+        # The median step is less sensitive to other processes on a shared machine.
+        row["decode_tok_s_median_step"] = round(1 / sorted(steps)[len(steps) // 2], 2)
+        row["load_average"] = round(os.getloadavg()[0], 1)
+    row["gb_read_per_token"] = round(bytes_read_per_token(model, len(seq.tokens)) / 1e9, 2)
+    if args.long_prompt:
+        with peak.phase(row, f"prefill{args.long_prompt}_peak_rss_gib"):
+            seq, batch = sequence(args.long_prompt, 1)
+            start = time.perf_counter()
+            batch.prefill([seq])
+            row[f"prefill{args.long_prompt}_tok_s"] = round(args.long_prompt / (time.perf_counter() - start), 2)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run_worker(kind: str, args, **extra) -> dict:
+    command = [sys.executable, __file__, "--worker", kind, "--bits", *map(str, args.bits),
+               "--prompt", str(args.prompt), "--tokens", str(args.tokens), "--long-prompt", str(args.long_prompt)]
+    for key, value in extra.items():
+        command += [f"--{key}", str(value)]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        sys.stderr.write(done.stderr)
+        raise SystemExit(f"{kind} worker failed ({done.returncode})")
+    result = json.loads(done.stdout.splitlines()[-1])
+    print(f"  {kind} int{'/'.join(map(str, args.bits))}: {time.perf_counter() - start:.0f} s, "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    return result
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    widths = {c: max(len(c), *(len(str(row.get(c, ""))) for row in rows)) for c in columns}
+    print(" | ".join(c.ljust(widths[c]) for c in columns))
+    print("-+-".join("-" * widths[c] for c in columns))
+    for row in rows:
+        print(" | ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bits", type=int, nargs="+", default=[8, 4])
+    parser.add_argument("--layers", type=int, default=CHATGLM_6B["num_layers"], help="fewer for a quick look")
+    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens before decoding")
+    parser.add_argument("--tokens", type=int, default=16, help="tokens to decode (after one warm-up step)")
+    parser.add_argument("--long-prompt", type=int, default=512, help="a separate long prefill (0: skip)")
+    parser.add_argument("--kernels-only", action="store_true")
+    parser.add_argument("--skip-kernels", action="store_true", help="only the loading/serving runs")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker = {"kernels": kernels_worker, "onthefly": onthefly_worker, "serve": serve_worker}[args.worker]
+        print(json.dumps(worker(args)))
+        return
+
+    started = time.perf_counter()
+    bandwidth, gflops = memory_bandwidth_gbs(), gemm_gflops()
+    print(f"memory read {bandwidth:.1f} GB/s, fp32 GEMM {gflops:.0f} GFLOP/s, load average "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
+    kernel_rows = [] if args.skip_kernels else run_worker("kernels", args)["rows"]
+    if kernel_rows:
+        print("\nKernels, the four Linear layers of one full-size block (tok/s: blocks' Linear layers only):")
+        print_table(kernel_rows)
+    extra = {"bandwidth_gbs": round(bandwidth, 1), "gemm_fp32_gflops": round(gflops, 1), "layers": args.layers,
+             "prompt_tokens": args.prompt, "decode_tokens": args.tokens, "long_prompt_tokens": args.long_prompt,
+             "kernels": kernel_rows}
+    rows = []
+    if not args.kernels_only:
+        sizes = dict(CHATGLM_6B, num_layers=args.layers)
+        checkpoint = write_random_checkpoint(CACHE / f"chatglm-6b-random-{args.layers}l", sizes)
+        for bits in args.bits:
+            one = argparse.Namespace(**{**vars(args), "bits": [bits]})
+            saved = CACHE / f"chatglm-6b-random-{args.layers}l-int{bits}"
+            rows.append(run_worker("onthefly", one, checkpoint=checkpoint, out=saved))
+            row = run_worker("serve", one, checkpoint=saved)
+            ceiling = bandwidth / row["gb_read_per_token"]
+            row["ceiling_tok_s"] = round(ceiling, 2)
+            row["decode_vs_ceiling"] = round(row["decode_tok_s"] / ceiling, 2)
+            rows.append(row)
+        extra["bandwidth_gbs_end"] = round(memory_bandwidth_gbs(), 1)
+    extra["load_average_end"] = round(os.getloadavg()[0], 1)
+    extra["wall_s"] = round(time.perf_counter() - started)
+    print(f"\nChatGLM-6B shapes, {args.layers} layers, random weights, CPU bfloat16 activations. Same-run "
+          f"memory read ceiling {bandwidth:.1f} GB/s (end of run: {extra.get('bandwidth_gbs_end', '-')}).\n")
+    report("quant", rows or [{"note": "kernels only"}], extra)
+
+
+if __name__ == "__main__":
+    main()
