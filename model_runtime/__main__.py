@@ -21,6 +21,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     chat.add_argument("--model", default="THUDM/chatglm-6b", help="checkpoint directory or Hugging Face id")
     chat.add_argument("--device", default="auto", help="auto, cuda, cpu or mps")
     chat.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: per device)")
+    chat.add_argument("--quantize", type=int, choices=(4, 8), default=None,
+                      help="quantize the weights to 4 or 8 bits while loading (less memory)")
     chat.add_argument("--max-length", type=int, default=None,
                       help="prompt plus answer, in tokens (default: the model's reference setting, 2048 for ChatGLM-6B)")
     chat.add_argument("--top-p", type=float, default=None, help="default: the model's reference setting")
@@ -60,7 +62,7 @@ def main(argv=None) -> int:
     from .protocol import InvalidRequest
 
     try:
-        tokenizer, model = load_model(args.model, device=args.device, dtype=args.dtype)
+        tokenizer, model = load_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     except (CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
