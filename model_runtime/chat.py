@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence as Seq
 
-from .chat_formats import chat_format_for
+from .chat_formats import chat_format_for, with_system_in_first_query
 from .generate import DecodeBatch, new_sequence
 from .protocol import InvalidRequest, Message, SamplingParams
 
@@ -89,13 +89,7 @@ def pairs_from_messages(messages: Seq[Message]) -> tuple[str, History]:
             pending = None
     if pending is not None:
         history.append((pending, ""))
-    query = turns[-1].content
-    if system:
-        if history:
-            history[0] = (f"{system}\n{history[0][0]}", history[0][1])
-        else:
-            query = f"{system}\n{query}"
-    return query, history
+    return with_system_in_first_query(turns[-1].content, history, system or None)
 
 
 def plan_messages(tokenizer, messages: Seq[Message], max_length: int) -> PromptPlan:

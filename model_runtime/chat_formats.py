@@ -22,9 +22,8 @@ from .protocol import SamplingParams
 History = Seq[tuple[str, str]]
 
 
-def _with_system_in_first_query(query: str, history: History, system: Optional[str]):
-    """Models without a system role: the system text goes in front of the first query (as
-    `chat.pairs_from_messages` does for ChatGLM-6B)."""
+def with_system_in_first_query(query: str, history: History, system: Optional[str]):
+    """Models without a system role: the system text goes in front of the first query."""
     history = list(history)
     if system:
         if history:
@@ -51,7 +50,7 @@ class ChatFormat:
     def encode(self, tokenizer, query: str, history: History, system: Optional[str] = None) -> list[int]:
         from .chat import round_prompt
 
-        query, history = _with_system_in_first_query(query, history, system)
+        query, history = with_system_in_first_query(query, history, system)
         return tokenizer.encode(round_prompt(query, history))
 
     def stop_ids(self, tokenizer) -> frozenset[int]:
@@ -74,7 +73,7 @@ class ChatGLM2Format(ChatFormat):
         return "".join(rounds) + f"[Round {len(history) + 1}]\n\n问：{query}\n\n答："
 
     def encode(self, tokenizer, query: str, history: History, system: Optional[str] = None) -> list[int]:
-        query, history = _with_system_in_first_query(query, history, system)
+        query, history = with_system_in_first_query(query, history, system)
         return tokenizer.encode(self.prompt_text(query, history))
 
     def stop_ids(self, tokenizer) -> frozenset[int]:

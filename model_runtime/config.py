@@ -12,6 +12,19 @@ class CheckpointError(RuntimeError):
     file (and tensor) at fault and says what to do."""
 
 
+def read_config_json(path: Path) -> dict:
+    """A checkpoint's config.json as a dict, or a CheckpointError naming the file."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found; a checkpoint directory needs its config.json") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return raw
+
+
 @dataclass(frozen=True)
 class GLMConfig:
     """The sizes and special ids of a ChatGLM-6B checkpoint (field names follow config.json)."""
@@ -55,15 +68,7 @@ class GLMConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> "GLMConfig":
-        try:
-            raw = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: not found; a checkpoint directory needs its config.json") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise CheckpointError(f"{path}: not valid JSON ({error})") from None
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{path}: expected a JSON object")
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_config_json(path), source=str(path))
 
     def to_dict(self) -> dict:
         raw = {"model_type": "chatglm", "architectures": ["ChatGLMModel"]}

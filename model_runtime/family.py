@@ -15,24 +15,12 @@ import re
 from pathlib import Path
 from typing import Union
 
-from .config import CheckpointError, GLMConfig
+from .config import CheckpointError, GLMConfig, read_config_json
 from .glm2 import ChatGLM2Model, GLM2Config
 
 log = logging.getLogger(__name__)
 
 AnyConfig = Union[GLMConfig, GLM2Config]
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found; a checkpoint directory needs its config.json") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return raw
 
 
 def _names(raw: dict, folder: Path) -> list[str]:
@@ -89,7 +77,7 @@ def read_config(folder: Union[str, Path]) -> AnyConfig:
     """The config of a checkpoint folder, as the class its family uses."""
     folder = Path(folder)
     path = folder / "config.json"
-    raw = _read_json(path)
+    raw = read_config_json(path)
     family = detect_family(raw, folder)
     if family == "chatglm":
         return GLMConfig.from_dict(raw, source=str(path))

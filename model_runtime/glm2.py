@@ -18,7 +18,6 @@ values sit in front of every attention call, always visible, without rotary.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Union
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CheckpointError
+from .config import CheckpointError, read_config_json
 from .model import KVCache
 
 FAMILIES = ("chatglm2", "chatglm3", "glm4")
@@ -132,13 +131,7 @@ class GLM2Config:
 
     @classmethod
     def from_file(cls, path: Path, family: Optional[str] = None) -> "GLM2Config":
-        try:
-            raw = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: not found; a checkpoint directory needs its config.json") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise CheckpointError(f"{path}: not valid JSON ({error})") from None
-        return cls.from_dict(raw, source=str(path), family=family)
+        return cls.from_dict(read_config_json(path), source=str(path), family=family)
 
     def to_dict(self) -> dict:
         raw = {"model_type": "chatglm", "architectures": ["ChatGLMModel"]}

@@ -25,7 +25,7 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from .family_tokenizers import GLM4_PATTERN, GLM4_SPECIALS, ChatGLM2Tokenizer, GLM4Tokenizer
+from .family_tokenizers import GLM4_PATTERN, ChatGLM2Tokenizer, GLM4Tokenizer
 from .glm2 import ChatGLM2Model, GLM2Config
 
 TINY_FAMILIES = ("chatglm2", "chatglm3", "glm4")

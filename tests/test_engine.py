@@ -3,7 +3,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 from model_runtime.chat import stream_answer
 from model_runtime.engine import Engine
