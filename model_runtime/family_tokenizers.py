@@ -16,9 +16,9 @@ import json
 from pathlib import Path
 from typing import Iterable, Optional
 
-import sentencepiece as spm
 
 from .chat_formats import FORMATS
+from .tokenizer import load_sentencepiece
 
 # Specials after the SentencePiece pieces, in id order (ChatGLM3 adds the four roles).
 CHATGLM2_SPECIALS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
@@ -113,13 +113,7 @@ class ChatGLM2Tokenizer(_SpecialTokens):
         if family not in ("chatglm2", "chatglm3"):
             raise ValueError(f"family must be chatglm2 or chatglm3, got {family!r}")
         model_file = Path(model_file)
-        if not model_file.is_file():
-            raise FileNotFoundError(f"tokenizer model {model_file} not found")
-        self._sp = spm.SentencePieceProcessor()
-        try:
-            self._sp.Load(str(model_file))
-        except (OSError, RuntimeError) as error:
-            raise ValueError(f"{model_file} is not a valid SentencePiece model: {error}") from None
+        self._sp = load_sentencepiece(model_file)
         self.model_file = model_file
         self.family = family
         self.chat_format = FORMATS[family]

@@ -48,6 +48,18 @@ def encode_whitespace(text: str) -> str:
     return _ENCODE_PATTERN.sub(_whitespace_piece, text)
 
 
+def load_sentencepiece(model_file: Path) -> spm.SentencePieceProcessor:
+    """A SentencePiece model, or FileNotFoundError / ValueError naming the file."""
+    if not model_file.is_file():
+        raise FileNotFoundError(f"tokenizer model {model_file} not found")
+    processor = spm.SentencePieceProcessor()
+    try:
+        processor.Load(str(model_file))
+    except (OSError, RuntimeError) as error:
+        raise ValueError(f"{model_file} is not a valid SentencePiece model: {error}") from None
+    return processor
+
+
 def _token_string(value) -> str:
     """Configs saved by transformers may store a token as an AddedToken dict."""
     return value["content"] if isinstance(value, dict) else value
@@ -71,13 +83,7 @@ class ChatGLMTokenizer:
         do_lower_case: bool = False,
     ):
         model_file = Path(model_file)
-        if not model_file.is_file():
-            raise FileNotFoundError(f"tokenizer model {model_file} not found")
-        self._sp = spm.SentencePieceProcessor()
-        try:
-            self._sp.Load(str(model_file))
-        except (OSError, RuntimeError) as error:
-            raise ValueError(f"{model_file} is not a valid SentencePiece model: {error}") from None
+        self._sp = load_sentencepiece(model_file)
         self.model_file = model_file
         self.num_image_tokens = num_image_tokens
         self.remove_space = remove_space
