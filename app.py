@@ -58,6 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="checkpoint folder or Hugging Face id (env CHATGLM_MODEL; default %(default)s)")
     model.add_argument("--quantize", type=int, choices=(4, 8), default=env("CHATGLM_QUANTIZE"),
                        help="quantize the weights to 4 or 8 bits to save memory (env CHATGLM_QUANTIZE; default: off)")
+    model.add_argument("--int8-lm-head", action="store_true", default=env_flag("CHATGLM_INT8_LM_HEAD"),
+                       help="with --quantize on CPU: compute the output layer from an int8 copy of the "
+                            "embeddings (about 25%% faster INT4 decode, +0.5 GB, logits within ~1%%) "
+                            "(env CHATGLM_INT8_LM_HEAD=1)")
     model.add_argument("--device", default=env("CHATGLM_DEVICE", "auto"),
                        help="auto, cuda, cpu or mps (env CHATGLM_DEVICE; default %(default)s: CUDA, then MPS, then CPU)")
     model.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=env("CHATGLM_DTYPE"),
@@ -159,6 +163,7 @@ def load_backend(args: argparse.Namespace):
         if "quantize" not in inspect.signature(load_model).parameters:
             fail(args, f"--quantize {args.quantize} is not supported by this version of model_runtime yet")
         options["quantize"] = args.quantize
+        options["quantize_lm_head"] = args.int8_lm_head
     try:
         return start_engine(args.model, **options)
     except (CheckpointError, OSError, ValueError) as error:

@@ -7,6 +7,7 @@ measured in the same run.
     python benchmarks/quant.py --layers 4         # a quick look with fewer layers
     python benchmarks/quant.py --kernels-only     # the kernel table alone (about 2 minutes)
     python benchmarks/quant.py --skip-kernels     # only loading and serving
+    python benchmarks/quant.py --lm-head both     # serving with the float and the opt-in INT8 lm_head
 
 1. Kernels: every CPU backend of model_runtime/quant.py on the four Linear shapes of one block
    (12288x4096, 4096x4096, 16384x4096, 4096x16384), 1 row (a decode step) and 512 rows (a
@@ -22,8 +23,12 @@ measured in the same run.
       tokens (after one warm-up step) -> peak RSS and tok/s; then a 512-token prefill -> tok/s.
 Peak RSS is the kernel's high-water mark (VmHWM, reset per phase) where Linux allows it. The
 KV cache is sized for each run's context (bfloat16: 0.44 GiB more per 1024 tokens at full size).
-Ceiling: every decode step reads the quantized block weights, the lm_head (tied embedding), norms
-and biases, and the KV cache once; tok/s cannot exceed bandwidth / those bytes.
+   With --lm-head int8 (or both), serving also runs with load_model(..., quantize_lm_head=True):
+   the opt-in INT8 output layer (model_runtime/quant.py QuantizedOutputLayer).
+Ceiling: every decode step reads the quantized block weights, the lm_head (tied embedding, or its
+INT8 copy), norms and biases, and the KV cache once; tok/s cannot exceed bandwidth / those bytes.
+The chatglm.cpp / original-implementation figures of issue 8 (same model, their machine) are
+printed beside ours for reference.
 """
 from __future__ import annotations
 
@@ -43,6 +48,14 @@ from benchmarks.common import (CACHE, CHATGLM_6B, PeakRSS, gemm_gflops, memory_b
                                report, write_random_checkpoint)
 
 GIB = 2**30
+
+# Issue 8's reference table (ChatGLM-6B on CPU; measured on the issue's machine, not in this run).
+REFERENCE = [
+    {"mode": "chatglm.cpp 0.4.2 q4_0", "decode_tok_s": 4.59, "prefill_tok_s": 6.3, "peak_rss_gib": 4.56},
+    {"mode": "chatglm.cpp 0.4.2 q8_0", "decode_tok_s": 3.48, "prefill_tok_s": 7.1, "peak_rss_gib": 7.4},
+    {"mode": "original implementation INT4", "decode_tok_s": 0.33, "prefill_tok_s": 8.6, "peak_rss_gib": 7.7},
+    {"mode": "original implementation INT8", "decode_tok_s": 0.40, "prefill_tok_s": 8.8, "peak_rss_gib": 10.3},
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,9 +153,12 @@ def kernels_worker(args) -> dict:
 
 
 def bytes_read_per_token(model, context: int) -> int:
-    from model_runtime.quant import quantized_linears
+    from model_runtime.quant import QuantizedOutputLayer, quantized_linears
 
     floats = sum(p.numel() * p.element_size() for p in model.parameters())  # lm_head = embedding, once
+    if isinstance(model.lm_head, QuantizedOutputLayer):  # the embedding: one row read, not the matrix
+        embedding = model.transformer.word_embeddings.weight
+        floats -= (embedding.shape[0] - 1) * embedding.shape[1] * embedding.element_size()
     packed = sum(m.kernel.nbytes() for m in quantized_linears(model).values())
     return floats + packed + model.kv_cache_bytes_per_token() * context
 
@@ -173,12 +189,14 @@ def serve_worker(args) -> dict:
     from model_runtime.quant import quantized_linears
 
     peak = PhasePeak()
-    row = {"mode": f"int{args.bits[0]} pre-quantized", "rss_before_gib": peak.current_gib()}
+    int8_head = args.lm_head == "int8"
+    row = {"mode": f"int{args.bits[0]} pre-quantized" + (", int8 lm_head" if int8_head else ""),
+           "rss_before_gib": peak.current_gib()}
     with peak.phase(row, "load_peak_rss_gib"):
         start = time.perf_counter()
-        tokenizer, model = load_model(args.checkpoint, device="cpu")
+        tokenizer, model = load_model(args.checkpoint, device="cpu", quantize_lm_head=int8_head)
         row["load_s"] = round(time.perf_counter() - start, 1)
-    row["kernel"] = sorted({m.kernel.name for m in quantized_linears(model).values()})[0]
+    row["kernel"] = quantized_linears(model)["transformer.layers.0.mlp.dense_h_to_4h"].kernel.name
     row["rss_loaded_gib"] = peak.current_gib()
     generator = torch.Generator().manual_seed(0)
 
@@ -253,6 +271,9 @@ def main() -> None:
     parser.add_argument("--long-prompt", type=int, default=512, help="a separate long prefill (0: skip)")
     parser.add_argument("--kernels-only", action="store_true")
     parser.add_argument("--skip-kernels", action="store_true", help="only the loading/serving runs")
+    parser.add_argument("--lm-head", choices=("float", "int8", "both"), default="float",
+                        help="serve with the float lm_head, the opt-in INT8 one, or each in turn")
+    parser.add_argument("--skip-onthefly", action="store_true", help="reuse the saved quantized checkpoints")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -272,7 +293,7 @@ def main() -> None:
         print_table(kernel_rows)
     extra = {"bandwidth_gbs": round(bandwidth, 1), "gemm_fp32_gflops": round(gflops, 1), "layers": args.layers,
              "prompt_tokens": args.prompt, "decode_tokens": args.tokens, "long_prompt_tokens": args.long_prompt,
-             "kernels": kernel_rows}
+             "kernels": kernel_rows, "reference_issue_8": REFERENCE}
     rows = []
     if not args.kernels_only:
         sizes = dict(CHATGLM_6B, num_layers=args.layers)
@@ -280,18 +301,22 @@ def main() -> None:
         for bits in args.bits:
             one = argparse.Namespace(**{**vars(args), "bits": [bits]})
             saved = CACHE / f"chatglm-6b-random-{args.layers}l-int{bits}"
-            rows.append(run_worker("onthefly", one, checkpoint=checkpoint, out=saved))
-            row = run_worker("serve", one, checkpoint=saved)
-            ceiling = bandwidth / row["gb_read_per_token"]
-            row["ceiling_tok_s"] = round(ceiling, 2)
-            row["decode_vs_ceiling"] = round(row["decode_tok_s"] / ceiling, 2)
-            rows.append(row)
+            if not (args.skip_onthefly and (saved / "config.json").exists()):
+                rows.append(run_worker("onthefly", one, checkpoint=checkpoint, out=saved))
+            for lm_head in (("float", "int8") if args.lm_head == "both" else (args.lm_head,)):
+                row = run_worker("serve", one, checkpoint=saved, **{"lm-head": lm_head})
+                ceiling = bandwidth / row["gb_read_per_token"]
+                row["ceiling_tok_s"] = round(ceiling, 2)
+                row["decode_vs_ceiling"] = round(row["decode_tok_s"] / ceiling, 2)
+                rows.append(row)
         extra["bandwidth_gbs_end"] = round(memory_bandwidth_gbs(), 1)
     extra["load_average_end"] = round(os.getloadavg()[0], 1)
     extra["wall_s"] = round(time.perf_counter() - started)
     print(f"\nChatGLM-6B shapes, {args.layers} layers, random weights, CPU bfloat16 activations. Same-run "
           f"memory read ceiling {bandwidth:.1f} GB/s (end of run: {extra.get('bandwidth_gbs_end', '-')}).\n")
     report("quant", rows or [{"note": "kernels only"}], extra)
+    print("\nFor reference, issue 8's table (their machine, not measured here):")
+    print_table(REFERENCE)
 
 
 if __name__ == "__main__":
