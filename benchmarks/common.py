@@ -131,14 +131,18 @@ def write_random_checkpoint(directory: Path, sizes: dict, shards: int = 8, seed:
     return directory
 
 
-def report(name: str, rows: list[dict], extra: dict) -> Path:
-    """Print rows as a table and write them, with `extra` (ceilings, machine), to results/NAME.json."""
+def print_table(rows: list[dict]) -> None:
     columns = list(dict.fromkeys(key for row in rows for key in row))
     widths = {c: max(len(c), *(len(str(row.get(c, ""))) for row in rows)) for c in columns}
     print(" | ".join(c.ljust(widths[c]) for c in columns))
     print("-+-".join("-" * widths[c] for c in columns))
     for row in rows:
         print(" | ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+def report(name: str, rows: list[dict], extra: dict) -> Path:
+    """Print rows as a table and write them, with `extra` (ceilings, machine), to results/NAME.json."""
+    print_table(rows)
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **extra, "rows": rows}, indent=2) + "\n")

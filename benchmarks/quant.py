@@ -45,7 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (CACHE, CHATGLM_6B, PeakRSS, gemm_gflops, memory_bandwidth_gbs,  # noqa: E402
-                               report, write_random_checkpoint)
+                               print_table, report, write_random_checkpoint)
 
 GIB = 2**30
 
@@ -251,15 +251,6 @@ def run_worker(kind: str, args, **extra) -> dict:
     print(f"  {kind} int{'/'.join(map(str, args.bits))}: {time.perf_counter() - start:.0f} s, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     return result
-
-
-def print_table(rows: list[dict]) -> None:
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    widths = {c: max(len(c), *(len(str(row.get(c, ""))) for row in rows)) for c in columns}
-    print(" | ".join(c.ljust(widths[c]) for c in columns))
-    print("-+-".join("-" * widths[c] for c in columns))
-    for row in rows:
-        print(" | ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
 
 
 def main() -> None:

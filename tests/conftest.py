@@ -9,6 +9,26 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
 
+def reference_arrays(name: str):
+    """A reader of a reference file's raw little-endian arrays, in order: take(shape, numpy dtype)
+    -> tensor; take.remaining() is the number of bytes not yet read."""
+    import numpy as np
+    import torch
+
+    data = reference_file(name).read_bytes()
+    offset = 0
+
+    def take(shape, dtype):
+        nonlocal offset
+        count = int(np.prod(shape))
+        array = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+        offset += array.nbytes
+        return torch.from_numpy(array.copy())
+
+    take.remaining = lambda: len(data) - offset
+    return take
+
+
 def reference_file(name: str) -> Path:
     """A file of ../shared/reference, or skip the test where that folder is absent (a user's clone)."""
     path = REFERENCE_DIR / name

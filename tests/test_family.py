@@ -22,7 +22,7 @@ from model_runtime.protocol import ChatRequest, Message, SamplingParams
 from model_runtime.testing import write_tiny_checkpoint
 from model_runtime.testing_family import TINY_FAMILIES
 
-from .conftest import reference_file
+from .conftest import reference_arrays, reference_file
 
 GREEDY = SamplingParams(max_length=64, temperature=0)
 
@@ -32,15 +32,7 @@ GREEDY = SamplingParams(max_length=64, temperature=0)
 
 def read_glm2_reference(name, prefix=False):
     """The raw arrays of a glm2/glm4/glm3-ptuning reference file (see shared/reference/README.md)."""
-    data = reference_file(name).read_bytes()
-    offset = 0
-
-    def take(shape, dtype):
-        nonlocal offset
-        count = int(np.prod(shape))
-        array = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
-        offset += array.nbytes
-        return torch.from_numpy(array.copy())
+    take = reference_arrays(name)
 
     prefix_kv = take((2, 2, 5, 4), np.float16).float() if prefix else None
     h, f, layer = 32, 48, "transformer.encoder.layers.0."
@@ -52,7 +44,7 @@ def read_glm2_reference(name, prefix=False):
               ("transformer.encoder.final_layernorm.weight", (h,))]
     weights = {key: take(shape, np.float32) for key, shape in shapes}
     steps = [(take((n,), np.int32), take((n, h), np.float32)) for n in (3, 1, 1)]
-    assert offset == len(data)
+    assert take.remaining() == 0
     return prefix_kv, weights, steps
 
 

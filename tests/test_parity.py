@@ -7,24 +7,16 @@ import torch
 from model_runtime.config import GLMConfig
 from model_runtime.model import ChatGLMModel, SequenceLayout, attention_mask
 
-from .conftest import reference_file
+from .conftest import reference_arrays
 
 
 def read_reference(name, config, tensors):
     """Split the raw little-endian arrays of a reference file into named tensors and outputs."""
-    data = reference_file(name).read_bytes()
-    offset = 0
-
-    def take(shape, dtype):
-        nonlocal offset
-        count = int(np.prod(shape))
-        array = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
-        offset += array.nbytes
-        return torch.from_numpy(array.copy())
+    take = reference_arrays(name)
 
     weights = {key: take(shape, np.float32) for key, shape in tensors}
     steps = [(take((n,), np.int32), take((n, config.hidden_size), np.float32)) for n in (3, 1, 1)]
-    assert offset == len(data)
+    assert take.remaining() == 0
     return weights, steps
 
 
