@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 import psutil
 import torch
@@ -129,6 +131,15 @@ def write_random_checkpoint(directory: Path, sizes: dict, shards: int = 8, seed:
         del state
     (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return directory
+
+
+def run_worker(command: list[str]) -> tuple[Optional[dict], str]:
+    """Run one measurement in its own process (so peak-memory figures do not mix): the JSON
+    object on its last line of output, or None and its error output when it failed."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        return None, done.stderr.strip()
+    return json.loads(done.stdout.splitlines()[-1]), ""
 
 
 def print_table(rows: list[dict]) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -89,7 +88,7 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
 
-    from benchmarks.common import write_random_checkpoint
+    from benchmarks.common import run_worker, write_random_checkpoint
 
     sizes = dict(CHATGLM_6B, num_layers=args.layers)
     checkpoint = write_random_checkpoint(CACHE / f"chatglm-6b-random-{args.layers}l", sizes)
@@ -98,11 +97,10 @@ def main() -> None:
     for dtype in args.dtype:
         command = [sys.executable, __file__, "--worker", "--checkpoint", str(checkpoint), "--device", args.device,
                    "--dtype", dtype, "--prompt", str(args.prompt), "--tokens", str(args.tokens)]
-        run = subprocess.run(command, capture_output=True, text=True)
-        if run.returncode:  # e.g. float32 weights do not fit: report the loader's message
-            rows.append({"device": args.device, "dtype": dtype, "error": run.stderr.strip().splitlines()[-1]})
+        row, error = run_worker(command)
+        if row is None:  # e.g. float32 weights do not fit: report the loader's message
+            rows.append({"device": args.device, "dtype": dtype, "error": error.splitlines()[-1]})
             continue
-        row = json.loads(run.stdout.splitlines()[-1])
         ceiling = bandwidth / row["gb_read_per_token"]
         row["bandwidth_ceiling_tok_s"] = round(ceiling, 2)
         row["decode_vs_ceiling"] = round(row["decode_tok_s"] / ceiling, 2)

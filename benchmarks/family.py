@@ -27,14 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import PeakRSS, memory_bandwidth_gbs, report  # noqa: E402
+from benchmarks.common import PeakRSS, memory_bandwidth_gbs, report, run_worker  # noqa: E402
 
 # The published config.json sizes (shared/docs/glm-family-spec.md).
 COMMON = {"hidden_size": 4096, "ffn_hidden_size": 13696, "kv_channels": 128, "num_attention_heads": 32,
@@ -224,11 +223,10 @@ def main() -> None:
         command = [sys.executable, __file__, "--worker", "--row", wanted, "--device", args.device,
                    "--layers", str(args.layers), "--context", str(args.context), "--new", str(args.new),
                    "--tokens", str(args.tokens)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode:
-            print(f"{wanted}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+        row, error = run_worker(command)
+        if row is None:
+            print(f"{wanted}: failed\n{error[-2000:]}", file=sys.stderr)
             continue
-        row = json.loads(done.stdout.splitlines()[-1])
         ceiling = bandwidth / row["gb_read_per_token_full"]
         row["ceiling_tok_s_full"] = round(ceiling, 2)
         row["decode_vs_ceiling"] = round(row["decode_tok_s_full"] / ceiling, 2)

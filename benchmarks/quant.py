@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -45,7 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (CACHE, CHATGLM_6B, PeakRSS, gemm_gflops, memory_bandwidth_gbs,  # noqa: E402
-                               print_table, report, write_random_checkpoint)
+                               print_table, report, run_worker, write_random_checkpoint)
 
 GIB = 2**30
 
@@ -237,17 +236,17 @@ def serve_worker(args) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_worker(kind: str, args, **extra) -> dict:
+def measure(kind: str, args, **extra) -> dict:
+    """One of this benchmark's workers (kernels, onthefly, serve), timed; exits if it fails."""
     command = [sys.executable, __file__, "--worker", kind, "--bits", *map(str, args.bits),
                "--prompt", str(args.prompt), "--tokens", str(args.tokens), "--long-prompt", str(args.long_prompt)]
     for key, value in extra.items():
         command += [f"--{key}", str(value)]
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode:
-        sys.stderr.write(done.stderr)
-        raise SystemExit(f"{kind} worker failed ({done.returncode})")
-    result = json.loads(done.stdout.splitlines()[-1])
+    result, error = run_worker(command)
+    if result is None:
+        sys.stderr.write(error + "\n")
+        raise SystemExit(f"{kind} worker failed")
     print(f"  {kind} int{'/'.join(map(str, args.bits))}: {time.perf_counter() - start:.0f} s, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     return result
@@ -278,7 +277,7 @@ def main() -> None:
     bandwidth, gflops = memory_bandwidth_gbs(), gemm_gflops()
     print(f"memory read {bandwidth:.1f} GB/s, fp32 GEMM {gflops:.0f} GFLOP/s, load average "
           f"{os.getloadavg()[0]:.1f}", flush=True)
-    kernel_rows = [] if args.skip_kernels else run_worker("kernels", args)["rows"]
+    kernel_rows = [] if args.skip_kernels else measure("kernels", args)["rows"]
     if kernel_rows:
         print("\nKernels, the four Linear layers of one full-size block (tok/s: blocks' Linear layers only):")
         print_table(kernel_rows)
@@ -293,9 +292,9 @@ def main() -> None:
             one = argparse.Namespace(**{**vars(args), "bits": [bits]})
             saved = CACHE / f"chatglm-6b-random-{args.layers}l-int{bits}"
             if not (args.skip_onthefly and (saved / "config.json").exists()):
-                rows.append(run_worker("onthefly", one, checkpoint=checkpoint, out=saved))
+                rows.append(measure("onthefly", one, checkpoint=checkpoint, out=saved))
             for lm_head in (("float", "int8") if args.lm_head == "both" else (args.lm_head,)):
-                row = run_worker("serve", one, checkpoint=saved, **{"lm-head": lm_head})
+                row = measure("serve", one, checkpoint=saved, **{"lm-head": lm_head})
                 ceiling = bandwidth / row["gb_read_per_token"]
                 row["ceiling_tok_s"] = round(ceiling, 2)
                 row["decode_vs_ceiling"] = round(row["decode_tok_s"] / ceiling, 2)
