@@ -32,6 +32,8 @@ from .protocol import ChatEvent, ChatRequest, EngineBusy, InvalidRequest, ModelI
 
 log = logging.getLogger(__name__)
 
+RATE_WINDOW_S = 10.0  # tokens/s in stats() is measured over this many recent seconds
+
 
 @dataclass(eq=False)
 class _Job:
@@ -114,7 +116,7 @@ class Engine:
                           "prompt_tokens_reused_total": 0}  # KV cache of earlier turns (causal models)
         self._ttft_sum = 0.0
         self._ttft_count = 0
-        self._recent_tokens: deque[tuple[float, int]] = deque()
+        self._token_times: deque[float] = deque()  # when each token of the last RATE_WINDOW_S came
         self._thread = threading.Thread(target=self._run, name="chatglm-engine", daemon=True)
         self._thread.start()
 
@@ -161,14 +163,14 @@ class Engine:
     def stats(self) -> dict:
         with self._lock:
             now = time.monotonic()
-            window = [(t, n) for t, n in self._recent_tokens if now - t <= 10.0]
-            span = (now - window[0][0]) if window else 0.0
+            window = [t for t in self._token_times if now - t <= RATE_WINDOW_S]
+            span = (now - window[0]) if window else 0.0
             return {
                 **self._counters,
                 "queue_length": len(self._waiting),
                 "active_sequences": len(self._running),
                 "slots_total": self.slots,
-                "tokens_per_second": sum(n for _, n in window) / span if span > 0 else 0.0,
+                "tokens_per_second": len(window) / span if span > 0 else 0.0,
                 "time_to_first_token_seconds_sum": self._ttft_sum,
                 "time_to_first_token_seconds_count": self._ttft_count,
             }
@@ -265,7 +267,7 @@ class Engine:
                     self._ttft_sum += now - job.submitted
                     self._ttft_count += 1
                 self._counters["tokens_generated_total"] += 1
-                self._recent_tokens.append((now, 1))
+                self._token_times.append(now)
                 if job.seq.finished:
                     self._end(job, job.seq.finish_reason)
                     continue
@@ -274,8 +276,8 @@ class Engine:
                     job.events.put(job.event("delta", delta=delta))
                 if job.text.stopped:  # a stop string appeared
                     self._end(job, "stop")
-            while self._recent_tokens and now - self._recent_tokens[0][0] > 10.0:
-                self._recent_tokens.popleft()
+            while self._token_times and now - self._token_times[0] > RATE_WINDOW_S:
+                self._token_times.popleft()
 
     def _end(self, job: _Job, reason: str, error: Optional[str] = None) -> None:
         """Release the job's slot and send its final event (caller holds the lock)."""

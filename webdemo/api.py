@@ -40,8 +40,8 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status)
 
 
-def _number(body: dict, name: str, default, low: float, high: float, integer: bool = False):
-    value = body.get(name, default)
+def _number(value, name: str, default, low: float, high: float, integer: bool = False):
+    """value, or default when absent; APIError naming the field when it is out of range."""
     if value is None:
         return default
     kinds = (int,) if integer else (int, float)
@@ -92,11 +92,11 @@ def parse_chat_request(body: Any, model_name: str) -> tuple[ChatRequest, bool, b
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     sampling = SamplingParams(
         max_length=1 << 30,  # bounded by the model's context; max_tokens bounds the answer
-        max_new_tokens=_number({"max_tokens": max_tokens}, "max_tokens", DEFAULT_MAX_TOKENS, 1, 1 << 20, integer=True),
-        temperature=_number(body, "temperature", 1.0, 0, 2),
-        top_p=_number(body, "top_p", 1.0, 0, 1),
+        max_new_tokens=_number(max_tokens, "max_tokens", DEFAULT_MAX_TOKENS, 1, 1 << 20, integer=True),
+        temperature=_number(body.get("temperature"), "temperature", 1.0, 0, 2),
+        top_p=_number(body.get("top_p"), "top_p", 1.0, 0, 1),
         top_k=0,
-        seed=_number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True),
+        seed=_number(body.get("seed"), "seed", None, -(1 << 63), (1 << 63) - 1, integer=True),
         stop=tuple(stop),
     )
     if sampling.top_p == 0:
