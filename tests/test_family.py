@@ -31,7 +31,7 @@ GREEDY = SamplingParams(max_length=64, temperature=0)
 
 
 def read_glm2_reference(name, prefix=False):
-    """The raw arrays of a glm2/glm4/glm3-ptuning reference file (see shared/reference/README.md)."""
+    """The raw arrays of a glm2/glm4/glm3-ptuning reference file (see tests/data/README.md)."""
     take = reference_arrays(name)
 
     prefix_kv = take((2, 2, 5, 4), np.float16).float() if prefix else None

@@ -1,16 +1,14 @@
 import json
 import time
-from pathlib import Path
 
 import pytest
 
 from model_runtime.testing import write_tiny_tokenizer
 from model_runtime.tokenizer import ChatGLMTokenizer
 
-REAL_MODEL = (
-    Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "tokenizers"
-    / "chatglm-6b-ice_text.model"
-)
+from .conftest import reference_file
+
+REAL_MODEL = reference_file("tokenizers/chatglm-6b-ice_text.model")
 
 CODE = "def main():\n    print('hello world')\t# greeting"
 ROUND_TRIPS = [
@@ -30,8 +28,6 @@ ROUND_TRIPS = [
 
 @pytest.fixture(scope="module")
 def real():
-    if not REAL_MODEL.exists():
-        pytest.skip(f"{REAL_MODEL} not found: the real ice_text.model lives in the team's shared/ folder")
     return ChatGLMTokenizer(REAL_MODEL)
 
 
