@@ -122,7 +122,7 @@ def worker(args) -> dict:
     batch = DecodeBatch(model, slots=2, max_len=args.context + args.new + args.tokens + 8, vocab_size=vocab)
 
     def sequence(prompt):
-        seq = new_sequence(model, prompt, params)
+        seq = new_sequence(model, prompt, params, cache_salt="benchmark")  # one user: turns reuse
         seq.stop_ids = frozenset()  # random weights: always decode the full count
         return seq
 
@@ -159,7 +159,7 @@ def worker(args) -> dict:
         warm = sequence(tokens(16))  # warm-up (allocator, kernels)
         prefill(warm)
         batch.release(warm)
-        model.slot_contents.clear()
+        batch.slot_contents.clear()
 
         # Turn 1: the conversation so far, prefilled from scratch, then left in its slot.
         first_prompt = tokens(args.context)
@@ -180,7 +180,7 @@ def worker(args) -> dict:
         batch.release(second)
 
         # Turn 2 without reuse: the whole conversation again.
-        model.slot_contents.clear()
+        batch.slot_contents.clear()
         again = sequence(second_prompt)
         _, full_s = measure(lambda: prefill(again))
         assert again.cached == 0

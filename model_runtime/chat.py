@@ -4,12 +4,14 @@
 History rule: the prompt always holds the new query and as many of the most recent turns as fit
 in `max_length` while leaving room for at least `answer_reserve(max_length)` answer tokens. The
 oldest turns are left out first; `PromptPlan.dropped_turns` says how many. A query that does not
-fit even alone is refused with InvalidRequest.
+fit even alone is refused with InvalidRequest. Planning costs about what encoding the turns that
+fit costs, however long the history is (see `plan_prompt`).
 """
 from __future__ import annotations
 
 import re
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence as Seq
 
@@ -57,18 +59,75 @@ class PromptPlan:
 def plan_prompt(tokenizer, query: str, history: Seq[tuple[str, str]], max_length: int,
                 system: Optional[str] = None) -> PromptPlan:
     """Encode query plus the newest history turns that fit (see the module's history rule), in
-    the tokenizer's chat format; a system prompt (ChatGLM3/GLM-4) is always kept."""
+    the tokenizer's chat format; a system prompt (ChatGLM3/GLM-4) is always kept.
+
+    The prompt of the k newest turns grows with k, so the largest k that fits is searched for
+    rather than tried one by one from the oldest: each turn is encoded once on its own to
+    estimate k, then a few whole prompts around the estimate settle it exactly (a format's
+    tokens across turn boundaries, and ChatGLM's round numbers, make the estimate inexact).
+    Only the newest turns, up to about what fits, are ever encoded."""
     if not isinstance(query, str):
         raise InvalidRequest(f"the query must be a string, got {type(query).__name__}")
     budget = max_length - answer_reserve(max_length)
     chat_format = chat_format_for(tokenizer)
-    for dropped in range(len(history) + 1):
-        tokens = chat_format.encode(tokenizer, query, history[dropped:], system)
-        if len(tokens) <= budget:
-            return PromptPlan(tokens, dropped, chat_format.stop_ids(tokenizer))
-    raise InvalidRequest(
-        f"the message is {len(tokens)} tokens long, but with maximum length {max_length} a prompt may "
-        f"hold at most {budget}: shorten the message or raise the maximum length")
+    history = list(history)
+    prompts: dict[int, list[int]] = {}
+
+    def prompt_keeping(kept: int) -> list[int]:
+        if kept not in prompts:
+            prompts[kept] = chat_format.encode(tokenizer, query, history[len(history) - kept:], system)
+        return prompts[kept]
+
+    def fits(kept: int) -> bool:
+        return len(prompt_keeping(kept)) <= budget
+
+    if not fits(0):
+        raise InvalidRequest(
+            f"the message is {len(prompt_keeping(0))} tokens long, but with maximum length {max_length} a "
+            f"prompt may hold at most {budget}: shorten the message or raise the maximum length")
+    kept = _estimate_turns_that_fit(tokenizer, chat_format, history, budget - len(prompt_keeping(0)))
+    kept = _most_that_fit(fits, kept, len(history))
+    return PromptPlan(prompt_keeping(kept), len(history) - kept, chat_format.stop_ids(tokenizer))
+
+
+def _estimate_turns_that_fit(tokenizer, chat_format, history: list[tuple[str, str]], room: int) -> int:
+    """How many of the newest turns fit in `room` tokens, each turn counted on its own."""
+    empty = len(chat_format.encode(tokenizer, "", []))
+    used = 0
+    for kept, turn in enumerate(reversed(history)):
+        used += len(chat_format.encode(tokenizer, "", [turn])) - empty
+        if used > room:
+            return kept
+    return len(history)
+
+
+def _most_that_fit(fits, guess: int, most: int) -> int:
+    """The largest k in [0, most] with fits(k), for fits true at 0 and true up to some k only:
+    gallop from the guess until the answer is bracketed, then bisect."""
+    guess = max(0, min(guess, most))
+    step = 1
+    if fits(guess):
+        low, high = guess, None  # fits(low); not fits(high)
+        while low < most:
+            probe = min(most, low + step)
+            if not fits(probe):
+                high = probe
+                break
+            low, step = probe, 2 * step
+        if high is None:
+            return most
+    else:
+        high = guess
+        while True:
+            probe = max(0, high - step)
+            if fits(probe):
+                low = probe
+                break
+            high, step = probe, 2 * step
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
 
 
 def pairs_from_messages(messages: Seq[Message]) -> tuple[str, History]:
@@ -162,35 +221,59 @@ class AnswerUpdate:
     finish_reason: Optional[str] = None  # set on the last update: stop, length or cancelled
 
 
+# model.chat's own one-slot decode batch per model, kept between calls so that a conversation's
+# next turn prefills only its new text (causal models). It is apart from any engine's batch.
+CHAT_BATCHES: "weakref.WeakKeyDictionary[object, DecodeBatch]" = weakref.WeakKeyDictionary()
+CHAT_SALT = "model.chat"  # one local user: their turns may reuse each other's keys and values
+_chat_batches_lock = threading.Lock()
+
+
+def _chat_batch(model, seq, max_length: int, vocab_size: int) -> DecodeBatch:
+    """The model's chat batch with seq admitted, sized to the conversation's max_length (not the
+    model's whole context: GLM-4's 131072 tokens would take GiBs); a private one when another
+    thread's answer holds it."""
+    with _chat_batches_lock:
+        batch = CHAT_BATCHES.get(model)
+        if batch is None or batch.max_len < max_length:
+            batch = CHAT_BATCHES[model] = DecodeBatch(model, slots=1, max_len=max_length, vocab_size=vocab_size)
+        if batch.admit(seq):
+            return batch
+    batch = DecodeBatch(model, slots=1, max_len=max_length, vocab_size=vocab_size)
+    batch.admit(seq)
+    return batch
+
+
 def stream_answer(model, tokenizer, query: str, history: Seq[tuple[str, str]], params: SamplingParams,
                   cancel: Optional[threading.Event] = None, system: Optional[str] = None) -> Iterator[AnswerUpdate]:
-    """One answer, token by token, on the model's own single-slot cache (not thread-safe: many
-    users share a model through the engine instead). For causal models the slot keeps the
-    conversation, so the next turn only prefills its new text. system: a system prompt
-    (ChatGLM3/GLM-4; put before the first query for the others)."""
+    """One answer, token by token, on the model's own chat cache (`CHAT_BATCHES`; many users share
+    a model through the engine instead). For causal models the cache keeps the conversation, so
+    the next turn only prefills its new text. system: a system prompt (ChatGLM3/GLM-4; put before
+    the first query for the others)."""
     params.validate()
     max_length = min(params.max_length, model.config.max_sequence_length)
     plan = plan_prompt(tokenizer, query, history, max_length, system=system)
-    seq = new_sequence(model, plan.tokens, params, stop_ids=plan.stop_ids)
-    batch = DecodeBatch(model, slots=1, max_len=model.config.max_sequence_length, vocab_size=tokenizer.vocab_size)
-    batch.admit(seq)
+    seq = new_sequence(model, plan.tokens, params, stop_ids=plan.stop_ids, cache_salt=CHAT_SALT)
+    batch = _chat_batch(model, seq, max_length, tokenizer.vocab_size)
     text = AnswerText(tokenizer, params.stop)
 
     def snapshot(delta, finish_reason=None):
         return AnswerUpdate(text.shown, delta, len(plan.tokens), len(seq.generated), plan.dropped_turns,
                             finish_reason)
 
-    batch.prefill([seq])
-    while not seq.finished:
-        if cancel is not None and cancel.is_set():
-            break
-        delta = text.update(seq.generated)
-        if delta:
-            yield snapshot(delta)
-        if text.stopped:
-            break
-        batch.step([seq])
-    batch.release(seq)  # causal models keep the conversation's keys/values for its next turn
+    try:
+        batch.prefill([seq])
+        while not seq.finished:
+            if cancel is not None and cancel.is_set():
+                break
+            delta = text.update(seq.generated)
+            if delta:
+                yield snapshot(delta)
+            if text.stopped:
+                break
+            batch.step([seq])
+    finally:
+        with _chat_batches_lock:
+            batch.release(seq)  # causal models keep the conversation's keys/values for its next turn
     delta = text.finish(seq.generated)
     yield snapshot(delta, "stop" if text.stopped else seq.finish_reason or "cancelled")
 

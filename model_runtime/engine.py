@@ -4,14 +4,20 @@
 caller's thread (so errors come back at once), then puts it in a bounded FIFO queue. The
 scheduler thread, once per step:
 
-1. ends requests that were cancelled or passed their deadline (their slots free up at once);
+1. ends requests that were cancelled, passed their deadline (waiting or running) or outlived a
+   shutdown's drain time (their slots free up at once);
 2. admits waiting requests, first come first served, while KV-cache slots are free, and prefills
    them together in one forward;
 3. advances every other live request by one token in one batched forward;
 4. turns new tokens into text events on each request's own queue.
 
-A forward that raises is retried one request at a time, so only the request at fault ends
-with an error event; a sampler that raises ends only its own request.
+Nothing can leave a caller waiting forever. A forward that raises is retried one request at a
+time, so only the request at fault ends with an error event; a sampler, a decode or an admission
+that raises ends only its own request; anything else that raises in a step ends the requests in
+flight and the loop goes on. When steps keep failing, or something that is not an `Exception`
+escapes, the scheduler stops for good: every request ends with an error, `health()` says why and
+`submit()` raises EngineBusy. Streams wait with a timeout and end with an error event should the
+scheduler thread be gone without a word.
 """
 from __future__ import annotations
 
@@ -33,6 +39,12 @@ from .protocol import ChatEvent, ChatRequest, EngineBusy, InvalidRequest, ModelI
 log = logging.getLogger(__name__)
 
 RATE_WINDOW_S = 10.0  # tokens/s in stats() is measured over this many recent seconds
+STREAM_POLL_S = 0.5  # a stream waiting for its next event checks this often that the scheduler lives
+IDLE_POLL_S = 1.0  # the scheduler re-checks deadlines this often when it has nothing to run
+MAX_FAILED_STEPS = 3  # consecutive failed steps after which the scheduler gives up
+JOIN_GRACE_S = 30.0  # close() waits this much past the drain time for the step in progress
+SHUTDOWN_MESSAGE = "the server is shutting down; this answer was cut off"
+INTERNAL_ERROR = "internal error in the engine; see the server log"
 
 
 @dataclass(eq=False)
@@ -73,7 +85,11 @@ class EngineStream:
         finished = False
         try:
             while not finished:
-                event = self._job.events.get()
+                try:
+                    event = self._job.events.get(timeout=STREAM_POLL_S)
+                except queue.Empty:
+                    self._engine._end_if_orphaned(self._job)  # puts a final event if the scheduler is gone
+                    continue
                 finished = event.finished
                 yield event
         finally:
@@ -110,7 +126,9 @@ class Engine:
         self._waiting: deque[_Job] = deque()
         self._running: list[_Job] = []
         self._jobs: dict[str, _Job] = {}
-        self._closed = False
+        self._closing = False
+        self._drain_until: Optional[float] = None
+        self._failure: Optional[str] = None  # why the scheduler stopped for good
         self._counters = {"requests_total": 0, "requests_rejected_busy": 0, "requests_cancelled": 0,
                           "requests_failed": 0, "requests_completed": 0, "tokens_generated_total": 0,
                           "prompt_tokens_reused_total": 0}  # KV cache of earlier turns (causal models)
@@ -123,19 +141,24 @@ class Engine:
     # ---- the ChatBackend interface -------------------------------------------------------------
 
     def submit(self, request: ChatRequest) -> EngineStream:
+        unavailable = self.health()
+        if unavailable:  # refuse before any tokenizing
+            raise EngineBusy(unavailable)
         request.sampling.validate()
         max_length = min(request.sampling.max_length, self.info.max_sequence_length)
         plan = plan_messages(self.tokenizer, request.messages, max_length)
         try:
-            seq = new_sequence(self.model, plan.tokens, request.sampling, stop_ids=plan.stop_ids)
+            seq = new_sequence(self.model, plan.tokens, request.sampling, stop_ids=plan.stop_ids,
+                               cache_salt=request.cache_salt)
         except ValueError as error:
             raise InvalidRequest(str(error)) from None
         job = _Job(request, seq, plan.dropped_turns)
         if request.deadline_s is not None:
             job.deadline = job.submitted + request.deadline_s
         with self._lock:
-            if self._closed:
-                raise EngineBusy("the engine is shutting down")
+            unavailable = self.health()
+            if unavailable:
+                raise EngineBusy(unavailable)
             if request.request_id in self._jobs:
                 raise InvalidRequest(f"request id {request.request_id!r} is already in use")
             if len(self._waiting) - len(self.batch.free_slots) >= self.max_queue:
@@ -145,7 +168,7 @@ class Engine:
             self._jobs[request.request_id] = job
             self._waiting.append(job)
             self._announce_queue_positions()
-            self._lock.notify()
+            self._lock.notify_all()
         return EngineStream(self, job)
 
     def cancel(self, request_id: str) -> None:
@@ -155,10 +178,8 @@ class Engine:
                 return
             job.cancelled.set()
             if job in self._waiting:  # never started: end it right here
-                self._waiting.remove(job)
-                self._finish(job, "cancelled")
-                self._announce_queue_positions()
-            self._lock.notify()
+                self._end(job, "cancelled")
+            self._lock.notify_all()
 
     def stats(self) -> dict:
         with self._lock:
@@ -175,60 +196,107 @@ class Engine:
                 "time_to_first_token_seconds_count": self._ttft_count,
             }
 
-    def close(self) -> None:
-        """Stop the scheduler; requests still running end as cancelled."""
+    def health(self) -> Optional[str]:
+        """None while requests are served; else why not (no lock taken: always quick)."""
+        if self._failure:
+            return self._failure
+        if self._closing:
+            return "the server is shutting down"
+        if not self._thread.is_alive():
+            return "the engine's scheduler has stopped"
+        return None
+
+    def close(self, drain_s: float = 0.0) -> None:
+        """Stop accepting requests, end the waiting ones, let running answers go on for up to
+        drain_s seconds, then cut the rest off ("error"); returns once the scheduler has ended.
+        Idempotent: a second call only waits."""
         with self._lock:
-            self._closed = True
+            if not self._closing:
+                self._closing = True
+                self._drain_until = time.monotonic() + max(0.0, drain_s)
+                for job in list(self._waiting):
+                    self._end(job, "error", error=SHUTDOWN_MESSAGE)
+            self._lock.notify_all()
+            drain_until = self._drain_until
+        self._thread.join(timeout=max(0.0, drain_until - time.monotonic()) + JOIN_GRACE_S)
+        with self._lock:  # a scheduler stuck in a forward must not keep anyone waiting
             for job in list(self._jobs.values()):
-                job.cancelled.set()
-            self._lock.notify()
-        self._thread.join(timeout=30)
+                self._end(job, "error", error=SHUTDOWN_MESSAGE)
 
     # ---- the scheduler thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
+        failed_steps = 0
+        try:
+            while not self._finished_closing():
+                try:
+                    self._step()
+                    failed_steps = 0
+                except Exception:
+                    failed_steps += 1
+                    log.exception("engine step failed (%d in a row)", failed_steps)
+                    with self._lock:
+                        for job in list(self._running):
+                            self._end(job, "error", error=INTERNAL_ERROR)
+                    if failed_steps >= MAX_FAILED_STEPS:
+                        raise
+        except BaseException as error:
+            log.critical("the engine's scheduler stopped", exc_info=True)
             with self._lock:
-                while not self._closed and not self._waiting and not self._running:
-                    self._lock.wait()
-                if self._closed:
-                    for job in list(self._jobs.values()):
-                        self._end(job, "cancelled")
-                    return
-                self._drop_cancelled()
-                newcomers = self._admit()
-            try:
-                if newcomers:
-                    self._forward(self.batch.prefill, newcomers)
-                ongoing = [job for job in self._running if job not in newcomers and not job.seq.finished]
-                if ongoing:
-                    self._forward(self.batch.step, ongoing)
-                self._publish(newcomers + ongoing)
-            except Exception:  # a bug in the loop itself: fail what is running, keep serving
-                log.exception("engine step failed")
-                with self._lock:
-                    for job in list(self._running):
-                        self._end(job, "error", error="internal error in the engine; see the server log")
-            if self.step_delay:
-                time.sleep(self.step_delay)
+                self._failure = f"the engine stopped after an internal error ({type(error).__name__})"
+                for job in list(self._jobs.values()):
+                    self._end(job, "error", error=f"{self._failure}; see the server log")
 
-    def _drop_cancelled(self) -> None:
+    def _finished_closing(self) -> bool:
+        with self._lock:
+            return self._closing and not self._running and not self._waiting
+
+    def _step(self) -> None:
+        with self._lock:
+            while not self._closing and not self._waiting and not self._running:
+                self._lock.wait()
+            self._end_expired()
+            newcomers = self._admit()
+            ongoing = [job for job in self._running if job not in newcomers and not job.seq.finished]
+            if not newcomers and not ongoing:
+                if not self._closing:  # only requests that cannot start yet: wait, don't spin
+                    self._lock.wait(timeout=IDLE_POLL_S)
+                return
+        if newcomers:
+            self._forward(self.batch.prefill, newcomers)
+        if ongoing:
+            self._forward(self.batch.step, ongoing)
+        self._publish(newcomers + ongoing)
+        if self.step_delay:
+            time.sleep(self.step_delay)
+
+    def _end_expired(self) -> None:
+        """End what was cancelled, is past its deadline (waiting too), or outlived the drain."""
         now = time.monotonic()
-        for job in list(self._running):
-            if job.cancelled.is_set() or (job.deadline is not None and now > job.deadline):
+        drained = self._closing and now >= self._drain_until
+        for job in self._running + list(self._waiting):
+            if job.cancelled.is_set():
                 self._end(job, "cancelled")
+            elif job.deadline is not None and now >= job.deadline:
+                self._end(job, "error", error=f"time limit of {job.request.deadline_s:g} s reached")
+            elif drained:
+                self._end(job, "error", error=SHUTDOWN_MESSAGE)
 
     def _admit(self) -> list[_Job]:
         admitted = []
         while self._waiting and self.batch.free_slots:
             job = self._waiting.popleft()
-            self.batch.admit(job.seq)
+            try:
+                self.batch.admit(job.seq)
+                job.text = AnswerText(self.tokenizer, job.request.sampling.stop)
+            except Exception as error:
+                log.exception("could not admit request %s", job.request_id)
+                self._end(job, "error", error=f"could not start this answer: {type(error).__name__}: {error}")
+                continue
             self._counters["prompt_tokens_reused_total"] += job.seq.cached
-            job.text = AnswerText(self.tokenizer, job.request.sampling.stop)
             self._running.append(job)
             admitted.append(job)
-        if admitted:
-            self._announce_queue_positions()
+        self._announce_queue_positions()
         return admitted
 
     def _forward(self, run, jobs: list[_Job]) -> None:
@@ -261,36 +329,55 @@ class Engine:
             for job in jobs:
                 if job.done:
                     continue
-                first_token = job.first_token_at is None
-                if first_token:
-                    job.first_token_at = now
-                    self._ttft_sum += now - job.submitted
-                    self._ttft_count += 1
-                self._counters["tokens_generated_total"] += 1
-                self._token_times.append(now)
-                if job.seq.finished:
-                    self._end(job, job.seq.finish_reason)
-                    continue
-                delta = job.text.update(job.seq.generated)
-                if delta or first_token:  # the first token always says "generating now"
-                    job.events.put(job.event("delta", delta=delta))
-                if job.text.stopped:  # a stop string appeared
-                    self._end(job, "stop")
+                try:
+                    self._publish_one(job, now)
+                except Exception as error:
+                    log.exception("could not publish the text of request %s", job.request_id)
+                    self._end(job, "error", error=f"generation failed: {type(error).__name__}: {error}")
             while self._token_times and now - self._token_times[0] > RATE_WINDOW_S:
                 self._token_times.popleft()
 
+    def _publish_one(self, job: _Job, now: float) -> None:
+        first_token = job.first_token_at is None
+        if first_token:
+            job.first_token_at = now
+            self._ttft_sum += now - job.submitted
+            self._ttft_count += 1
+        self._counters["tokens_generated_total"] += 1
+        self._token_times.append(now)
+        if job.seq.finished:
+            self._end(job, job.seq.finish_reason)
+            return
+        delta = job.text.update(job.seq.generated)
+        if delta or first_token:  # the first token always says "generating now"
+            job.events.put(job.event("delta", delta=delta))
+        if job.text.stopped:  # a stop string appeared
+            self._end(job, "stop")
+
+    def _end_if_orphaned(self, job: _Job) -> None:
+        """A stream found nothing new for a while: if the scheduler is gone, end its request."""
+        if not job.done and not self._thread.is_alive():
+            with self._lock:
+                self._end(job, "error", error=self.health() or "the engine's scheduler has stopped")
+
     def _end(self, job: _Job, reason: str, error: Optional[str] = None) -> None:
-        """Release the job's slot and send its final event (caller holds the lock)."""
+        """Take the job out of the queue or the batch, release its slot and send its final event
+        (caller holds the lock)."""
+        if job in self._waiting:
+            self._waiting.remove(job)
+            self._announce_queue_positions()
         if job in self._running:
             self._running.remove(job)
-            self.batch.release(job.seq)
-        self._finish(job, reason, error)
-
-    def _finish(self, job: _Job, reason: str, error: Optional[str] = None) -> None:
+        self.batch.release(job.seq)
         if job.done:
             return
         job.done = True
-        delta = job.text.finish(job.seq.generated) if job.text and reason != "error" else ""
+        delta = ""
+        if job.text and reason != "error":
+            try:
+                delta = job.text.finish(job.seq.generated)
+            except Exception:  # the final event must go out whatever the decoder does
+                log.exception("could not decode the end of request %s", job.request_id)
         job.events.put(job.event("done", delta=delta, finish_reason=reason, error=error))
         self._jobs.pop(job.request_id, None)
         counter = {"cancelled": "requests_cancelled", "error": "requests_failed"}.get(reason, "requests_completed")

@@ -1,16 +1,19 @@
 """The generation loop: prefill, then one batched decode step at a time.
 
-`DecodeBatch` owns the model's static KV cache as a set of slots. A `Sequence` takes a slot,
-is prefilled, then advances one token per `step()` together with every other live sequence, and
-gives its slot back when it finishes. `model.chat`, `stream_chat`, `generate` and the serving
-engine all drive this one loop.
+`DecodeBatch` owns a static KV cache (allocated by the model, passed to its forward) as a set of
+slots. A `Sequence` takes a slot, is prefilled, then advances one token per `step()` together
+with every other live sequence, and gives its slot back when it finishes. `model.chat`,
+`stream_chat`, `generate` and the serving engine all drive this one loop, each on its own batch:
+they never share keys and values.
 
-Causal models (ChatGLM2/3, GLM-4: layout prefix_len 0) keep, in `model.slot_contents`, the tokens
-whose keys and values a free slot still holds. `admit` gives a new sequence the free slot whose
-tokens share the longest prefix with its prompt, and `prefill` then runs only the rest of the
-prompt (`Sequence.cached` says how many tokens were reused): a conversation's next turn prefills
-only the new text. Keys and values depend only on the tokens before them, so this computes the
-same numbers as a full prefill.
+With causal models (ChatGLM2/3, GLM-4: layout prefix_len 0) the batch keeps, in `slot_contents`,
+the tokens whose keys and values a free slot still holds, with the `cache_salt` of the sequence
+that left them. `admit` gives a new sequence the free slot whose tokens share the longest prefix
+with its prompt, among those left with the same non-None salt, and `prefill` then runs only the
+rest of the prompt (`Sequence.cached` says how many tokens were reused): a conversation's next
+turn prefills only the new text. Keys and values depend only on the tokens before them, so this
+computes the same numbers as a full prefill. The salt keeps the reuse, and so the time a prefill
+takes, from telling one user what another one sent.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ class Sequence:
     cached: int = 0  # prompt tokens whose keys/values were already in the slot (not prefilled)
     kv_len: int = 0  # tokens whose keys/values are in the slot now
     finish_reason: Optional[str] = None  # "stop" | "length" once finished
+    cache_salt: Optional[str] = None  # KV reuse only with sequences of the same salt; None: none
 
     def __post_init__(self):
         self.tokens = list(self.prompt)
@@ -61,7 +65,7 @@ class Sequence:
 
 
 def new_sequence(model: ChatGLMModel, prompt: list[int], params: SamplingParams,
-                 stop_ids: Iterable[int] = ()) -> Sequence:
+                 stop_ids: Iterable[int] = (), cache_salt: Optional[str] = None) -> Sequence:
     """A sequence whose answer ends at <eop> (or any stop id) or at params' length limits."""
     limit = min(params.max_length, model.config.max_sequence_length)
     if params.max_new_tokens is not None:
@@ -71,7 +75,7 @@ def new_sequence(model: ChatGLMModel, prompt: list[int], params: SamplingParams,
                          f"within max_length={limit}")
     stops = frozenset(stop_ids) | set(getattr(model.config, "eos_token_ids", (model.config.eos_token_id,)))
     return Sequence(prompt=list(prompt), sampler=Sampler(params, model.device), max_length=limit,
-                    stop_ids=stops, layout=model.layout_for_prompt(prompt))
+                    stop_ids=stops, layout=model.layout_for_prompt(prompt), cache_salt=cache_salt)
 
 
 def shared_prefix(a: Seq[int], b: Seq[int], limit: int) -> int:
@@ -84,16 +88,20 @@ def shared_prefix(a: Seq[int], b: Seq[int], limit: int) -> int:
 
 
 class DecodeBatch:
-    """The KV-cache slots of one model and the batched forward passes over them."""
+    """A KV cache of `slots` rows and the batched forward passes over them."""
 
     def __init__(self, model: ChatGLMModel, slots: int, max_len: int, vocab_size: Optional[int] = None):
         """vocab_size: the tokenizer's; the model's output layer may be padded beyond it
         (130528 vs 130344 for ChatGLM-6B) and those ids must never be sampled."""
         self.model = model
         self.vocab_size = vocab_size
-        model.setup_kv_cache(slots, max_len)
-        self.max_len = model.cache_len
+        self.cache = model.new_kv_cache(slots, max_len)
+        self.max_len = self.cache.max_len
         self.free_slots = list(range(slots))
+        self.reuse = getattr(model, "causal", False)
+        # Free slot -> (salt, tokens whose keys/values it holds); least recently released first.
+        self.slot_contents: dict[int, tuple[str, list[int]]] = {}
+        self._weights_version = model.weights_version if self.reuse else 0
 
     def admit(self, seq: Sequence) -> bool:
         """Give seq a slot; False when none is free."""
@@ -110,31 +118,39 @@ class DecodeBatch:
 
     def _choose_slot(self, seq: Sequence) -> tuple[int, int]:
         """(slot, prompt tokens already cached there): the free slot sharing the longest prefix
-        with the prompt; else an empty slot; else the least recently released one."""
-        contents = getattr(self.model, "slot_contents", None)
-        if contents is None or seq.layout.prefix_len:  # no reuse across a bidirectional prefix
+        with the prompt (same salt only); else an empty slot; else the least recently released."""
+        if not self.reuse or seq.layout.prefix_len:  # no reuse across a bidirectional prefix
             return self.free_slots[0], 0
+        if self._weights_version != self.model.weights_version:
+            self.slot_contents.clear()  # computed with other weights
+            self._weights_version = self.model.weights_version
         limit = len(seq.prompt) - 1  # the last prompt token must run to give the first logits
-        shared = {slot: shared_prefix(contents.get(slot, ()), seq.prompt, limit) for slot in self.free_slots}
-        best = max(self.free_slots, key=shared.__getitem__)
-        if shared[best] < self.MIN_REUSE:
-            empty = [slot for slot in self.free_slots if slot not in contents]
+
+        def shared(slot: int) -> int:
+            salt, tokens = self.slot_contents.get(slot, (None, ()))
+            same_owner = seq.cache_salt is not None and salt == seq.cache_salt
+            return shared_prefix(tokens, seq.prompt, limit) if same_owner else 0
+
+        reused = {slot: shared(slot) for slot in self.free_slots}
+        best = max(self.free_slots, key=reused.__getitem__)
+        if reused[best] < self.MIN_REUSE:
+            empty = [slot for slot in self.free_slots if slot not in self.slot_contents]
             if empty:
                 return empty[0], 0
-            if not shared[best]:
-                best = next(slot for slot in contents if slot in shared)  # least recently used
-        contents.pop(best, None)
-        return best, shared[best]
+            if not reused[best]:
+                best = next(slot for slot in self.slot_contents if slot in reused)  # least recently used
+        self.slot_contents.pop(best, None)
+        return best, reused[best]
 
     def release(self, seq: Sequence) -> None:
-        if seq.slot >= 0:
-            contents = getattr(self.model, "slot_contents", None)
-            if contents is not None and not seq.layout.prefix_len and seq.kv_len:
-                contents.pop(seq.slot, None)  # re-insert: the dict's order is least recently used first
-                contents[seq.slot] = seq.tokens[:seq.kv_len]
-            self.free_slots.append(seq.slot)
-            self.free_slots.sort()
-            seq.slot = -1
+        """Give seq's slot back; its keys and values stay there for a later prompt of the same salt."""
+        if seq.slot < 0:
+            return
+        if self.reuse and seq.cache_salt is not None and seq.kv_len and not seq.layout.prefix_len:
+            self.slot_contents[seq.slot] = (seq.cache_salt, seq.tokens[:seq.kv_len])
+        self.free_slots.append(seq.slot)
+        self.free_slots.sort()
+        seq.slot = -1
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> None:
@@ -174,7 +190,7 @@ class DecodeBatch:
         mask = attention_mask(prefix_lens, cache_positions, kv_len)
         slots = torch.tensor([s.slot for s in seqs])
         return self.model(tokens.to(device), positions.to(device), cache_positions.to(device),
-                          mask.to(device), slots.to(device))
+                          mask.to(device), slots.to(device), self.cache)
 
     def _sample(self, seqs: list[Sequence], hidden: torch.Tensor) -> None:
         logits = self.model.logits(hidden)[:, :self.vocab_size]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CheckpointError, read_config_json
-from .model import KVCache
+from .model import KVCache, LayerCache
 
 FAMILIES = ("chatglm2", "chatglm3", "glm4")
 
@@ -243,18 +243,17 @@ class SelfAttention(nn.Module):
         self.split = (q_size, kv_size, kv_size)
         self.query_key_value = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.add_qkv_bias)
         self.dense = nn.Linear(q_size, config.hidden_size, bias=config.add_bias_linear)
-        self.kv_cache: Optional[KVCache] = None
         # P-tuning v2: keys and values [kv_heads, pre_seq_len, head_dim] seen by every query.
         self.prefix_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
-    def forward(self, x, cos, sin, mask, slots, cache_positions):
+    def forward(self, x, cos, sin, mask, slots, cache_positions, cache: LayerCache):
         batch, length, _ = x.shape
         # Output rows are laid out [all q | all k | all v], not per head.
         q, k, v = self.query_key_value(x).split(self.split, dim=-1)
         q = apply_rotary_pairs(q.view(batch, length, self.heads, self.head_dim), cos, sin)
         k = apply_rotary_pairs(k.view(batch, length, self.kv_heads, self.head_dim), cos, sin)
         v = v.view(batch, length, self.kv_heads, self.head_dim)
-        keys, values = self.kv_cache.update(slots, cache_positions, k, v, mask.shape[-1])
+        keys, values = cache.update(slots, cache_positions, k, v, mask.shape[-1])
         if self.prefix_kv is not None:
             prefix_k, prefix_v = (t.expand(batch, -1, -1, -1) for t in self.prefix_kv)
             keys, values = torch.cat([prefix_k, keys], dim=2), torch.cat([prefix_v, values], dim=2)
@@ -291,8 +290,8 @@ class Block(nn.Module):
         """The name ChatGLM-6B's block uses (cache set-up and tools walk layers by it)."""
         return self.self_attention
 
-    def forward(self, x, cos, sin, mask, slots, cache_positions):
-        x = x + self.self_attention(self.input_layernorm(x), cos, sin, mask, slots, cache_positions)
+    def forward(self, x, cos, sin, mask, slots, cache_positions, cache: LayerCache):
+        x = x + self.self_attention(self.input_layernorm(x), cos, sin, mask, slots, cache_positions, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -349,12 +348,13 @@ class Transformer(nn.Module):
 
 class ChatGLM2Model(nn.Module):
     """ChatGLM2-6B / ChatGLM3-6B / GLM-4-9B-chat, with ChatGLM-6B's calling convention
-    (`forward(tokens, positions, cache_positions, mask, slots)`, `logits`, `layout_for_prompt`,
-    `setup_kv_cache`), so `generate.DecodeBatch` and the engine drive it unchanged.
+    (`forward(tokens, positions, cache_positions, mask, slots, cache)`, `logits`,
+    `layout_for_prompt`, `new_kv_cache`), so `generate.DecodeBatch` and the engine drive it unchanged.
 
-    `slot_contents` records, for KV-cache slots not in use, the tokens whose keys and values they
-    still hold (the generation loop keeps it): a later prompt that starts with those tokens only
-    prefills the rest. It is emptied whenever the cache is reallocated."""
+    Causal: a slot's keys and values depend only on the tokens before them, so a decode batch may
+    reuse them for a later prompt with the same prefix. `weights_version` changes whenever the
+    keys and values the weights compute change (quantization, a new P-tuning prefix): cached
+    ones from before are then stale."""
 
     causal = True
 
@@ -364,9 +364,7 @@ class ChatGLM2Model(nn.Module):
         self.transformer = Transformer(config)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_ratio,
                                       half_precision_angles=config.family == "chatglm2")
-        self.cache_slots = 0
-        self.cache_len = 0
-        self.slot_contents: dict[int, list[int]] = {}
+        self.weights_version = 0
 
     @classmethod
     def empty(cls, config: GLM2Config, device: torch.device, dtype: torch.dtype,
@@ -385,7 +383,7 @@ class ChatGLM2Model(nn.Module):
         """Quantize the blocks' Linear layers to INT8 or INT4 in place (see quant.py)."""
         from .quant import quantize_model
         quantize_model(self, bits, backend)
-        self.slot_contents = {}  # cached keys/values came from the float weights
+        self.weights_version += 1  # cached keys/values came from the float weights
         return self
 
     @property
@@ -403,22 +401,11 @@ class ChatGLM2Model(nn.Module):
     def layout_for_prompt(self, prompt: list[int]) -> CausalLayout:
         return CAUSAL
 
-    def setup_kv_cache(self, slots: int, max_len: int) -> None:
-        """(Re)allocate the static KV cache for `slots` sequences of up to max_len tokens (only the
-        key/value groups are stored), and compute the P-tuning prefix if there is one."""
-        max_len = min(max_len, self.config.seq_length)
-        if (slots, max_len) == (self.cache_slots, self.cache_len):
-            return
-        layers = self.transformer.encoder.layers
-        for layer in layers:
-            layer.self_attention.kv_cache = None
-        for layer in layers:
-            layer.self_attention.kv_cache = KVCache(slots, self.config.kv_heads, max_len, self.config.head_dim,
-                                                    self.dtype, self.device)
-        self.cache_slots, self.cache_len = slots, max_len
-        self.slot_contents = {}
-        if self.config.pre_seq_len:
-            self.refresh_prefix()
+    def new_kv_cache(self, slots: int, max_len: int) -> KVCache:
+        """A static KV cache for `slots` sequences of up to max_len tokens (at most seq_length;
+        only the key/value groups are stored), for the caller to pass to `forward`."""
+        return KVCache(self.config.num_layers, slots, self.config.kv_heads, min(max_len, self.config.seq_length),
+                       self.config.head_dim, self.dtype, self.device)
 
     @torch.no_grad()
     def refresh_prefix(self) -> None:
@@ -434,25 +421,23 @@ class ChatGLM2Model(nn.Module):
         for i, layer in enumerate(self.transformer.encoder.layers):
             layer.self_attention.prefix_kv = None if kv is None else (
                 kv[2 * i][None].to(self.device, self.dtype), kv[2 * i + 1][None].to(self.device, self.dtype))
-        self.slot_contents = {}
+        self.weights_version += 1
 
     def kv_cache_bytes_per_token(self) -> int:
         element = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.config.num_layers * self.config.kv_heads * self.config.head_dim * element
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache_positions: torch.Tensor,
-                mask: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+                mask: torch.Tensor, slots: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Final-normed hidden states [B, T, hidden] (apply `logits` for logits).
 
         tokens [B, T]; positions [B, T]; cache_positions [B, T]; mask [B, 1, T, kv_len] from
-        `model.attention_mask` (prefix_len 0: causal); slots [B]: cache row per row."""
-        if self.slot_contents:  # the slots written here no longer hold what was recorded
-            for slot in slots.tolist():
-                self.slot_contents.pop(slot, None)
+        `model.attention_mask` (prefix_len 0: causal); slots [B]: cache row per row of `cache`
+        (from `new_kv_cache`), which is written in place."""
         x = self.transformer.embedding.word_embeddings(tokens)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
-        for layer in self.transformer.encoder.layers:
-            x = layer(x, cos, sin, mask, slots, cache_positions)
+        for layer, layer_cache in zip(self.transformer.encoder.layers, cache.layers, strict=True):
+            x = layer(x, cos, sin, mask, slots, cache_positions, layer_cache)
         return self.transformer.encoder.final_layernorm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

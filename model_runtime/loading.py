@@ -278,6 +278,8 @@ def load_model(name_or_path: Union[str, Path], device: Union[str, torch.device] 
     check_fits(config, device, dtype, bits)
     model = model_class(config).empty(config, device, dtype, quantize=bits, quant_backend=quant_backend)
     load_weights(model, files)
+    if getattr(config, "pre_seq_len", None):
+        model.refresh_prefix()  # P-tuning v2: prefix keys and values from the loaded prefix encoder
     if quantize_lm_head:
         quantize_lm_head_of(model)
     log.info("loaded %s on %s in %s%s", folder, device, dtype, f", INT{bits}" if bits else "")

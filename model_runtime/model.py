@@ -85,14 +85,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_d
     return x * cos + rotated * sin
 
 
-class KVCache(nn.Module):
-    """Keys and values of every slot, pre-allocated once: [slots, heads, max_len, head_dim]."""
+class LayerCache:
+    """One layer's keys and values of every slot: [slots, heads, max_len, head_dim] each."""
 
-    def __init__(self, slots: int, heads: int, max_len: int, head_dim: int, dtype, device):
-        super().__init__()
-        shape = (slots, heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+    def __init__(self, shape: tuple[int, ...], dtype, device):
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def update(self, slots: torch.Tensor, cache_positions: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,6 +104,22 @@ class KVCache(nn.Module):
         return (self.k[:, :, :kv_len].index_select(0, slots), self.v[:, :, :kv_len].index_select(0, slots))
 
 
+class KVCache:
+    """The static, pre-allocated KV cache of every layer: `slots` rows of up to `max_len` tokens.
+
+    It belongs to whoever decodes (a `generate.DecodeBatch`), not to the model: the model's
+    forward reads and writes the cache it is given, in place, so that the serving engine and a
+    `model.chat` on the same weights never touch each other's keys and values."""
+
+    def __init__(self, layers: int, slots: int, heads: int, max_len: int, head_dim: int, dtype, device):
+        self.slots, self.max_len = slots, max_len
+        self.layers = [LayerCache((slots, heads, max_len, head_dim), dtype, device) for _ in range(layers)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.k.nbytes + layer.v.nbytes for layer in self.layers)
+
+
 class Attention(nn.Module):
     def __init__(self, config: GLMConfig):
         super().__init__()
@@ -113,15 +127,14 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x, cos, sin, mask, slots, cache_positions):
+    def forward(self, x, cos, sin, mask, slots, cache_positions, cache: LayerCache):
         batch, length, _ = x.shape
         # Rows are packed per head as q_h | k_h | v_h.
         q, k, v = self.query_key_value(x).view(batch, length, self.heads, 3 * self.head_dim).chunk(3, dim=-1)
         q = apply_rotary(q, cos, sin, self.head_dim // 2)
         k = apply_rotary(k, cos, sin, self.head_dim // 2)
-        keys, values = self.kv_cache.update(slots, cache_positions, k, v, mask.shape[-1])
+        keys, values = cache.update(slots, cache_positions, k, v, mask.shape[-1])
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
         return self.dense(out.transpose(1, 2).reshape(batch, length, -1))
 
@@ -145,10 +158,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, slots, cache_positions):
+    def forward(self, x, cos, sin, mask, slots, cache_positions, cache: LayerCache):
         # GLM's residual adds the *normed* input, scaled by alpha.
         normed = self.input_layernorm(x)
-        x = normed * self.alpha + self.attention(normed, cos, sin, mask, slots, cache_positions)
+        x = normed * self.alpha + self.attention(normed, cos, sin, mask, slots, cache_positions, cache)
         normed = self.post_attention_layernorm(x)
         return normed * self.alpha + self.mlp(normed)
 
@@ -164,6 +177,8 @@ class Transformer(nn.Module):
 class ChatGLMModel(nn.Module):
     """ChatGLM-6B. Parameter names match the official checkpoint (`transformer.*`, `lm_head`)."""
 
+    causal = False  # the prompt is a bidirectional prefix: no KV reuse across turns
+
     def __init__(self, config: GLMConfig):
         super().__init__()
         self.config = config
@@ -171,8 +186,6 @@ class ChatGLMModel(nn.Module):
         self.rotary = RotaryEmbedding2D(config.head_dim)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.word_embeddings.weight  # tied
-        self.cache_slots = 0
-        self.cache_len = 0
 
     @classmethod
     def empty(cls, config: GLMConfig, device: torch.device, dtype: torch.dtype,
@@ -207,33 +220,28 @@ class ChatGLMModel(nn.Module):
     def layout_for_prompt(self, prompt: list[int]) -> SequenceLayout:
         return layout_for_prompt(prompt, self.config)
 
-    def setup_kv_cache(self, slots: int, max_len: int) -> None:
-        """(Re)allocate the static KV cache for `slots` sequences of up to max_len tokens."""
-        max_len = min(max_len, self.config.max_sequence_length)
-        if (slots, max_len) == (self.cache_slots, self.cache_len):
-            return
-        for layer in self.transformer.layers:
-            layer.attention.kv_cache = None  # free the old cache before allocating the new one
-        for layer in self.transformer.layers:
-            layer.attention.kv_cache = KVCache(
-                slots, self.config.num_attention_heads, max_len, self.config.head_dim, self.dtype, self.device)
-        self.cache_slots, self.cache_len = slots, max_len
+    def new_kv_cache(self, slots: int, max_len: int) -> KVCache:
+        """A static KV cache for `slots` sequences of up to max_len tokens (at most the model's
+        maximum sequence length), for the caller to pass to `forward`."""
+        return KVCache(self.config.num_layers, slots, self.config.num_attention_heads,
+                       min(max_len, self.config.max_sequence_length), self.config.head_dim, self.dtype, self.device)
 
     def kv_cache_bytes_per_token(self) -> int:
         element = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.config.num_layers * self.config.hidden_size * element
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache_positions: torch.Tensor,
-                mask: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+                mask: torch.Tensor, slots: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Final-normed hidden states [B, T, hidden] (apply `lm_head` for logits).
 
         tokens [B, T]; positions [B, 2, T]; cache_positions [B, T]: where each token's key and value
-        go in its slot; mask [B, 1, T, kv_len] from `attention_mask`; slots [B]: cache row per row.
+        go in its slot; mask [B, 1, T, kv_len] from `attention_mask`; slots [B]: cache row per row
+        of `cache` (from `new_kv_cache`), which is written in place.
         """
         x = self.transformer.word_embeddings(tokens)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
-        for layer in self.transformer.layers:
-            x = layer(x, cos, sin, mask, slots, cache_positions)
+        for layer, layer_cache in zip(self.transformer.layers, cache.layers, strict=True):
+            x = layer(x, cos, sin, mask, slots, cache_positions, layer_cache)
         return self.transformer.final_layernorm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,16 @@ the same interface as the local engine.
 
 A caller builds a `ChatRequest`, hands it to `ChatBackend.submit`, and iterates the returned
 `ChatStream` for `ChatEvent`s until one has `finished` set. `ChatStream.cancel()` (or
-`ChatBackend.cancel(request_id)`) stops the work at the next decode step; the stream then ends
-with finish_reason "cancelled".
+`ChatBackend.cancel(request_id)`) ends a queued request at once and a running one at the next
+decode step; the stream then ends with finish_reason "cancelled".
+
+Endings are honest: "stop" only for a natural end (end-of-answer token or a stop string),
+"length" only for a length limit, "cancelled" when the caller asked for it, and "error" (with a
+message) for everything else that cuts an answer short: a failure, a deadline, a shutdown. A
+cut-off answer never looks complete.
+
+Nothing here blocks forever: iterating a stream ends with an "error" event if the backend stops
+producing events (its scheduler died), and `health()` says so.
 """
 from __future__ import annotations
 
@@ -92,7 +100,14 @@ class ChatRequest:
     messages: tuple[Message, ...]
     sampling: SamplingParams = SamplingParams()
     request_id: str = field(default_factory=lambda: f"req-{next(_request_counter)}")
-    deadline_s: Optional[float] = None  # seconds from submission; then finish_reason "cancelled"
+    # Seconds from submission, time spent waiting in the queue included; then the stream ends with
+    # finish_reason "error" and a message saying the time limit was reached.
+    deadline_s: Optional[float] = None
+    # KV-cache prefix reuse (ChatGLM2/3, GLM-4) happens only between requests with the same salt,
+    # so that timing cannot tell one visitor what another one sent. None: no reuse at all.
+    # Front ends derive it from something the client cannot choose for another client (their own
+    # browser session, the hash of an API key), never from a raw client-sent value.
+    cache_salt: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -156,7 +171,15 @@ class ChatBackend(Protocol):
 
     def stats(self) -> dict: ...
 
-    def close(self) -> None: ...
+    def health(self) -> Optional[str]:
+        """None while requests are served; else why not, in a few words (the scheduler stopped,
+        shutting down, the remote server is unreachable). Cheap and non-blocking."""
+        ...
+
+    def close(self, drain_s: float = 0.0) -> None:
+        """Stop accepting requests (submit raises EngineBusy), let running answers finish for up
+        to drain_s seconds, then end the rest with finish_reason "error" (cut off). Idempotent."""
+        ...
 
 
 def messages_from_pairs(history: Sequence[tuple[str, str]], query: str, system: Optional[str] = None) -> tuple[Message, ...]:

@@ -48,3 +48,20 @@ def tiny_model(tiny_checkpoint):
     from model_runtime.loading import load_model
 
     return load_model(tiny_checkpoint, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_family_checkpoints(tmp_path_factory) -> dict:
+    """Tiny random ChatGLM2, ChatGLM3 and GLM-4 checkpoints: family -> folder."""
+    from model_runtime.testing import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny-family")
+    return {family: write_tiny_checkpoint(root / family, family=family) for family in ("chatglm2", "chatglm3", "glm4")}
+
+
+@pytest.fixture(scope="session")
+def tiny_glm4(tiny_family_checkpoints):
+    """(tokenizer, model) of the tiny GLM-4 in float32: a causal model, with KV-cache reuse."""
+    from model_runtime.loading import load_model
+
+    return load_model(tiny_family_checkpoints["glm4"], device="cpu", dtype="float32")

@@ -1,10 +1,13 @@
 """Chat API: the seed's chat/stream_chat, prompt format, history budget, streamed text."""
+import random
 import threading
+import time
 
 import pytest
 
-from model_runtime.chat import (AnswerText, answer_reserve, pairs_from_messages, plan_prompt,
+from model_runtime.chat import (CHAT_BATCHES, AnswerText, answer_reserve, pairs_from_messages, plan_prompt,
                                 process_response, round_prompt, stream_answer)
+from model_runtime.chat_formats import chat_format_for
 from model_runtime.protocol import InvalidRequest, Message, SamplingParams
 
 
@@ -148,3 +151,71 @@ def test_stop_string_in_a_real_answer(tiny_model):
     cut = list(stream_answer(model, tokenizer, "你好", [], SamplingParams(max_length=64, temperature=0, stop=(stop,))))
     assert cut[-1].finish_reason == "stop"
     assert cut[-1].text == full[:full.find(stop)].rstrip()
+
+
+def plan_one_turn_at_a_time(tokenizer, query, history, max_length, system=None):
+    """The planner as it was (quadratic: the whole prompt again per dropped turn), as an oracle."""
+    budget = max_length - answer_reserve(max_length)
+    chat_format = chat_format_for(tokenizer)
+    for dropped in range(len(history) + 1):
+        tokens = chat_format.encode(tokenizer, query, history[dropped:], system)
+        if len(tokens) <= budget:
+            return tokens, dropped
+    return None
+
+
+WORDS = ["你好", "天气", "很好", "Hello", "world", "the", "weather", "is", "sunny", "1", "23", "456", "7890",
+         " ", "  ", "\n", "\n\n", "\t", ",", "。", "？", "[Round 3]", "问：", "答：", "<|user|>", "def f():", "😀"]
+
+
+def random_text(rng, most_words):
+    return "".join(rng.choice(WORDS) for _ in range(rng.randint(0, most_words)))
+
+
+@pytest.fixture(scope="module")
+def every_tokenizer(tiny_model, tiny_family_checkpoints):
+    from model_runtime.family import load_tokenizer, read_config
+
+    family = {name: load_tokenizer(folder, read_config(folder)) for name, folder in tiny_family_checkpoints.items()}
+    return {"chatglm": tiny_model[0], **family}
+
+
+@pytest.mark.parametrize("family", ["chatglm", "chatglm2", "chatglm3", "glm4"])
+def test_planning_gives_the_same_prompt_as_dropping_one_turn_at_a_time(every_tokenizer, family):
+    tokenizer = every_tokenizer[family]
+    rng = random.Random(family)
+    planned = 0
+    for _ in range(150):
+        history = [(random_text(rng, 12), random_text(rng, 20)) for _ in range(rng.randint(0, 25))]
+        query, system = random_text(rng, 8), rng.choice([None, random_text(rng, 6)])
+        max_length = rng.randint(24, 600)
+        expected = plan_one_turn_at_a_time(tokenizer, query, history, max_length, system)
+        if expected is None:
+            with pytest.raises(InvalidRequest, match="shorten the message"):
+                plan_prompt(tokenizer, query, history, max_length, system=system)
+            continue
+        plan = plan_prompt(tokenizer, query, history, max_length, system=system)
+        assert (plan.tokens, plan.dropped_turns) == expected, (query, history, max_length, system)
+        planned += 0 < plan.dropped_turns < len(history)
+    assert planned > 20  # many plans dropped some turns and kept others
+
+
+@pytest.mark.parametrize("family", ["chatglm", "chatglm2", "chatglm3", "glm4"])
+def test_a_5000_pair_history_is_planned_quickly(every_tokenizer, family):
+    tokenizer = every_tokenizer[family]
+    history = [(f"第{i}个问题: how is the weather today?", "今天是晴天，气温大约 25 度。" * 3) for i in range(5000)]
+    started = time.perf_counter()
+    plan = plan_prompt(tokenizer, "今天呢?", history, 2048)
+    assert time.perf_counter() - started < 0.3
+    assert 4000 < plan.dropped_turns < 5000
+    assert plan.tokens == chat_format_for(tokenizer).encode(tokenizer, "今天呢?", history[plan.dropped_turns:])
+
+
+def test_chat_allocates_the_cache_its_max_length_needs(tiny_glm4):
+    tokenizer, model = tiny_glm4
+    assert model.config.seq_length >= 2048
+    CHAT_BATCHES.pop(model, None)
+    model.chat(tokenizer, "你好", max_length=64, temperature=0)
+    cache = CHAT_BATCHES[model].cache
+    assert cache.max_len == 64 and cache.nbytes == 64 * model.kv_cache_bytes_per_token()
+

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from model_runtime.chat import plan_messages, plan_prompt, stream_answer
+from model_runtime.chat import CHAT_BATCHES, plan_messages, plan_prompt, stream_answer
 from model_runtime.chat_formats import chat_format_for
 from model_runtime.config import CheckpointError
 from model_runtime.engine import Engine
@@ -56,7 +56,7 @@ def check_reference(name, eps, family, tolerance, rope_ratio=1.0, prefix=False):
     model = ChatGLM2Model(config).float()
     missing, unexpected = model.load_state_dict(weights, strict=False)
     assert not unexpected and "transformer.output_layer.weight" in missing  # hidden states only
-    model.setup_kv_cache(slots=1, max_len=8)
+    cache = model.new_kv_cache(slots=1, max_len=8)
     if prefix:
         model.set_prefix(prefix_kv)
     start = 0
@@ -65,7 +65,7 @@ def check_reference(name, eps, family, tolerance, rope_ratio=1.0, prefix=False):
         cache_positions = torch.arange(start, end)[None]
         mask = attention_mask(torch.tensor([0]), cache_positions, end)
         with torch.no_grad():
-            hidden = model(tokens.long()[None], cache_positions, cache_positions, mask, torch.tensor([0]))
+            hidden = model(tokens.long()[None], cache_positions, cache_positions, mask, torch.tensor([0]), cache)
         torch.testing.assert_close(hidden[0], expected, rtol=tolerance, atol=tolerance)
         start = end
 
@@ -119,9 +119,8 @@ def test_glm4_checkpoint_rotary_uses_rope_ratio_from_config(tmp_path):
     mask = attention_mask(torch.tensor([0]), positions, 6)
 
     def run():
-        model.setup_kv_cache(1, 16)
         with torch.no_grad():
-            return model(tokens, positions, positions, mask, torch.tensor([0]))
+            return model(tokens, positions, positions, mask, torch.tensor([0]), model.new_kv_cache(1, 16))
 
     with_ratio = run()
     model.rotary.base = 10000.0
@@ -286,7 +285,6 @@ def test_greedy_batched_equals_alone(family_models, family):
     queries = ["你好", "Tell me about the weather in Beijing tomorrow, please.", "def main():\n    pass", "早上好"]
     prompts = [fmt.encode(tokenizer, q, []) for q in queries]
     stops = fmt.stop_ids(tokenizer)
-    model.slot_contents.clear()
     together = generate(model, prompts, GREEDY, vocab_size=tokenizer.vocab_size, stop_ids=stops)
     alone = [generate(model, [p], GREEDY, vocab_size=tokenizer.vocab_size, stop_ids=stops)[0] for p in prompts]
     assert together == alone
@@ -296,7 +294,7 @@ def test_greedy_batched_equals_alone(family_models, family):
 
 def prefill_logits(model, tokenizer, prompt, slot_batch):
     """Logits of the last prompt token through DecodeBatch (reusing whatever the slots hold)."""
-    seq = new_sequence(model, prompt, SamplingParams(max_length=256, temperature=0))
+    seq = new_sequence(model, prompt, SamplingParams(max_length=256, temperature=0), cache_salt="one user")
     slot_batch.admit(seq)
     seen = []
     original = slot_batch._sample
@@ -315,11 +313,10 @@ def test_second_turn_prefills_only_new_text_and_matches_full_prefill(family_mode
     answer = generate(model, [first], GREEDY, vocab_size=tokenizer.vocab_size, stop_ids=fmt.stop_ids(tokenizer))[0]
     second = fmt.encode(tokenizer, "明天呢？", [("今天天气怎么样？", tokenizer.decode(answer))])
     batch = DecodeBatch(model, slots=2, max_len=256, vocab_size=tokenizer.vocab_size)
-    model.slot_contents.clear()
     assert prefill_logits(model, tokenizer, first, batch)[0] == 0
     reused, with_reuse = prefill_logits(model, tokenizer, second, batch)
     assert reused >= len(first) - 1 and reused < len(second)
-    model.slot_contents.clear()
+    batch.slot_contents.clear()
     none_reused, full = prefill_logits(model, tokenizer, second, batch)
     assert none_reused == 0
     torch.testing.assert_close(with_reuse, full, rtol=1e-5, atol=1e-5)
@@ -327,7 +324,7 @@ def test_second_turn_prefills_only_new_text_and_matches_full_prefill(family_mode
 
 def ask(engine, messages, max_new_tokens=40):
     sampling = SamplingParams(max_length=512, max_new_tokens=max_new_tokens, temperature=0)
-    events = list(engine.submit(ChatRequest(messages=tuple(messages), sampling=sampling)))
+    events = list(engine.submit(ChatRequest(messages=tuple(messages), sampling=sampling, cache_salt="one user")))
     assert events[-1].finished and events[-1].finish_reason in ("stop", "length"), events[-1]
     assert events[-1].dropped_turns == 0
     return events[-1]
@@ -351,8 +348,7 @@ def test_engine_reuses_the_conversation_and_gives_the_same_tokens(family_models,
         assert reused >= (first.prompt_tokens if family != "chatglm2" else first.prompt_tokens // 2)
     finally:
         engine.close()
-    model.slot_contents.clear()  # now the whole conversation is encoded again
-    fresh = Engine(tokenizer, model, slots=2)
+    fresh = Engine(tokenizer, model, slots=2)  # a new cache: the whole conversation is encoded again
     try:
         again = ask(fresh, turn2)
         assert fresh.stats()["prompt_tokens_reused_total"] == 0
@@ -365,35 +361,34 @@ def test_slots_prefer_the_longest_shared_prefix_then_empty_then_least_recent(fam
     tokenizer, model = family_models["chatglm3"]
     fmt = chat_format_for(tokenizer)
     batch = DecodeBatch(model, slots=3, max_len=128, vocab_size=tokenizer.vocab_size)
-    model.slot_contents.clear()
     a, b = fmt.encode(tokenizer, "第一个对话", []), fmt.encode(tokenizer, "another conversation", [])
     for prompt in (a, b):
-        seq = new_sequence(model, prompt, GREEDY)
+        seq = new_sequence(model, prompt, GREEDY, cache_salt="one user")
         batch.admit(seq)
         batch.prefill([seq])
         batch.release(seq)
-    slot_a = next(s for s, tokens in model.slot_contents.items() if tokens[:len(a)] == a)
+    slot_a = next(s for s, (_, tokens) in batch.slot_contents.items() if tokens[:len(a)] == a)
     follow_up = fmt.encode(tokenizer, "再说一遍", [("第一个对话", "好的")])
-    seq = new_sequence(model, follow_up, GREEDY)
+    seq = new_sequence(model, follow_up, GREEDY, cache_salt="one user")
     batch.admit(seq)
     assert seq.slot == slot_a and seq.cached >= len(a) - 1
-    unrelated = new_sequence(model, fmt.encode(tokenizer, "zzz", []), GREEDY)
+    unrelated = new_sequence(model, fmt.encode(tokenizer, "zzz", []), GREEDY, cache_salt="one user")
     batch.admit(unrelated)
-    assert unrelated.slot not in model.slot_contents and unrelated.cached == 0  # the empty slot
+    assert unrelated.slot not in batch.slot_contents and unrelated.cached == 0  # the empty slot
     batch.release(seq)
     batch.release(unrelated)
 
 
 def test_stream_chat_keeps_the_conversation_cached_between_calls(family_models):
     tokenizer, model = family_models["glm4"]
-    model.slot_contents.clear()
+    CHAT_BATCHES.pop(model, None)
     response, history = model.chat(tokenizer, "你好", [], temperature=0, max_length=64, system="Be brief.")
     assert history == [("你好", response)]
     updates = list(stream_answer(model, tokenizer, "再见", history, SamplingParams(max_length=96, temperature=0),
                                  system="Be brief."))
     plan = plan_prompt(tokenizer, "再见", history, 96, system="Be brief.")
     assert updates[-1].prompt_tokens == len(plan.tokens)
-    cached = model.slot_contents[0]
+    cached = CHAT_BATCHES[model].slot_contents[0][1]
     assert cached[:len(plan.tokens)] == plan.tokens  # the second turn sits in the slot for a third
 
 

@@ -37,13 +37,13 @@ def test_positions_and_mask_of_the_spec_example():
 
 def full_logits(model, tokens, layout):
     """Logits of the last token, recomputed from scratch without reusing any cache entry."""
-    model.setup_kv_cache(1, model.config.max_sequence_length)
+    cache = model.new_kv_cache(1, model.config.max_sequence_length)
     n = len(tokens)
     cache_positions = torch.arange(n)[None]
     mask = attention_mask(torch.tensor([layout.prefix_len]), cache_positions, n)
     with torch.no_grad():
         hidden = model(torch.tensor([tokens]), layout.positions(0, n)[None], cache_positions, mask,
-                       torch.tensor([0]))
+                       torch.tensor([0]), cache)
     return model.logits(hidden[0, -1])
 
 

@@ -43,7 +43,7 @@ def test_glm6b_hidden_states_match_original_code():
     # The reference file was produced with the full model's residual scale sqrt(2 * 28), not
     # sqrt(2 * 1): with sqrt(2) every output is off by ~1, with sqrt(56) they agree to ~1e-7.
     model.transformer.layers[0].alpha = math.sqrt(2 * 28)
-    model.setup_kv_cache(slots=1, max_len=8)
+    cache = model.new_kv_cache(slots=1, max_len=8)
     # A two-token bidirectional context (mask_pos 1) then causal decoding, as in the reference.
     layout = SequenceLayout(prefix_len=2, mask_pos=1)
     start = 0
@@ -53,6 +53,6 @@ def test_glm6b_hidden_states_match_original_code():
         mask = attention_mask(torch.tensor([layout.prefix_len]), cache_positions, end)
         with torch.no_grad():
             hidden = model(tokens.long()[None], layout.positions(start, end)[None], cache_positions,
-                           mask, torch.tensor([0]))
+                           mask, torch.tensor([0]), cache)
         torch.testing.assert_close(hidden[0], expected, rtol=1e-5, atol=1e-5)
         start = end

@@ -175,12 +175,12 @@ def test_kernel_choice_and_its_errors():
 def logits_of(model, tokenizer, text="你好，今天天气怎么样？"):
     ids = tokenizer.encode(text)
     layout = model.layout_for_prompt(ids)
-    model.setup_kv_cache(slots=1, max_len=64)
+    cache = model.new_kv_cache(slots=1, max_len=64)
     cache_positions = torch.arange(len(ids))[None]
     mask = attention_mask(torch.tensor([layout.prefix_len]), cache_positions, len(ids))
     with torch.no_grad():
         hidden = model(torch.tensor([ids]), layout.positions(0, len(ids))[None], cache_positions, mask,
-                       torch.tensor([0]))
+                       torch.tensor([0]), cache)
         return model.logits(hidden)
 
 

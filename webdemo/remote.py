@@ -2,18 +2,25 @@
 project's own /v1 API), so the page can front a remote cluster instead of a local model.
 
 Each request streams in its own thread; cancel() closes the HTTP stream, which is how such
-servers learn to stop generating. Remote failures become "error" events in the chat.
+servers learn to stop generating. Endings stay honest: only the server's own "stop" or "length"
+count as complete; a stream that breaks, ends without a finish_reason, reports any other reason,
+passes its deadline or is cut by close() ends with "error".
 """
 from __future__ import annotations
 
 import json
 import queue
 import threading
+import time
 from typing import Iterator, Optional
 
 import httpx
 
-from model_runtime.protocol import ChatEvent, ChatRequest, InvalidRequest, ModelInfo
+from model_runtime.protocol import ChatEvent, ChatRequest, EngineBusy, InvalidRequest, ModelInfo
+
+STREAM_POLL_S = 0.5  # a waiting stream checks this often that its thread still lives
+HEALTH_PROBE_S = 10.0  # health() asks the server for its models at most this often
+SHUTDOWN_MESSAGE = "the server is shutting down; this answer was cut off"
 
 
 class RemoteStream:
@@ -23,15 +30,34 @@ class RemoteStream:
         self._request = request
         self._events: "queue.Queue[ChatEvent]" = queue.Queue()
         self._cancelled = threading.Event()
+        self._cut_reason: Optional[str] = None  # set when the answer is cut off, not cancelled
         self._response: Optional[httpx.Response] = None
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"remote-{self.request_id}")
+        self._deadline: Optional[threading.Timer] = None
+        if request.deadline_s is not None:
+            self._deadline = threading.Timer(request.deadline_s, self.cut,
+                                             args=(f"time limit of {request.deadline_s:g} s reached",))
+            self._deadline.daemon = True
+            self._deadline.start()
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout=timeout)
 
     def __iter__(self) -> Iterator[ChatEvent]:
         finished = False
         try:
             while not finished:
-                event = self._events.get()
+                try:
+                    event = self._events.get(timeout=STREAM_POLL_S)
+                except queue.Empty:
+                    if not self._thread.is_alive() and self._events.empty():  # died without a last word
+                        self._put("done", "", {}, finish_reason="error", error="the remote stream stopped")
+                    continue
                 finished = event.finished
                 yield event
         finally:
@@ -40,6 +66,16 @@ class RemoteStream:
 
     def cancel(self) -> None:
         self._cancelled.set()
+        self._close_response()
+
+    def cut(self, reason: str) -> None:
+        """End the answer as cut off ("error" with reason), unless it has already ended."""
+        if self._cut_reason is None:
+            self._cut_reason = reason
+        self._cancelled.set()
+        self._close_response()
+
+    def _close_response(self) -> None:
         response = self._response
         if response is not None:
             response.close()  # the upstream server sees the disconnect and stops
@@ -49,6 +85,8 @@ class RemoteStream:
         try:
             with self._backend.client.stream("POST", "/chat/completions", json=self._body()) as response:
                 self._response = response
+                if self._cancelled.is_set():  # cancelled or cut while connecting
+                    response.close()
                 if response.status_code != 200:
                     response.read()
                     raise RuntimeError(_error_message(response))
@@ -69,14 +107,24 @@ class RemoteStream:
                             self._put("delta", text, usage, delta=delta)
         except Exception as error:
             if not self._cancelled.is_set():
-                self._put("done", text, usage, finish_reason="error",
-                          error=f"the model server at {self._backend.base_url} failed: {error}")
+                self._end(text, usage, "error", f"the model server at {self._backend.base_url} failed: {error}")
                 return
-        if self._cancelled.is_set():
-            reason = "cancelled"
-        elif reason != "length":
-            reason = "stop"
-        self._put("done", text, usage, finish_reason=reason)
+        if self._cut_reason is not None:
+            self._end(text, usage, "error", self._cut_reason)
+        elif self._cancelled.is_set():
+            self._end(text, usage, "cancelled")
+        elif reason in ("stop", "length"):
+            self._end(text, usage, reason)
+        elif reason is None:
+            self._end(text, usage, "error", f"the model server at {self._backend.base_url} ended the answer "
+                                            "without saying why; it may be cut off")
+        else:
+            self._end(text, usage, "error", f"the model server at {self._backend.base_url} ended the answer: {reason}")
+
+    def _end(self, text, usage, reason, error: Optional[str] = None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._put("done", text, usage, finish_reason=reason, error=error)
 
     def _put(self, kind, text, usage, **fields) -> None:
         self._events.put(ChatEvent(kind=kind, request_id=self.request_id, text=text,
@@ -120,6 +168,11 @@ class OpenAIBackend:
         self.info = ModelInfo(name=model or self._first_model(), max_sequence_length=context_length,
                               supports_system_prompt=True)
         self._streams: dict[str, RemoteStream] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._unreachable: Optional[str] = None  # what the last health probe found
+        self._probed_at = float("-inf")
+        self._probing = False
 
     def _first_model(self) -> str:
         try:
@@ -131,12 +184,15 @@ class OpenAIBackend:
                                   "(it usually ends in /v1) and --api-key, or name the model with --model") from None
 
     def submit(self, request: ChatRequest) -> RemoteStream:
+        if self._closed:
+            raise EngineBusy("the server is shutting down")
         request.sampling.validate()
         if not request.messages or request.messages[-1].role != "user":
             raise InvalidRequest("the conversation must end with a user message")
         stream = RemoteStream(self, request)
-        self._streams = {rid: s for rid, s in self._streams.items() if s._thread.is_alive()}
-        self._streams[request.request_id] = stream
+        with self._lock:
+            self._streams = {rid: s for rid, s in self._streams.items() if s.alive}
+            self._streams[request.request_id] = stream
         return stream
 
     def cancel(self, request_id: str) -> None:
@@ -145,10 +201,42 @@ class OpenAIBackend:
             stream.cancel()
 
     def stats(self) -> dict:
-        return {"active_sequences": sum(s._thread.is_alive() for s in self._streams.values())}
+        with self._lock:
+            return {"active_sequences": sum(s.alive for s in self._streams.values())}
 
-    def close(self) -> None:
-        for stream in list(self._streams.values()):
-            stream.cancel()
+    def health(self) -> Optional[str]:
+        """None while the server answered its last probe; probes run in the background, at most
+        every HEALTH_PROBE_S, so this never waits on the network."""
+        if self._closed:
+            return "the server is shutting down"
+        with self._lock:
+            due = time.monotonic() - self._probed_at >= HEALTH_PROBE_S and not self._probing
+            if due:
+                self._probing, self._probed_at = True, time.monotonic()
+        if due:
+            threading.Thread(target=self._probe, daemon=True, name="remote-health").start()
+        return self._unreachable
+
+    def _probe(self) -> None:
+        try:
+            self.client.get("/models", timeout=5.0).raise_for_status()
+            self._unreachable = None
+        except Exception as error:
+            self._unreachable = f"the model server at {self.base_url} does not answer ({type(error).__name__})"
+        finally:
+            self._probing = False
+
+    def close(self, drain_s: float = 0.0) -> None:
+        """Refuse new requests, let running answers finish for up to drain_s seconds, then cut
+        the rest off ("error"). Idempotent."""
+        self._closed = True
+        deadline = time.monotonic() + max(0.0, drain_s)
+        with self._lock:
+            streams = list(self._streams.values())
+        for stream in streams:
+            stream.join(timeout=max(0.0, deadline - time.monotonic()))
+        for stream in streams:
+            stream.cut(SHUTDOWN_MESSAGE)
+        for stream in streams:
+            stream.join(timeout=5.0)
         self.client.close()
-
