@@ -10,7 +10,10 @@ import argparse
 import os
 import signal
 import sys
+import time
 
+from webdemo import limits
+from webdemo.access import AccessPolicy
 from webdemo.hf_spaces import running_on_spaces
 
 DEFAULT_MODEL = "THUDM/chatglm-6b"
@@ -45,6 +48,13 @@ def positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
+def non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError("must be a number >= 0")
     return number
 
 
@@ -91,9 +101,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     remote.add_argument("--remote-model", default=env("CHATGLM_REMOTE_MODEL"), metavar="NAME",
                         help="model name on the remote server (env CHATGLM_REMOTE_MODEL; default: the first it lists)")
     server = parser.add_argument_group("server")
-    server.add_argument("--require-api-key", default=env("CHATGLM_REQUIRE_API_KEY"), metavar="KEY",
-                        help="clients of this server's OpenAI API (/v1/chat/completions) must send this key as "
-                             "'Authorization: Bearer KEY' (env CHATGLM_REQUIRE_API_KEY; default: no key)")
+    server.add_argument("--require-api-key", default=os.environ.get("CHATGLM_REQUIRE_API_KEY"), metavar="KEY",
+                        help="every route but /health (the page, its API, /v1, /metrics) needs this key as "
+                             "'Authorization: Bearer KEY' or a login session; the page's login form takes any "
+                             "user name with the key as password (env CHATGLM_REQUIRE_API_KEY; default: no key)")
+    server.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                        default=[o.strip() for o in str(env("CHATGLM_CORS_ORIGINS", "")).split(",") if o.strip()],
+                        help="let browser pages from ORIGIN (e.g. https://app.example.com) call /v1; repeatable "
+                             "(env CHATGLM_CORS_ORIGINS, comma-separated; default: none)")
+    server.add_argument("--max-body-bytes", type=positive_int,
+                        default=int(env("CHATGLM_MAX_BODY_BYTES", limits.MAX_BODY_BYTES)),
+                        help="largest request body on any route; larger ones get 413 "
+                             "(env CHATGLM_MAX_BODY_BYTES; default %(default)s)")
+    server.add_argument("--request-timeout", type=non_negative_float, metavar="SECONDS",
+                        default=float(env("CHATGLM_REQUEST_TIMEOUT", limits.DEFAULT_REQUEST_TIMEOUT_S)),
+                        help="an answer (waiting in the queue included) ends with an error after this long "
+                             "(env CHATGLM_REQUEST_TIMEOUT; default %(default)s)")
+    server.add_argument("--drain-seconds", type=non_negative_float, metavar="SECONDS",
+                        default=float(env("CHATGLM_DRAIN_SECONDS", 10)),
+                        help="on SIGTERM, refuse new requests and let running answers finish for this long; the "
+                             "rest end with an error (env CHATGLM_DRAIN_SECONDS; default %(default)s)")
     server.add_argument("--host", default=default_host,
                         help="address to listen on; 0.0.0.0 for all interfaces (env CHATGLM_HOST; "
                              "default %(default)s; 0.0.0.0 on Hugging Face Spaces)")
@@ -103,10 +130,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also create a public *.gradio.live link for 72 hours (env CHATGLM_SHARE=1; "
                              "ignored on Spaces)")
     server.add_argument("--auth", type=auth_pair, default=None, metavar="USER:PASS",
-                        help="ask for this user name and password before showing the page (env CHATGLM_AUTH)")
+                        help="every route but /health (the page, its API, /v1, /metrics) needs a login with this "
+                             "user name and password (or the API key); with --share or a host other than "
+                             "loopback, --require-api-key is needed too (env CHATGLM_AUTH)")
     server.add_argument("--queue-size", type=positive_int, default=int(env("CHATGLM_QUEUE_SIZE", 100)),
-                        help="requests that may wait in the page's queue; more are refused as busy "
-                             "(env CHATGLM_QUEUE_SIZE; default %(default)s)")
+                        help="requests that may wait, in the page's queue and in the model's for /v1; more are "
+                             "refused as busy (429) (env CHATGLM_QUEUE_SIZE; default %(default)s)")
     server.add_argument("--concurrency", type=positive_int, default=int(env("CHATGLM_CONCURRENCY", 64)),
                         help="answers streaming at once; the model batches them, the rest wait in the queue "
                              "(env CHATGLM_CONCURRENCY; default %(default)s)")
@@ -136,7 +165,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--backend openai needs --api-base URL (the remote server's /v1 root)")
     if args.step_delay < 0:
         parser.error("--step-delay must be >= 0")
+    problem = access_policy(args).startup_problem(args.host, args.share and not running_on_spaces())
+    if problem:
+        parser.error(problem)
     return args
+
+
+def access_policy(args: argparse.Namespace) -> AccessPolicy:
+    return AccessPolicy(login=args.auth, api_key=args.require_api_key, cors_origins=tuple(args.cors_origin))
+
+
+def server_limits(args: argparse.Namespace) -> limits.Limits:
+    return limits.Limits(max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout)
 
 
 def load_backend(args: argparse.Namespace):
@@ -158,7 +198,7 @@ def load_backend(args: argparse.Namespace):
     from model_runtime.loading import load_model
 
     options = dict(device=args.device, dtype=args.dtype, tiny_random=args.tiny_random or False, slots=args.slots,
-                   step_delay=args.step_delay, context_length=args.context_length)
+                   step_delay=args.step_delay, context_length=args.context_length, max_queue=args.queue_size)
     if args.quantize:
         if "quantize" not in inspect.signature(load_model).parameters:
             fail(args, f"--quantize {args.quantize} is not supported by this version of model_runtime yet")
@@ -182,29 +222,43 @@ def fail(args: argparse.Namespace, reason: str) -> None:
     raise SystemExit(1)
 
 
-def stop_on_sigterm(signum, frame):
-    """`docker stop` and Spaces send SIGTERM: shut down like Ctrl+C (engine closed, temp files gone)."""
-    raise KeyboardInterrupt
+class StopRequests:
+    """SIGTERM (`docker stop`, Spaces) and Ctrl+C only note that a stop was asked for; the main
+    thread then shuts down in order. Nothing is raised into whatever code the signal interrupts."""
+
+    def __init__(self):
+        self.signal = None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._note)
+
+    def _note(self, signum, frame) -> None:
+        self.signal = signum
+
+    def wait(self) -> None:
+        while self.signal is None:
+            time.sleep(0.1)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    backend = load_backend(args)
-    from webdemo.api import add_api_routes
+    backend = load_backend(args)  # Ctrl+C or SIGTERM here simply end the process: nothing to drain yet
+    stop = StopRequests()
+    from webdemo.server import start_server
     from webdemo.ui import build_page
 
     if backend.info.random_weights:
         print("note: serving a tiny random model; its answers are random text", file=sys.stderr)
     page = build_page(backend, concurrency_limit=args.concurrency, storage_secret=env("CHATGLM_STORAGE_SECRET"))
+    server = start_server(page, backend, policy=access_policy(args), limits=server_limits(args),
+                          concurrency=args.concurrency, queue_size=args.queue_size, host=args.host, port=args.port,
+                          share=args.share and not running_on_spaces())
     try:
-        page.launch(queue_size=args.queue_size, server_name=args.host, server_port=args.port,
-                    share=args.share and not running_on_spaces(), auth=args.auth,
-                    add_routes=lambda app: add_api_routes(app, backend, api_key=args.require_api_key))
+        stop.wait()
+        print(f"stopping: new requests get 503; answers running get up to {args.drain_seconds:g} s to finish",
+              file=sys.stderr)
     finally:
-        page.close()
-        backend.close()
+        server.shutdown(drain_s=args.drain_seconds)
     return 0
 
 

@@ -1,43 +1,21 @@
 """The OpenAI-compatible API with the official `openai` client, against a real server on 127.0.0.1."""
 import json
-import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
-from fastapi import FastAPI
 
-from model_runtime.engine import Engine
-from webdemo.api import add_api_routes
+from tests.webdemo_server import MODEL_NAME, serving
+from webdemo.access import AccessPolicy
 
 API_KEY = "test-key"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model):
-    tokenizer, model = tiny_model
-    engine = Engine(tokenizer, model, slots=4, max_queue=2, name="chatglm-6b-tiny", step_delay=0.002)
-    app = FastAPI()
-    add_api_routes(app, engine, api_key=API_KEY)
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", engine
-    uv.should_exit = True
-    thread.join(10)
-    engine.close()
+    with serving(tiny_model, policy=AccessPolicy(api_key=API_KEY), slots=4, queue_size=2) as served:
+        yield served.url, served.engine
 
 
 @pytest.fixture
@@ -47,12 +25,12 @@ def client(server):
 
 def ask(client, text="你好", **kwargs):
     kwargs.setdefault("temperature", 0)
-    return client.chat.completions.create(model="chatglm-6b-tiny", messages=[{"role": "user", "content": text}],
+    return client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": text}],
                                           **kwargs)
 
 
 def test_models_are_listed(client):
-    assert [m.id for m in client.models.list()] == ["chatglm-6b-tiny"]
+    assert [m.id for m in client.models.list()] == [MODEL_NAME]
 
 
 def test_non_streamed_completion_with_usage_matching_the_tokenizer(client, tiny_model):
@@ -128,7 +106,8 @@ def test_malformed_bodies_get_clear_errors(server):
              (json.dumps({"messages": []}).encode(), "'messages' must be a non-empty list"),
              (json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode(), "role system, user or assistant"),
              (json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(), "content must be a string"),
-             (json.dumps({"messages": [{"role": "user", "content": "天气" * 30000}]}).encode(), "shorten the message")]
+             (json.dumps({"messages": [{"role": "user", "content": "天气" * 9000}]}).encode(),
+              "message 0 is 18000 characters long; at most 16000")]
     for body, message in cases:
         response = httpx.post(url + "/v1/chat/completions", content=body, headers=headers)
         assert response.status_code == 400, body
@@ -137,8 +116,8 @@ def test_malformed_bodies_get_clear_errors(server):
 
 def test_metrics_and_health(server):
     url, _ = server
-    assert httpx.get(url + "/health").json()["status"] == "ok"
-    metrics = httpx.get(url + "/metrics").text
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    metrics = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
     for name in ("chatglm_requests_total", "chatglm_queue_length", "chatglm_active_sequences",
                  "chatglm_tokens_generated_total", "chatglm_tokens_per_second",
                  "chatglm_time_to_first_token_seconds_sum"):

@@ -1,20 +1,27 @@
 """app.py: flags, their environment variables, Spaces defaults, and the load-failure message."""
+import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 
 import app
-from webdemo import hf_spaces
+from tests.browser.app_server import AppServer
+from webdemo import hf_spaces, limits
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--model", "--quantize", "--device", "--tiny-random", "--slots", "--host", "--port", "--share", "--auth",
-         "--queue-size", "--concurrency", "--step-delay"]
+         "--queue-size", "--concurrency", "--step-delay", "--require-api-key", "--cors-origin", "--max-body-bytes",
+         "--request-timeout", "--drain-seconds"]
 ENV = ["CHATGLM_MODEL", "CHATGLM_QUANTIZE", "CHATGLM_DEVICE", "CHATGLM_TINY_RANDOM", "CHATGLM_SLOTS",
        "CHATGLM_HOST", "CHATGLM_PORT", "CHATGLM_SHARE", "CHATGLM_AUTH", "CHATGLM_QUEUE_SIZE", "CHATGLM_CONCURRENCY",
-       "CHATGLM_STEP_DELAY"]
+       "CHATGLM_STEP_DELAY", "CHATGLM_REQUIRE_API_KEY", "CHATGLM_CORS_ORIGINS", "CHATGLM_MAX_BODY_BYTES",
+       "CHATGLM_REQUEST_TIMEOUT", "CHATGLM_DRAIN_SECONDS"]
 
 
 @pytest.fixture(autouse=True)
@@ -39,18 +46,25 @@ def test_defaults():
     assert (args.model, args.quantize, args.device, args.host, args.port) == \
         ("THUDM/chatglm-6b", None, "auto", "127.0.0.1", 7860)
     assert not args.share and args.auth is None and args.tiny_random is None and args.step_delay == 0
+    assert args.require_api_key is None and args.cors_origin == [] and args.drain_seconds == 10
+    assert (args.max_body_bytes, args.request_timeout) == (limits.MAX_BODY_BYTES, limits.DEFAULT_REQUEST_TIMEOUT_S)
 
 
 def test_environment_variables_set_the_flags(monkeypatch):
     for name, value in {"CHATGLM_MODEL": "/models/glm", "CHATGLM_QUANTIZE": "4", "CHATGLM_DEVICE": "cpu",
                         "CHATGLM_HOST": "0.0.0.0", "CHATGLM_PORT": "8000", "CHATGLM_SHARE": "true",
                         "CHATGLM_AUTH": "ann:s3cret:x", "CHATGLM_QUEUE_SIZE": "5", "CHATGLM_CONCURRENCY": "3",
-                        "CHATGLM_TINY_RANDOM": "1", "CHATGLM_SLOTS": "2", "CHATGLM_STEP_DELAY": "0.5"}.items():
+                        "CHATGLM_TINY_RANDOM": "1", "CHATGLM_SLOTS": "2", "CHATGLM_STEP_DELAY": "0.5",
+                        "CHATGLM_REQUIRE_API_KEY": "k", "CHATGLM_CORS_ORIGINS": "https://a.example, https://b.example",
+                        "CHATGLM_MAX_BODY_BYTES": "2048", "CHATGLM_REQUEST_TIMEOUT": "30",
+                        "CHATGLM_DRAIN_SECONDS": "3"}.items():
         monkeypatch.setenv(name, value)
     args = app.parse_args([])
     assert (args.model, args.quantize, args.device, args.host, args.port) == ("/models/glm", 4, "cpu", "0.0.0.0", 8000)
     assert args.share and args.auth == ("ann", "s3cret:x") and args.queue_size == 5 and args.concurrency == 3
     assert args.tiny_random == "chatglm" and args.slots == 2 and args.step_delay == 0.5
+    assert args.require_api_key == "k" and args.cors_origin == ["https://a.example", "https://b.example"]
+    assert (args.max_body_bytes, args.request_timeout, args.drain_seconds) == (2048, 30, 3)
     assert app.parse_args(["--port", "9000"]).port == 9000  # a flag beats its variable
 
 
@@ -62,6 +76,8 @@ def test_tiny_random_takes_a_family():
 @pytest.mark.parametrize("argv, env", [
     (["--auth", "nopassword"], {}), (["--quantize", "3"], {}), ([], {"CHATGLM_QUANTIZE": "16"}),
     ([], {"CHATGLM_AUTH": "x"}), (["--port", "http"], {}), ([], {"CHATGLM_TINY_RANDOM": "llama"}),
+    (["--require-api-key", ""], {}), ([], {"CHATGLM_REQUIRE_API_KEY": ""}), (["--cors-origin", "*"], {}),
+    (["--max-body-bytes", "0"], {}), (["--drain-seconds", "-1"], {}), (["--request-timeout", "nan"], {}),
 ])
 def test_bad_values_are_refused(monkeypatch, argv, env):
     for name, value in env.items():
@@ -103,3 +119,37 @@ def test_a_model_that_cannot_load_gives_one_clear_message(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[0].startswith("error: could not load the model")
     assert "missing" in result.stderr and "--tiny-random" in result.stderr
+
+
+@pytest.mark.parametrize("argv", [["--auth", "me:secret", "--share"], ["--auth", "me:secret", "--host", "0.0.0.0"]])
+def test_a_login_alone_on_a_reachable_server_is_refused_saying_what_to_add(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        app.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert "add --require-api-key KEY" in capsys.readouterr().err
+    assert app.parse_args(argv + ["--require-api-key", "k"]).auth == ("me", "secret")
+
+
+def test_sigterm_mid_answer_drains_cuts_off_honestly_and_exits_0():
+    server = AppServer("--step-delay", "0.05", "--drain-seconds", "1")
+    try:
+        client = openai.OpenAI(base_url=server.url + "v1", api_key="none", max_retries=0)
+        stream = client.chat.completions.create(model="chatglm-6b-tiny-random", stream=True, max_tokens=2000,
+                                                messages=[{"role": "user", "content": "你好"}])
+        chunks = iter(stream)
+        next(chunks)
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert httpx.get(server.url + "v1/models", timeout=5).status_code == 503  # stopped accepting
+        assert httpx.get(server.url + "health", timeout=5).json() == {"status": "unhealthy"}
+        finish_reasons = []
+        with pytest.raises(openai.APIError, match="shut|cut|clos"):
+            for chunk in chunks:
+                finish_reasons += [c.finish_reason for c in chunk.choices if c.finish_reason]
+        assert finish_reasons == []  # never "stop": the answer was cut off
+        assert server.process.wait(timeout=1 + 10) == 0
+        assert time.monotonic() - signalled < 1 + 10
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log(tail=10**7), server.log()

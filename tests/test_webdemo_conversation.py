@@ -6,8 +6,10 @@ import time
 import pytest
 
 from model_runtime.protocol import SamplingParams
-from webdemo.conversation import (ActiveStreams, Progress, check_message, check_settings, clean_history, readout,
-                                  stream_answer)
+from tests.test_webdemo_page import RecordingBackend
+from webdemo.conversation import (ActiveStreams, Progress, check_message, check_settings, clean_history, fit_history,
+                                  readout, stream_answer)
+from webdemo.limits import LimitExceeded, Limits
 
 
 def test_clean_history_keeps_alternating_turns_only():
@@ -21,9 +23,41 @@ def test_clean_history_keeps_alternating_turns_only():
     assert clean_history(messy) == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
 
 
-def test_clean_history_bounds_what_a_browser_can_send():
-    huge = [["x" * 60_000, "y" * 60_000]] * 4
-    assert sum(len(m["content"]) for m in clean_history(huge)) <= 200_000
+def test_clean_history_reads_only_the_newest_items():
+    pairs = [[f"q{i}", f"a{i}"] for i in range(10)]
+    assert [m["content"] for m in clean_history(pairs, max_items=2)] == ["q8", "a8", "q9", "a9"]
+    assert clean_history(pairs, max_items=0) == []
+
+
+def test_clean_history_is_linear_on_a_hostile_list():
+    hostile = [{"role": "user", "content": "q"}] * 500_000 + [7] * 500_000
+    started = time.perf_counter()
+    assert clean_history(hostile, max_items=400) == []
+    assert clean_history(hostile, max_items=10**7) == []  # a user, then only more users: no pair
+    assert time.perf_counter() - started < 2.0
+
+
+def turns(*pairs):
+    return [{"role": role, "content": text} for pair in pairs for role, text in zip(("user", "assistant"), pair)]
+
+
+def test_fit_history_keeps_the_newest_turns_that_fit():
+    limits = Limits(max_messages=5, max_message_chars=10, max_conversation_chars=20)
+    history = turns(("a" * 4, "b" * 4), ("c" * 4, "d" * 4), ("e" * 2, "f" * 2))
+    assert fit_history(history, ["q"], limits) == (history[2:], 1)  # 5 messages at most
+    assert fit_history(history, ["q" * 9], limits) == (history[4:], 2)  # 20 characters at most
+    assert fit_history(turns(("x" * 11, "y"), ("e", "f")), ["q"], limits) == (turns(("e", "f")), 1)
+    assert fit_history([], [], limits) == ([], 0)
+    with pytest.raises(LimitExceeded, match="at most 10"):
+        fit_history(history, ["q" * 11], limits)
+
+
+def test_fit_history_is_one_pass_over_a_long_chat():
+    history = turns(*[("q" * 100, "a" * 100)] * 50_000)
+    started = time.perf_counter()
+    kept, dropped = fit_history(history, ["hello"], Limits())
+    assert time.perf_counter() - started < 1.0
+    assert len(kept) == 398 and dropped == 50_000 - 199 and kept == history[-398:]
 
 
 def test_check_settings_accepts_the_slider_ranges():
@@ -66,25 +100,39 @@ class Stream:
 def test_stop_cancels_running_streams_of_that_session_only():
     active = ActiveStreams()
     mine, theirs = Stream(), Stream()
-    active.add("me", mine, active.begin("me"))
-    active.add("you", theirs, active.begin("you"))
+    active.add("me", mine, active.begin())
+    active.add("you", theirs, active.begin())
     active.stop("me")
     assert mine.cancelled.is_set() and not theirs.cancelled.is_set()
 
 
 def test_stop_before_the_stream_exists_cancels_it_on_arrival():
     active = ActiveStreams()
-    started = active.begin("me")
+    started = active.begin()
     active.stop("me")  # Stop pressed before the answer was submitted
     late = Stream()
     active.add("me", late, started)
     assert late.cancelled.is_set()
     fresh = Stream()  # the next answer is not affected
-    active.add("me", fresh, active.begin("me"))
+    active.add("me", fresh, active.begin())
     assert not fresh.cancelled.is_set()
     active.remove("me", late)
     active.remove("me", fresh)
     assert active.count() == 0
+
+
+def test_remembered_stops_are_bounded_and_forgetting_one_stops_nothing():
+    active = ActiveStreams(max_remembered_stops=3)
+    started = active.begin()
+    for number in range(1000):  # a client can send any number of session hashes
+        active.stop(f"session-{number}")
+    assert len(active._last_stop) == 3
+    early = Stream()
+    active.add("session-0", early, started)  # its Stop was forgotten: the answer runs
+    assert not early.cancelled.is_set()
+    late = Stream()
+    active.add("session-999", late, started)  # remembered: cancelled on arrival
+    assert late.cancelled.is_set()
 
 
 def test_readout_lines():
@@ -95,7 +143,10 @@ def test_readout_lines():
                                            "answer cut at the maximum length")
     assert readout(Progress(queue_position=3), 16, "zh") == "排队中：第 3 位"
     assert "stopped" in readout(Progress("x", True, "cancelled", prompt_tokens=3, completion_tokens=1), 9, "en")
-    assert "boom" in readout(Progress("", True, "error", error="boom"), 9, "en")
+    assert readout(Progress("", True, "error", error="boom"), 9, "en") == "the answer failed: boom"
+    cut = readout(Progress("half an answ", True, "error", error="time limit reached", prompt_tokens=3,
+                           completion_tokens=4), 9, "en")
+    assert cut == "context 7 / 9 tokens · the answer was cut off and is incomplete: time limit reached"
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +188,7 @@ def test_closing_the_generator_cancels_in_the_engine(engine):
 def test_stop_from_another_thread_ends_the_answer(engine):
     active = ActiveStreams()
     updates = stream_answer(engine, [], "你好", SamplingParams(max_length=2048, temperature=0), active, "s",
-                            active.begin("s"))
+                            active.begin())
     first = next(updates)
     assert not first.finished
     active.stop("s")
@@ -150,8 +201,8 @@ def test_check_message():
     for bad, text in [("", "empty"), ("   \n", "empty"), (None, "empty"), ("x" * 16_001, "too long")]:
         with pytest.raises(ValueError, match=text):
             check_message(bad)
-    long_turn = [["x" * 16_001, "a"], ["q", "a"]]
-    assert clean_history(long_turn) == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    with pytest.raises(ValueError, match="at most 5"):
+        check_message("x" * 6, limit=5)
 
 
 def test_server_texts_follow_accept_language():
@@ -161,3 +212,13 @@ def test_server_texts_follow_accept_language():
     assert pick_language("en-US,en;q=0.9,zh-CN;q=0.8") == "en"
     assert pick_language("fr-FR,fr;q=0.9") == "en" and pick_language(None) == "en"
     assert set(EN) == set(ZH)
+
+
+def test_stream_answer_sends_the_deadline_and_salt_and_reports_a_cut_off():
+    backend = RecordingBackend()
+    backend.finish_reason, backend.error = "error", "time limit"
+    updates = list(stream_answer(backend, [], "hi", SamplingParams(), ActiveStreams(), "s", 0,
+                                 deadline_s=12.5, cache_salt="page:abc"))
+    request = backend.requests[0]
+    assert (request.deadline_s, request.cache_salt) == (12.5, "page:abc")
+    assert updates[-1].finish_reason == "error" and updates[-1].text == "partial answer"

@@ -1,10 +1,16 @@
-"""webdemo.ui.build_page in-process, on the real Engine with the tiny checkpoint."""
-import json
+"""webdemo.ui.build_page in-process: on the real Engine with the tiny checkpoint, and on a
+recording backend for what the page sends (limits, deadline, cache salt) and shows (cut-off
+answers)."""
+import threading
 import urllib.request
 
+import httpx
 import pytest
 
+from model_runtime.protocol import ChatEvent, ModelInfo, SamplingParams
 from tests.browser.app_server import free_port
+from tests.test_security_paths import run_event
+from webdemo.limits import Limits
 
 
 @pytest.fixture(scope="module")
@@ -17,24 +23,171 @@ def engine(tiny_model):
     engine.close()
 
 
-def test_launch_can_add_routes_beside_the_page(engine):
+def test_page_serves_and_close_removes_its_files(engine):
     from webdemo.ui import build_page
 
     page = build_page(engine, concurrency_limit=4)
-
-    def add_routes(app):
-        @app.get("/health-test")
-        def health():
-            return {"model": engine.info.name}
-
     port = free_port()
-    page.launch(add_routes=add_routes, prevent_thread_lock=True, server_name="127.0.0.1", server_port=port,
-                quiet=True)
+    page.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health-test", timeout=10) as response:
-            assert json.load(response) == {"model": engine.info.name}
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
             assert response.status == 200 and b"<html" in response.read().lower()
+        assert page.exports.root.path.is_dir()
     finally:
         page.close()
-    assert not page.export_dir.exists()
+    assert not page.exports.root.path.exists()
+
+
+class RecordingBackend:
+    """Answers "partial answer" and then ends with `finish_reason`; keeps every request."""
+
+    info = ModelInfo("recording-model", max_sequence_length=64, default_sampling=SamplingParams(max_length=64))
+
+    def __init__(self):
+        self.requests = []
+        self.finish_reason, self.error = "stop", None
+        self._lock = threading.Lock()
+
+    def submit(self, request):
+        with self._lock:
+            self.requests.append(request)
+        events = [ChatEvent("delta", request.request_id, "partial answer", "partial answer", prompt_tokens=3,
+                            completion_tokens=2),
+                  ChatEvent("done", request.request_id, text="partial answer", prompt_tokens=3, completion_tokens=2,
+                            finish_reason=self.finish_reason, error=self.error)]
+
+        class Stream:
+            request_id = request.request_id
+
+            def __iter__(self):
+                return iter(events)
+
+            def cancel(self):
+                pass
+
+        return Stream()
+
+    def cancel(self, request_id):
+        pass
+
+    def stats(self):
+        return {}
+
+    def health(self):
+        return None
+
+    def close(self, drain_s=0.0):
+        pass
+
+
+LIMITS = Limits(max_messages=5, max_message_chars=50, max_conversation_chars=120, request_timeout_s=42.0)
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    """(backend, base URL) of a page on the recording backend, with small limits."""
+    from webdemo.ui import build_page
+
+    backend = RecordingBackend()
+    page = build_page(backend, concurrency_limit=4, limits=LIMITS, storage_secret="test-secret")
+    port = free_port()
+    page.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    yield backend, f"http://127.0.0.1:{port}/"
+    page.close()
+
+
+def page_event(url: str, api_name: str, data: list, session: str) -> list:
+    with httpx.Client(base_url=url, timeout=30) as client:
+        config = client.get("/config").json()
+        (dependency,) = [d for d in config["dependencies"] if d.get("api_name") == api_name]
+        return run_event(client, dependency, data, session)
+
+
+def send(url: str, stored: list, message: str, session: str) -> list:
+    """The page's Send with this stored chat; the event's messages."""
+    return page_event(url, "respond", [message, stored, 64, 0.7, 0.95, ""], session)
+
+
+def warnings(messages: list) -> list[str]:
+    return [m["log"] for m in messages if isinstance(m, dict) and m.get("msg") == "log"]
+
+
+def last_outputs(messages: list) -> list:
+    return [m for m in messages if isinstance(m, dict) and m.get("msg") == "process_completed"][-1]["output"]["data"]
+
+
+def pairs(count: int) -> list[dict]:
+    return [{"role": role, "content": f"{role[0]}{n}"} for n in range(count) for role in ("user", "assistant")]
+
+
+def test_page_sends_the_deadline_and_a_salt_of_its_session_only(recorded):
+    backend, url = recorded
+    backend.requests.clear()
+    for session in ("session-one", "session-one", "session-two"):
+        send(url, [], "hello", session)
+    salts = [request.cache_salt for request in backend.requests]
+    assert salts[0] == salts[1] != salts[2] and all(s.startswith("page:") for s in salts)
+    assert not any("session" in s for s in salts)  # derived with a server key, not the hash itself
+    assert {request.deadline_s for request in backend.requests} == {42.0}
+
+
+def test_api_salt_differs_per_client(recorded):
+    from gradio_client import Client
+
+    backend, url = recorded
+    backend.requests.clear()
+    one, two = Client(url, verbose=False), Client(url, verbose=False)
+    for client in (one, one, two):
+        client.predict("hello", [], api_name="/chat")
+    salts = [request.cache_salt for request in backend.requests]
+    assert salts[0] == salts[1] != salts[2] and all(s.startswith("api:") for s in salts)
+
+
+def test_page_trims_a_stored_chat_over_the_limits_with_a_note(recorded):
+    backend, url = recorded
+    backend.requests.clear()
+    messages = send(url, pairs(3), "hello", "trim-session")  # 6 stored + 1 new > 5 messages
+    sent = backend.requests[-1].messages
+    assert [m.content for m in sent] == ["u1", "a1", "u2", "a2", "hello"]
+    assert any("oldest turns were removed" in text for text in warnings(messages))
+    stored = last_outputs(messages)[2]
+    assert [m["content"] for m in stored] == ["u1", "a1", "u2", "a2", "hello", "partial answer"]
+
+
+def test_page_refuses_a_message_over_the_limits(recorded):
+    backend, url = recorded
+    backend.requests.clear()
+    messages = send(url, [], "x" * 51, "long-session")
+    assert not backend.requests and any("at most 50" in text for text in warnings(messages))
+
+
+def test_api_refuses_a_conversation_over_the_limits(recorded):
+    from gradio_client import Client
+
+    backend, url = recorded
+    backend.requests.clear()
+    client = Client(url, verbose=False)
+    for history, words in [([["q", "a"]] * 3, "7 messages; at most 5"),
+                           ([["q", "a"]] * 6, "more than 6 messages; at most 5"),
+                           ([["q" * 51, "a"]], "message 0 is 51 characters long; at most 50"),
+                           ([["q" * 40, "a" * 40]], "is 121 characters long; at most 120")]:
+        with pytest.raises(Exception, match=words):
+            client.predict("x" * 41 if "121" in words else "hello", history, api_name="/chat")
+    assert not backend.requests
+    assert client.predict("hello", [["q", "a"]], api_name="/chat") == "partial answer"
+
+
+def test_a_cut_off_answer_shows_as_cut_off(recorded):
+    from gradio_client import Client
+
+    backend, url = recorded
+    backend.finish_reason, backend.error = "error", "the time limit was reached"
+    try:
+        messages = send(url, [], "hello", "cut-session")
+        readout = last_outputs(messages)[3]
+        assert "cut off and is incomplete: the time limit was reached" in str(readout)
+        assert any("cut off" in text for text in warnings(messages))
+        with pytest.raises(Exception, match="cut off and is incomplete"):
+            Client(url, verbose=False).predict("hello", [], api_name="/chat")
+    finally:
+        backend.finish_reason, backend.error = "stop", None

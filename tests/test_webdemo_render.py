@@ -1,12 +1,13 @@
 """webdemo.render: Markdown that cannot carry HTML, and the HTML/JSON transcript."""
 import json
 import re
+import time
 from datetime import datetime, timezone
 
 import pytest
 
-from webdemo.render import (chat_message, conversation_html, conversation_json, escape_markdown, message_html,
-                            sanitize_html, segments)
+from webdemo.render import (MAX_FORMULAS, chat_message, conversation_html, conversation_json, escape_markdown,
+                            message_html, sanitize_html, segments)
 
 TEXTS = [
     "plain text",
@@ -115,3 +116,12 @@ def test_conversation_json_round_trips():
     data = json.loads(conversation_json(history, "chatglm-6b"))
     assert data["model"] == "chatglm-6b" and data["messages"] == history
     assert datetime.fromisoformat(data["exported_at"])
+
+
+def test_formulas_beyond_the_budget_stay_as_text_and_cost_little():
+    history = [{"role": "user", "content": "$$a$$ " * 2500}, {"role": "assistant", "content": "$y$ " * 4000}] * 4
+    started = time.perf_counter()
+    page = conversation_html(history, "m")
+    assert time.perf_counter() - started < 10  # about a millisecond per formula otherwise: 30 s
+    assert page.count("<math") == MAX_FORMULAS and "<code>$y$</code>" in page
+    assert message_html("a $x^2$ b", max_formulas=0) == "<p>a <code>$x^2$</code> b</p>"

@@ -1,43 +1,76 @@
-"""HTTP routes beside the page, on the same FastAPI app and port:
+"""HTTP routes beside the page, on the same port (server.py puts them behind the access gate):
 
 - `POST /v1/chat/completions` and `GET /v1/models`: the OpenAI chat API, served by the same
   backend as the page, so API and browser users share one batch;
-- `GET /metrics`: Prometheus text; `GET /health`: liveness for load balancers and Spaces.
+- `GET /metrics`: Prometheus text; `GET /health`: "ok" or, with 503, "unhealthy" (nothing more:
+  it is open to everyone).
+
+Every answer is an OpenAI-style JSON error when anything is wrong with a request, whatever
+bytes arrived: bad UTF-8, lone surrogates, bad JSON, wrong types, numbers beyond range.
+
+Work is bounded and off the event loop: the body was bounded by the gate; parsing, the
+conversation limits (`Limits.check_conversation`, the page's own) and `backend.submit` (which
+tokenizes) run in one worker thread of a pool sized to --concurrency; waiting for a stream's
+next event runs in a second bounded pool (never asyncio's default one). Every request carries
+the server's deadline, and /v1 answers share one KV-cache salt per API key.
+
+Work ends with its client: a streamed answer is cancelled when the client disconnects (the
+response stops), a non-streamed one as soon as the server sees the disconnect while waiting.
+
+Honest endings: finish_reason "stop" and "length" are passed through; every other ending (an
+engine error, the deadline, a shutdown, a cancel) is an error. In a stream it is a final
+`data: {"error": {...}}` event with no finish_reason and no `[DONE]` (the openai client raises
+APIError on it), so a cut-off answer never looks complete; without streaming it is a JSON error,
+503 while the backend is unhealthy or shutting down, else 500.
 """
 from __future__ import annotations
 
-import asyncio
 import json
-import secrets
 import time
 import uuid
 from typing import Any, Iterator, Optional
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
-from model_runtime.protocol import (ChatBackend, ChatEvent, ChatRequest, EngineBusy, InvalidRequest, Message,
-                                    SamplingParams)
+from model_runtime.protocol import (ChatBackend, ChatEvent, ChatRequest, ChatStream, EngineBusy, InvalidRequest,
+                                    Message, SamplingParams)
+
+from .access import BadJSON, parse_json
+from .limits import MAX_STOP_CHARS, MAX_STOP_STRINGS, LimitExceeded, Limits
 
 KNOWN_FIELDS = {"model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed",
                 "n", "stream", "stream_options", "user", "frequency_penalty", "presence_penalty"}
 DEFAULT_MAX_TOKENS = 1024
+RETRY_AFTER_S = 2  # told to clients refused as busy
+DISCONNECT_POLL_S = 0.1  # how often a waiting non-streamed request looks for its client
+SHOWN_VALUE_CHARS = 80  # of a client's value quoted back in an error message
 
 
 class APIError(Exception):
     """An OpenAI-style error response."""
 
     def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: Optional[dict] = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _clipped(text: str) -> str:
+    return text if len(text) <= SHOWN_VALUE_CHARS else text[:SHOWN_VALUE_CHARS] + "…"
+
+
+def _shown(value: Any) -> str:
+    return _clipped(repr(value))
 
 
 def _number(value, name: str, default, low: float, high: float, integer: bool = False):
@@ -47,7 +80,7 @@ def _number(value, name: str, default, low: float, high: float, integer: bool = 
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
         kind = "an integer" if integer else "a number"
-        raise APIError(400, f"'{name}' must be {kind} between {low} and {high}, got {value!r}", param=name)
+        raise APIError(400, f"'{name}' must be {kind} between {low} and {high}, got {_shown(value)}", param=name)
     return value
 
 
@@ -55,26 +88,37 @@ def _content(message: dict, index: int) -> str:
     content = message.get("content")
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return "".join(str(p.get("text", "")) for p in content)
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text", ""), str) for p in content):
+        return "".join(p.get("text", "") for p in content)
     raise APIError(400, f"messages[{index}].content must be a string or a list of text parts",
                    param=f"messages.[{index}].content")
 
 
-def parse_chat_request(body: Any, model_name: str) -> tuple[ChatRequest, bool, bool]:
+def decode_body(raw: bytes, limits: Limits) -> Any:
+    """Request bytes -> JSON value (access.parse_json's checks); APIError if not acceptable."""
+    try:
+        return parse_json(raw, limits.max_json_depth)
+    except BadJSON as error:
+        raise APIError(400, str(error), code="invalid_json") from None
+
+
+def parse_chat_request(body: Any, model_name: str, limits: Limits = Limits(),
+                       cache_salt: Optional[str] = None) -> tuple[ChatRequest, bool, bool]:
     """A /v1/chat/completions body -> (request, stream?, include usage chunk?); APIError if invalid."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     unknown = sorted(set(body) - KNOWN_FIELDS)
     if unknown:
-        raise APIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}", param=unknown[0])
+        raise APIError(400, f"Unrecognized request argument supplied: {', '.join(map(_clipped, unknown))}",
+                       param=unknown[0])
     if body.get("model") not in (None, model_name):
-        raise APIError(404, f"The model '{body['model']}' does not exist; this server serves '{model_name}'",
+        raise APIError(404, f"The model {_shown(body['model'])} does not exist; this server serves '{model_name}'",
                        param="model", code="model_not_found")
     for name in ("frequency_penalty", "presence_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
+        if body.get(name) not in (None, 0, 0.0) or isinstance(body.get(name), bool):
             raise APIError(400, f"'{name}' is not supported by this server (only 0)", param=name)
-    if body.get("n", 1) != 1:
+    if body.get("n", 1) != 1 or isinstance(body.get("n"), bool):
         raise APIError(400, "only n=1 is supported", param="n")
     raw_messages = body.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
@@ -85,10 +129,13 @@ def parse_chat_request(body: Any, model_name: str) -> tuple[ChatRequest, bool, b
             raise APIError(400, f"messages[{index}] must be an object with role system, user or assistant",
                            param=f"messages.[{index}].role")
         messages.append(Message(message["role"], _content(message, index)))
-    stop = body.get("stop") or ()
-    stop = (stop,) if isinstance(stop, str) else stop
-    if not isinstance(stop, (list, tuple)) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise APIError(400, "'stop' must be a string or a list of up to 4 non-empty strings", param="stop")
+    limits.check_conversation([m.content for m in messages])
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or \
+            not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop):
+        raise APIError(400, f"'stop' must be a string or a list of up to {MAX_STOP_STRINGS} non-empty strings "
+                            f"of at most {MAX_STOP_CHARS} characters", param="stop")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     sampling = SamplingParams(
         max_length=1 << 30,  # bounded by the model's context; max_tokens bounds the answer
@@ -105,7 +152,8 @@ def parse_chat_request(body: Any, model_name: str) -> tuple[ChatRequest, bool, b
     options = body.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise APIError(400, "'stream' must be a boolean and 'stream_options' an object", param="stream")
-    request = ChatRequest(messages=tuple(messages), sampling=sampling, request_id=f"chatcmpl-{uuid.uuid4().hex}")
+    request = ChatRequest(messages=tuple(messages), sampling=sampling, request_id=f"chatcmpl-{uuid.uuid4().hex}",
+                          deadline_s=limits.request_timeout_s, cache_salt=cache_salt)
     return request, stream, bool(options.get("include_usage"))
 
 
@@ -114,12 +162,19 @@ def _usage(event: ChatEvent) -> dict:
             "total_tokens": event.prompt_tokens + event.completion_tokens}
 
 
-def _finish_reason(event: ChatEvent) -> str:
-    return "length" if event.finish_reason == "length" else "stop"
+def _is_complete(event: ChatEvent) -> bool:
+    """Only a natural end or a length cut may look like a finished answer."""
+    return event.finish_reason in ("stop", "length")
 
 
-def _error_from(event: ChatEvent) -> APIError:
-    return APIError(500, event.error or "generation failed", kind="server_error")
+def _error_from(event: Optional[ChatEvent], backend: ChatBackend) -> APIError:
+    """The error for an answer that did not end as "stop" or "length"."""
+    message = (event.error if event is not None else None) or \
+        ("the answer was cancelled" if event is not None and event.finish_reason == "cancelled"
+         else "the answer ended without finishing")
+    if backend.health() is not None:
+        return APIError(503, message, kind="server_error", code="unavailable", headers={"Retry-After": "5"})
+    return APIError(500, message, kind="server_error")
 
 
 def stats_as_prometheus(stats: dict, prefix: str = "chatglm_") -> str:
@@ -133,53 +188,63 @@ def stats_as_prometheus(stats: dict, prefix: str = "chatglm_") -> str:
     return "\n".join(lines) + "\n"
 
 
-def add_api_routes(app: FastAPI, backend: ChatBackend, api_key: Optional[str] = None) -> None:
-    """Mount the OpenAI routes, /metrics and /health on the page's FastAPI app."""
+def add_api_routes(app: FastAPI, backend: ChatBackend, *, limits: Limits = Limits(), cache_salt: Optional[str] = None,
+                   concurrency: int = 64, max_streams: int = 256) -> None:
+    """Mount the OpenAI routes, /metrics and /health on `app` (access is the gate's business).
+    concurrency: requests parsed and tokenized at once; max_streams: /v1 answers waited on at
+    once (each waits in a thread of its own pool)."""
+    work = anyio.CapacityLimiter(concurrency)
+    waits = anyio.CapacityLimiter(max_streams)
 
-    def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not secrets.compare_digest(given.encode(), api_key.encode()):
-            raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        return APIError(error.status_code, str(error.detail), headers=error.headers).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception):
+        return APIError(500, f"internal error: {type(error).__name__}", kind="server_error").response()
 
     @app.get("/v1/models")
-    async def list_models(request: Request):
-        try:
-            check_key(request)
-        except APIError as error:
-            return error.response()
+    async def list_models():
         return {"object": "list", "data": [{"id": backend.info.name, "object": "model", "created": 0,
                                             "owned_by": "chatglm-webdemo"}]}
 
+    def submit(raw: bytes) -> tuple[ChatRequest, ChatStream, bool, bool]:
+        """Parse, check and submit (tokenizing): the blocking part of a request, in a worker."""
+        chat_request, stream, include_usage = parse_chat_request(decode_body(raw, limits), backend.info.name, limits,
+                                                                 cache_salt)
+        try:
+            return chat_request, backend.submit(chat_request), stream, include_usage
+        except InvalidRequest as error:
+            raise APIError(400, str(error)) from None
+        except EngineBusy as error:
+            status, code = (429, "busy") if backend.health() is None else (503, "unavailable")
+            raise APIError(status, str(error), kind="server_overloaded", code=code,
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        content_type = request.headers.get("content-type", "application/json").lower()
+        if "json" not in content_type:
+            return APIError(415, f"the body must be application/json, not {_shown(content_type)}").response()
+        raw = await request.body()
         try:
-            check_key(request)
-            try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise APIError(400, "the request body is not valid JSON") from None
-            chat_request, stream, include_usage = parse_chat_request(body, backend.info.name)
-            try:
-                handle = backend.submit(chat_request)
-            except InvalidRequest as error:
-                raise APIError(400, str(error)) from None
-            except EngineBusy as error:
-                raise APIError(429, str(error), kind="server_overloaded", code="busy") from None
+            chat_request, handle, stream, include_usage = await anyio.to_thread.run_sync(submit, raw, limiter=work)
         except APIError as error:
             return error.response()
+        except LimitExceeded as error:
+            return APIError(400, str(error), param="messages", code="limit_exceeded").response()
         created = int(time.time())
         if stream:
-            chunks = _sse_chunks(handle, chat_request.request_id, backend.info.name, created, include_usage)
+            chunks = _sse_chunks(handle, chat_request.request_id, backend, created, include_usage, waits)
             return StreamingResponse(chunks, media_type="text/event-stream")
-        last = await run_in_threadpool(lambda: list(handle)[-1])
-        if last.finish_reason == "error":
-            return _error_from(last).response()
+        last = await _last_event(handle, request, waits)
+        if last is None or not _is_complete(last):
+            return _error_from(last, backend).response()
         return {"id": chat_request.request_id, "object": "chat.completion", "created": created,
                 "model": backend.info.name, "usage": _usage(last),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": last.text},
-                             "finish_reason": _finish_reason(last), "logprobs": None}]}
+                             "finish_reason": last.finish_reason, "logprobs": None}]}
 
     @app.get("/metrics")
     async def metrics():
@@ -187,12 +252,41 @@ def add_api_routes(app: FastAPI, backend: ChatBackend, api_key: Optional[str] = 
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": backend.info.name}
+        if backend.health() is not None:
+            return JSONResponse({"status": "unhealthy"}, status_code=503)
+        return {"status": "ok"}
 
 
-async def _sse_chunks(handle, request_id: str, model: str, created: int, include_usage: bool):
+def _final_event(handle: ChatStream) -> Optional[ChatEvent]:
+    last = None
+    for last in handle:
+        pass
+    return last
+
+
+async def _last_event(handle: ChatStream, request: Request, waits: anyio.CapacityLimiter) -> Optional[ChatEvent]:
+    """The stream's last event; if the client disconnects first, the request is cancelled (its
+    slot or queue place freed at once) and the stream's cancelled ending returned."""
+    async def cancel_when_client_leaves() -> None:
+        while not await request.is_disconnected():
+            await anyio.sleep(DISCONNECT_POLL_S)
+        handle.cancel()
+
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(cancel_when_client_leaves)
+            last = await anyio.to_thread.run_sync(_final_event, handle, limiter=waits, abandon_on_cancel=True)
+            group.cancel_scope.cancel()
+        return last
+    finally:
+        handle.cancel()  # no-op once finished; ends the work if this task itself was cancelled
+
+
+async def _sse_chunks(handle: ChatStream, request_id: str, backend: ChatBackend, created: int, include_usage: bool,
+                      waits: anyio.CapacityLimiter):
     """Server-sent events for a streamed completion; a client that goes away cancels the work."""
     events: Iterator[ChatEvent] = iter(handle)
+    model = backend.info.name
 
     def chunk(delta: dict, finish_reason=None, usage=None) -> str:
         payload = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -205,15 +299,15 @@ async def _sse_chunks(handle, request_id: str, model: str, created: int, include
     try:
         yield chunk({"role": "assistant", "content": ""})
         while True:
-            event = await asyncio.to_thread(next, events)
-            if event.kind == "delta" and event.delta:
+            event = await anyio.to_thread.run_sync(next, events, None, limiter=waits, abandon_on_cancel=True)
+            if event is not None and event.kind == "delta" and event.delta:
                 yield chunk({"content": event.delta})
-            if not event.finished:
+            if event is not None and not event.finished:
                 continue
-            if event.finish_reason == "error":
-                yield f"data: {json.dumps(_error_from(event).body())}\n\n"
+            if event is None or not _is_complete(event):
+                yield f"data: {json.dumps(_error_from(event, backend).body(), ensure_ascii=False)}\n\n"
                 return
-            yield chunk({"content": event.delta} if event.delta else {}, _finish_reason(event))
+            yield chunk({"content": event.delta} if event.delta else {}, event.finish_reason)
             if include_usage:
                 yield chunk({}, usage=_usage(event))
             yield "data: [DONE]\n\n"

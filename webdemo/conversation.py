@@ -7,52 +7,71 @@ closed tab or Reset can cancel them in the model at once rather than only hiding
 """
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Optional
 
 from model_runtime.protocol import ChatBackend, ChatRequest, ChatStream, Message, SamplingParams
 
 from .i18n import say
+from .limits import MAX_MESSAGE_CHARS, MAX_MESSAGES, Limits
 
-MAX_MESSAGE_CHARS = 16_000  # far beyond a 2048-token context; bounds rendering work per message
-MAX_HISTORY_CHARS = 200_000  # what a browser may send back; the model sees far less anyway
 UPDATE_INTERVAL_S = 0.05  # at most this often a streamed update goes to the page (the last always does)
+MAX_REMEMBERED_STOPS = 4096  # sessions whose last Stop is remembered (see ActiveStreams)
 
 
-def clean_history(value: Any) -> list[dict]:
+def clean_history(value: Any, max_items: int = MAX_MESSAGES) -> list[dict]:
     """A stored or API-sent conversation as alternating user/assistant messages; junk is dropped.
 
     Accepts messages ({"role", "content"}, as the page stores them) or [user, answer] pairs (as
-    the original ChatGLM API takes them)."""
-    messages: list[dict] = []
+    the original ChatGLM API takes them). Only the newest `max_items` items are read, in one pass:
+    the value comes from the client, and older turns would not fit the limits anyway."""
     if not isinstance(value, list):
-        return messages
-    for item in value:
-        if isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(x, str) for x in item):
-            messages += [{"role": "user", "content": item[0]}, {"role": "assistant", "content": item[1]}]
-        elif isinstance(item, dict) and item.get("role") in ("user", "assistant") and isinstance(item.get("content"), str):
-            messages.append({"role": item["role"], "content": item["content"]})
+        return []
     turns: list[dict] = []
-    for message in messages:  # keep strict user, assistant alternation
-        expected = "user" if len(turns) % 2 == 0 else "assistant"
-        if message["role"] == expected and len(message["content"]) <= MAX_MESSAGE_CHARS:
-            turns.append(message)
+
+    def add(role: str, content: str) -> None:  # keep strict user, assistant alternation
+        if role == ("user" if len(turns) % 2 == 0 else "assistant"):
+            turns.append({"role": role, "content": content})
+
+    for item in value[-max_items:] if max_items > 0 else ():
+        if isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(x, str) for x in item):
+            add("user", item[0])
+            add("assistant", item[1])
+        elif isinstance(item, dict) and item.get("role") in ("user", "assistant") and isinstance(item.get("content"), str):
+            add(item["role"], item["content"])
     if len(turns) % 2:
         turns.pop()
-    while turns and sum(len(m["content"]) for m in turns) > MAX_HISTORY_CHARS:
-        del turns[:2]
     return turns
 
 
-def check_message(message: Any, lang: str = "en") -> str:
+def fit_history(history: list[dict], fixed: list[str], limits: Limits) -> tuple[list[dict], int]:
+    """The newest (user, assistant) turns of `history` that fit `limits` together with the
+    `fixed` messages (system prompt, new query), and how many older turns were left out.
+    Raises LimitExceeded if the fixed messages alone are over a limit. One backward pass."""
+    limits.check_conversation(fixed)
+    count, total = len(fixed), sum(len(text) for text in fixed)
+    start = len(history)
+    while start >= 2:
+        pair = (history[start - 2]["content"], history[start - 1]["content"])
+        size = len(pair[0]) + len(pair[1])
+        if (count + 2 > limits.max_messages or total + size > limits.max_conversation_chars
+                or max(len(pair[0]), len(pair[1])) > limits.max_message_chars):
+            break
+        count, total, start = count + 2, total + size, start - 2
+    return history[start:], start // 2
+
+
+def check_message(message: Any, lang: str = "en", limit: int = MAX_MESSAGE_CHARS) -> str:
     """The user's new message, or ValueError (empty, too long) with a message for people."""
     if not isinstance(message, str) or not message.strip():
         raise ValueError(say(lang, "empty"))
-    if len(message) > MAX_MESSAGE_CHARS:
-        raise ValueError(say(lang, "too_long", length=len(message), limit=MAX_MESSAGE_CHARS))
+    if len(message) > limit:
+        raise ValueError(say(lang, "too_long", length=len(message), limit=limit))
     return message
 
 
@@ -77,23 +96,27 @@ def check_settings(max_length: Any, top_p: Any, temperature: Any, limit: int, la
 class ActiveStreams:
     """The backend streams each browser session is running, so they can be cancelled from outside.
 
-    A stop also counts per session, so that an answer whose stream did not exist yet when Stop
-    came (pressed before the first token) is cancelled as soon as it is submitted."""
+    A Stop is also remembered per session, so that an answer whose stream did not exist yet when
+    Stop came (pressed before the first token) is cancelled as soon as it is submitted. Session
+    hashes come from clients, so what is remembered is bounded: a Stop is a number from one
+    global sequence, and forgetting an old one can only let an answer run, never stop another."""
 
-    def __init__(self):
+    def __init__(self, max_remembered_stops: int = MAX_REMEMBERED_STOPS):
         self._lock = threading.Lock()
         self._streams: dict[str, set] = {}
-        self._stops: dict[str, int] = {}
+        self._last_stop: OrderedDict[str, int] = OrderedDict()
+        self._sequence = itertools.count(1)
+        self._max_remembered_stops = max_remembered_stops
 
-    def begin(self, session: str) -> int:
-        """Call when an answer starts; pass the result to `add`."""
+    def begin(self) -> int:
+        """Call when an answer starts (before submitting it); pass the result to `add`."""
         with self._lock:
-            return self._stops.get(session, 0)
+            return next(self._sequence)
 
     def add(self, session: str, stream: ChatStream, started: int) -> None:
         with self._lock:
             self._streams.setdefault(session, set()).add(stream)
-            stopped = self._stops.get(session, 0) != started
+            stopped = self._last_stop.get(session, 0) > started
         if stopped:
             stream.cancel()
 
@@ -107,7 +130,10 @@ class ActiveStreams:
 
     def stop(self, session: str) -> None:
         with self._lock:
-            self._stops[session] = self._stops.get(session, 0) + 1
+            self._last_stop[session] = next(self._sequence)
+            self._last_stop.move_to_end(session)
+            while len(self._last_stop) > self._max_remembered_stops:
+                self._last_stop.popitem(last=False)
             streams = list(self._streams.get(session, ()))
         for stream in streams:
             stream.cancel()
@@ -116,7 +142,7 @@ class ActiveStreams:
         """The session ended (tab closed): cancel what it runs and drop its bookkeeping."""
         self.stop(session)
         with self._lock:
-            self._stops.pop(session, None)
+            self._last_stop.pop(session, None)
 
     def count(self) -> int:
         with self._lock:
@@ -139,13 +165,16 @@ class Progress:
 
 
 def stream_answer(backend: ChatBackend, history: list[dict], query: str, params: SamplingParams,
-                  active: ActiveStreams, session: str, started: int, system: str = "") -> Iterator[Progress]:
+                  active: ActiveStreams, session: str, started: int, system: str = "", *,
+                  deadline_s: Optional[float] = None, cache_salt: Optional[str] = None) -> Iterator[Progress]:
     """Submit one turn and follow it. Raises InvalidRequest / EngineBusy at once if refused.
+    deadline_s and cache_salt go to the ChatRequest (see model_runtime.protocol).
 
     Whoever stops iterating early (a closed generator) cancels the request in the backend."""
     messages = (Message("system", system),) if system.strip() else ()
     messages += tuple(Message(m["role"], m["content"]) for m in history) + (Message("user", query),)
-    stream = backend.submit(ChatRequest(messages=messages, sampling=params))
+    stream = backend.submit(ChatRequest(messages=messages, sampling=params, deadline_s=deadline_s,
+                                        cache_salt=cache_salt))
     active.add(session, stream, started)
     first_token_at: Optional[float] = None
     last_sent = 0.0
@@ -187,5 +216,10 @@ def readout(progress: Progress, max_length: int, lang: str) -> str:
     elif progress.finish_reason == "length":
         parts.append(say(lang, "truncated"))
     elif progress.finish_reason == "error":
-        parts.append(say(lang, "failed", error=progress.error or "?"))
+        parts.append(failure(progress, lang))
     return " · ".join(parts)
+
+
+def failure(progress: Progress, lang: str) -> str:
+    """Why an answer ended with an error; one with some text says that it is incomplete."""
+    return say(lang, "cut_off" if progress.text else "failed", error=progress.error or "?")

@@ -59,6 +59,8 @@ MESSAGES = {
         "stopped": "stopped",
         "truncated": "answer cut at the maximum length",
         "failed": "the answer failed: {error}",
+        "cut_off": "the answer was cut off and is incomplete: {error}",
+        "trimmed": "This chat was longer than the server accepts: its oldest turns were removed.",
         "busy": "The server is busy: please try again in a moment.",
         "invalid": "Invalid request: {error}",
         "range": "{name} must be between {low} and {high}, got {value!r}.",
@@ -66,6 +68,8 @@ MESSAGES = {
         "empty": "The message is empty.",
         "too_long": "The message is too long: {length} characters, at most {limit}.",
         "history": "The history must be a list of [user message, answer] pairs.",
+        "too_many": "the conversation has more than {count} messages; at most {limit} are accepted: "
+                    "start a new conversation or send fewer turns",
     },
     "zh": {
         "speed": "{speed:.1f} token/秒",
@@ -75,6 +79,8 @@ MESSAGES = {
         "stopped": "已停止",
         "truncated": "回答达到最大长度被截断",
         "failed": "回答出错：{error}",
+        "cut_off": "回答被中断，内容不完整：{error}",
+        "trimmed": "本对话超出服务器的长度限制：最早的几轮已删除。",
         "busy": "服务器繁忙，请稍后再试。",
         "invalid": "请求无效：{error}",
         "range": "{name} 必须在 {low} 与 {high} 之间，收到 {value!r}。",
@@ -82,6 +88,7 @@ MESSAGES = {
         "empty": "消息为空。",
         "too_long": "消息太长：{length} 个字符，最多 {limit} 个。",
         "history": "history 必须是 [用户消息, 回答] 对的列表。",
+        "too_many": "对话超过 {count} 条消息；最多接受 {limit} 条：请开始新对话或少发几轮",
     },
 }
 

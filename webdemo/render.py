@@ -34,6 +34,8 @@ _SAFE_TARGET = re.compile(r"(https?://|mailto:)", re.I)
 # $$...$$, \[...\], \(...\), $...$ (no space just inside the dollars, as KaTeX and Pandoc expect).
 _MATH = re.compile(r"\$\$.+?\$\$|\\\[.+?\\\]|\\\(.+?\\\)|(?<![\\$])\$(?=\S)[^$\n]+?(?<=\S)\$(?!\$)", re.S)
 _CODE_OR_MATH = re.compile(f"{_CODE_SPAN.pattern}|{_MATH.pattern}", re.S)
+# Formulas rendered as MathML in one transcript; the rest stay as text (see message_html).
+MAX_FORMULAS = 500
 # Brackets as entities: they print as brackets but can start neither a link nor \[ math.
 _OPEN, _CLOSE = "&#91;", "&#93;"
 
@@ -201,6 +203,9 @@ def sanitize_html(fragment: str) -> str:
 
 
 def _code_html(segment: Segment) -> str:
+    """Code, or a formula left as text, as literal HTML."""
+    if segment.kind == "math":
+        return f"<code>{html.escape(segment.text)}</code>"
     if segment.kind == "span":
         code = segment.code
         if code.startswith(" ") and code.endswith(" ") and code.strip():
@@ -211,30 +216,40 @@ def _code_html(segment: Segment) -> str:
     return f"<pre><code{css}>{html.escape(segment.code)}</code></pre>"
 
 
+def message_html(text: str, max_formulas: int = MAX_FORMULAS) -> str:
+    """One finished message as HTML with MathML formulas, safe to open in a browser."""
+    return _message_html(text, max_formulas)[0]
+
+
 @functools.lru_cache(maxsize=512)
-def message_html(text: str) -> str:
-    """One finished message as HTML with MathML formulas, safe to open in a browser.
+def _message_html(text: str, max_formulas: int) -> tuple[str, int]:
+    """message_html, and how many formulas became MathML.
 
     Code is rendered here and hidden from mdtex2html behind placeholders (it splits on every
-    backtick and cannot handle an unclosed fence); prose and formulas go through mdtex2html."""
+    backtick and cannot handle an unclosed fence); prose and formulas go through mdtex2html.
+    Each formula costs about a millisecond there, so those beyond `max_formulas` stay as text."""
     nonce = secrets.token_hex(4)
     code: dict[str, str] = {}
     parts = []
+    formulas = 0
     for segment in segments(text.replace("\r\n", "\n"), keep_math=True):
-        if segment.kind in ("block", "span"):
+        if segment.kind == "math" and formulas < max_formulas:
+            formulas += 1
+            parts.append(segment.text)
+        elif segment.kind == "prose":
+            parts.append(_escape_prose(segment.text))
+        else:
             key = f"CodePlaceholder{nonce}N{len(code)}E"
             code[key] = _code_html(segment)
             parts.append(f"\n\n{key}\n\n" if segment.kind == "block" else key)
-        else:
-            parts.append(_escape_prose(segment.text) if segment.kind == "prose" else segment.text)
     try:
         rendered = mdtex2html.convert("".join(parts), extensions=["tables", "nl2br"])
     except Exception:  # mdtex2html gives up on some inputs: show the text as it is
-        return f"<pre>{html.escape(text)}</pre>"
+        return f"<pre>{html.escape(text)}</pre>", 0
     rendered = sanitize_html(rendered)
     for key, fragment in code.items():
         rendered = rendered.replace(f"<p>{key}</p>", fragment).replace(key, fragment)
-    return rendered
+    return rendered, formulas
 
 
 _PAGE_STYLE = """
@@ -256,11 +271,14 @@ def conversation_html(history: list[dict], model_name: str, exported_at: datetim
     exported_at = exported_at or datetime.now(timezone.utc)
     roles = {"user": "User / 用户", "assistant": f"{model_name}"}
     parts = []
+    formulas_left = MAX_FORMULAS
     for message in history:
         role = message["role"]
+        body, formulas = _message_html(message["content"], formulas_left)
+        formulas_left -= formulas
         parts.append(f'<section class="message {html.escape(role)}">'
                      f'<div class="role">{html.escape(roles.get(role, role))}</div>'
-                     f'{message_html(message["content"])}</section>')
+                     f'{body}</section>')
     title = html.escape(f"{model_name} conversation")
     return (
         "<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\">\n"

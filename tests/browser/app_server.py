@@ -8,6 +8,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,19 +20,24 @@ def free_port() -> int:
 
 
 class AppServer:
-    """`python app.py --tiny-random ...` in a subprocess; `url` once it answers HTTP."""
+    """`python app.py --tiny-random ...` in a subprocess; `url` once it answers HTTP.
 
-    def __init__(self, *flags: str, startup_timeout: float = 180.0):
+    program: other arguments for Python in place of `app.py --tiny-random` (a script that takes
+    --host and --port too); env: more environment variables; log_dir: where the log goes."""
+
+    def __init__(self, *flags: str, startup_timeout: float = 180.0, program: tuple[str, ...] = ("app.py", "--tiny-random"),
+                 env: Optional[dict] = None, log_dir: Optional[Path] = None, headers: Optional[dict] = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
-               "PYTHONUNBUFFERED": "1"}
-        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"chatglm-webdemo-test-{self.port}.log"
+               "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.log_path = (log_dir or Path(os.environ.get("TMPDIR", "/tmp"))) / f"chatglm-webdemo-test-{self.port}.log"
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
-            [sys.executable, "app.py", "--tiny-random", "--host", "127.0.0.1", "--port", str(self.port), *flags],
+            [sys.executable, *program, "--host", "127.0.0.1", "--port", str(self.port), *flags],
             cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self._client = None
+        self.headers = headers  # sent by `client` (e.g. the API key of --require-api-key)
         self._wait_until_up(startup_timeout)
 
     def _wait_until_up(self, timeout: float) -> None:
@@ -58,7 +64,7 @@ class AppServer:
         if self._client is None:
             from gradio_client import Client
 
-            self._client = Client(self.url, verbose=False)
+            self._client = Client(self.url, headers=self.headers, verbose=False)
         return self._client
 
     def stats(self) -> dict:
