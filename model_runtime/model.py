@@ -149,10 +149,16 @@ class MLP(nn.Module):
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
 
 
+# The original code's GLMBlock takes num_layers=28 as a default argument that its model never
+# overrides, so every checkpoint, whatever its depth, scales residuals by sqrt(2 * 28). Using the
+# config's depth instead would change every model that is not 28 layers deep.
+RESIDUAL_SCALE = math.sqrt(2 * 28)
+
+
 class Block(nn.Module):
     def __init__(self, config: GLMConfig):
         super().__init__()
-        self.alpha = math.sqrt(2 * config.num_layers)
+        self.alpha = RESIDUAL_SCALE
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.attention = Attention(config)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
