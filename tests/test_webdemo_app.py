@@ -153,3 +153,16 @@ def test_sigterm_mid_answer_drains_cuts_off_honestly_and_exits_0():
     finally:
         server.stop()
     assert "Traceback" not in server.log(tail=10**7), server.log()
+
+
+def test_request_timeout_reaches_the_page_and_the_api():
+    """--request-timeout bounds an answer on the page's API and on /v1 alike, as an error."""
+    server = AppServer("--request-timeout", "1", "--step-delay", "0.2")
+    try:
+        with pytest.raises(Exception, match="time limit of 1 s"):
+            server.client.submit("hello", [], 2048, 0.7, 0.0, api_name="/chat").result(timeout=30)
+        response = httpx.post(server.url + "v1/chat/completions", timeout=30, json={
+            "messages": [{"role": "user", "content": "hello"}], "max_tokens": 500, "temperature": 0})
+        assert response.status_code == 500 and "time limit of 1 s" in response.json()["error"]["message"]
+    finally:
+        server.stop()

@@ -45,7 +45,7 @@ def serving(tiny_model, *, policy: AccessPolicy = AccessPolicy(), limits: Limits
             queue_size: int = 16, step_delay: float = 0.002, concurrency: int = 8):
     tokenizer, model = tiny_model
     engine = Engine(tokenizer, model, slots=slots, max_queue=queue_size, name=MODEL_NAME, step_delay=step_delay)
-    page = build_page(engine, concurrency_limit=concurrency)
+    page = build_page(engine, concurrency_limit=concurrency, limits=limits)
     server = start_server(page, engine, policy=policy, limits=limits, concurrency=concurrency,
                           queue_size=queue_size, port=free_port(), quiet=True)
     try:
