@@ -191,11 +191,12 @@ def load_backend(args: argparse.Namespace):
         except ConnectionError as error:
             print(f"error: {error}", file=sys.stderr)
             raise SystemExit(1)
+    # Imported here, not at the top: the runtime brings torch, which --backend openai never needs.
     import inspect
 
-    from model_runtime.config import CheckpointError
-    from model_runtime.engine import start_engine
-    from model_runtime.loading import load_model
+    from model_runtime.loading.loader import load_model
+    from model_runtime.models.config import CheckpointError
+    from model_runtime.serving.launch import start_engine
 
     options = dict(device=args.device, dtype=args.dtype, tiny_random=args.tiny_random or False, slots=args.slots,
                    step_delay=args.step_delay, context_length=args.context_length, max_queue=args.queue_size)

@@ -84,9 +84,9 @@ def write_random_checkpoint(directory: Path, sizes: dict, shards: int = 8, seed:
     """A random float16 ChatGLM-6B checkpoint of the given sizes in the official .bin shard layout,
     written layer group by layer group so that memory stays at one shard. Tokenizer files come
     from the tiny builder (token ids beyond its vocabulary are simply never produced)."""
-    from model_runtime.config import GLMConfig
-    from model_runtime.tokenizer import ChatGLMTokenizer
-    from model_runtime.testing import write_tiny_tokenizer
+    from model_runtime.models.glm6b import GLMConfig
+    from model_runtime.tiny.glm6b import write_tiny_tokenizer
+    from model_runtime.tokenizers.glm6b import ChatGLMTokenizer
 
     directory = Path(directory)
     if (directory / "pytorch_model.bin.index.json").exists():

@@ -1,7 +1,7 @@
 """Aggregate decode speed and time to first token of the engine at 1, 2, 4, 8 and 16 streams.
 
-    python benchmarks/concurrency.py                     # mid-size random model on CPU
-    python benchmarks/concurrency.py --full --device cuda --dtype float16
+    python -m benchmarks.concurrency                     # mid-size random model on CPU
+    python -m benchmarks.concurrency --full --device cuda --dtype float16
 
 Every stream asks for the same number of tokens, greedy, at the same moment; aggregate tok/s is
 all answer tokens over the wall time, per-stream tok/s is each stream's own tokens over its own
@@ -11,23 +11,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.common import CHATGLM_6B, report  # noqa: E402
-from model_runtime.config import GLMConfig  # noqa: E402
-from model_runtime.engine import Engine  # noqa: E402
-from model_runtime.model import ChatGLMModel  # noqa: E402
-from model_runtime.protocol import ChatRequest, Message, SamplingParams  # noqa: E402
-from model_runtime.testing import write_tiny_tokenizer  # noqa: E402
-from model_runtime.tokenizer import ChatGLMTokenizer  # noqa: E402
+from benchmarks.common import CHATGLM_6B, report
+from model_runtime.models.glm6b import ChatGLMModel, GLMConfig
+from model_runtime.protocol import ChatRequest, Message, SamplingParams
+from model_runtime.serving.engine import Engine
+from model_runtime.tiny.glm6b import write_tiny_tokenizer
+from model_runtime.tokenizers.glm6b import ChatGLMTokenizer
 
 MID_SIZE = dict(CHATGLM_6B, hidden_size=1024, num_layers=8, num_attention_heads=16, inner_hidden_size=4096)
 

@@ -1,8 +1,8 @@
 """Full-size ChatGLM-6B speed and memory with random weights: load, prefill, decode.
 
-    python benchmarks/decode.py                      # CPU bfloat16 (the default CPU dtype)
-    python benchmarks/decode.py --dtype float32 bfloat16 --tokens 16
-    python benchmarks/decode.py --device cuda --dtype float16
+    python -m benchmarks.decode                      # CPU bfloat16 (the default CPU dtype)
+    python -m benchmarks.decode --dtype float32 bfloat16 --tokens 16
+    python -m benchmarks.decode --device cuda --dtype float16
 
 Each configuration runs in its own process, so peak-memory figures do not mix. Decode speed is
 compared with the memory-read ceiling measured in the same run: every decoded token reads all
@@ -15,11 +15,8 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import CACHE, CHATGLM_6B, PeakRSS, gemm_gflops, memory_bandwidth_gbs, report  # noqa: E402
+from benchmarks.common import CACHE, CHATGLM_6B, PeakRSS, gemm_gflops, memory_bandwidth_gbs, report
 
 
 def bytes_read_per_token(model, context: int) -> int:
@@ -33,9 +30,9 @@ def worker(args) -> dict:
     """Load, prefill a prompt, decode; return measurements (runs in a child process)."""
     import torch
 
-    from model_runtime.generate import DecodeBatch, new_sequence
-    from model_runtime.loading import load_model
+    from model_runtime.loading.loader import load_model
     from model_runtime.protocol import SamplingParams
+    from model_runtime.serving.decode_batch import DecodeBatch, new_sequence
 
     memory = PeakRSS()
     row = {"device": args.device, "dtype": args.dtype}
@@ -95,8 +92,9 @@ def main() -> None:
     bandwidth, gflops = memory_bandwidth_gbs(), gemm_gflops()
     rows = []
     for dtype in args.dtype:
-        command = [sys.executable, __file__, "--worker", "--checkpoint", str(checkpoint), "--device", args.device,
-                   "--dtype", dtype, "--prompt", str(args.prompt), "--tokens", str(args.tokens)]
+        command = [sys.executable, "-m", __spec__.name, "--worker", "--checkpoint", str(checkpoint),
+                   "--device", args.device, "--dtype", dtype, "--prompt", str(args.prompt),
+                   "--tokens", str(args.tokens)]
         row, error = run_worker(command)
         if row is None:  # e.g. float32 weights do not fit: report the loader's message
             rows.append({"device": args.device, "dtype": dtype, "error": error.splitlines()[-1]})

@@ -1,9 +1,9 @@
 """Full-size ChatGLM2-6B, ChatGLM3-6B and GLM-4-9B-chat shapes with random weights: prefill, decode,
 and the second turn of a conversation with and without reuse of the first turn's KV cache.
 
-    python benchmarks/family.py                                  # CPU, bfloat16 + INT8/INT4 rows, 4 layers
-    python benchmarks/family.py --rows chatglm3:bfloat16 --layers 28 --device cuda   # one full model
-    python benchmarks/family.py --device cuda --dtype float16 --layers 28             # a GPU, every member
+    python -m benchmarks.family                                  # CPU, bfloat16 + INT8/INT4 rows, 4 layers
+    python -m benchmarks.family --rows chatglm3:bfloat16 --layers 28 --device cuda   # one full model
+    python -m benchmarks.family --device cuda --dtype float16 --layers 28             # a GPU, every member
 
 The networks are built on the meta device and only what is measured is materialised: the full
 embedding and output layer, and `--layers` of the full-size blocks (default 4: the whole models,
@@ -29,11 +29,8 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import PeakRSS, memory_bandwidth_gbs, report, run_worker  # noqa: E402
+from benchmarks.common import PeakRSS, memory_bandwidth_gbs, report, run_worker
 
 # The published config.json sizes (shared/docs/glm-family-spec.md).
 COMMON = {"hidden_size": 4096, "ffn_hidden_size": 13696, "kv_channels": 128, "num_attention_heads": 32,
@@ -52,8 +49,8 @@ def build(family: str, layers: int, device: str, dtype, bits):
     random weights directly in dtype on device (quantized layers quantize their float weight)."""
     import torch
 
-    from model_runtime.glm2 import ChatGLM2Model, GLM2Config
-    from model_runtime.quant import quantized_linears
+    from model_runtime.models.glm2 import ChatGLM2Model, GLM2Config
+    from model_runtime.quant.convert import quantized_linears
 
     config = GLM2Config(**dict(FULL[family], num_layers=layers), family=family)
     model = ChatGLM2Model.empty(config, torch.device(device), dtype, quantize=bits)
@@ -76,7 +73,7 @@ def build(family: str, layers: int, device: str, dtype, bits):
 def full_bytes_per_token(family: str, dtype_bytes: int, bits, context: int) -> int:
     """Bytes a decode step of the FULL model reads: every weight but the embedding table, plus the
     KV cache of `context` tokens (per-row float16 scales of quantized layers included)."""
-    from model_runtime.glm2 import GLM2Config
+    from model_runtime.models.glm2 import GLM2Config
 
     config = GLM2Config(**FULL[family], family=family)
     other, block_linear = config.parameter_counts()
@@ -91,9 +88,9 @@ def full_bytes_per_token(family: str, dtype_bytes: int, bits, context: int) -> i
 def worker(args) -> dict:
     import torch
 
-    from model_runtime.generate import DecodeBatch, new_sequence
-    from model_runtime.loading import pick_dtype
+    from model_runtime.loading.device import pick_dtype
     from model_runtime.protocol import SamplingParams
+    from model_runtime.serving.decode_batch import DecodeBatch, new_sequence
 
     family, _, kind = args.row.partition(":")
     bits = {"int8": 8, "int4": 4}.get(kind)
@@ -220,7 +217,7 @@ def main() -> None:
     bandwidth = memory_bandwidth_gbs()
     rows = []
     for wanted in rows_wanted:
-        command = [sys.executable, __file__, "--worker", "--row", wanted, "--device", args.device,
+        command = [sys.executable, "-m", __spec__.name, "--worker", "--row", wanted, "--device", args.device,
                    "--layers", str(args.layers), "--context", str(args.context), "--new", str(args.new),
                    "--tokens", str(args.tokens)]
         row, error = run_worker(command)

@@ -1,8 +1,8 @@
 """A crowd on one server: streaming /v1 clients (the `openai` package) and page users
 (`gradio_client`) at once, against the real app on 127.0.0.1.
 
-    python benchmarks/loadtest.py                  # starts `app.py --tiny-random --slots 16` itself
-    python benchmarks/loadtest.py --url http://127.0.0.1:7860/ --api-clients 64 --page-users 16 --rounds 3
+    python -m benchmarks.loadtest                  # starts `app.py --tiny-random --slots 16` itself
+    python -m benchmarks.loadtest --url http://127.0.0.1:7860/ --api-clients 64 --page-users 16 --rounds 3
 
 Every client holds a conversation of `rounds` turns (greedy, so each answer has one right value).
 In each round a random third of the clients disconnect right after their first text; that turn
@@ -14,16 +14,12 @@ token, and the p95 / max latency of `/health`, polled every 50 ms throughout the
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MAX_TOKENS = 24  # answer tokens per turn (/v1); the page's max_length is the prompt plus this
 PAGE_MAX_LENGTH = 200

@@ -2,14 +2,14 @@
 while loading and generating, and prefill / decode speed against the memory-read ceiling
 measured in the same run.
 
-    python benchmarks/quant.py                    # everything: about 10-15 minutes on 2 cores
-    python benchmarks/quant.py --bits 4           # one width
-    python benchmarks/quant.py --layers 4         # a quick look with fewer layers
-    python benchmarks/quant.py --kernels-only     # the kernel table alone (about 2 minutes)
-    python benchmarks/quant.py --skip-kernels     # only loading and serving
-    python benchmarks/quant.py --lm-head both     # serving with the float and the opt-in INT8 lm_head
+    python -m benchmarks.quant                    # everything: about 10-15 minutes on 2 cores
+    python -m benchmarks.quant --bits 4           # one width
+    python -m benchmarks.quant --layers 4         # a quick look with fewer layers
+    python -m benchmarks.quant --kernels-only     # the kernel table alone (about 2 minutes)
+    python -m benchmarks.quant --skip-kernels     # only loading and serving
+    python -m benchmarks.quant --lm-head both     # serving with the float and the opt-in INT8 lm_head
 
-1. Kernels: every CPU backend of model_runtime/quant.py on the four Linear shapes of one block
+1. Kernels: every CPU backend of model_runtime/quant/ on the four Linear shapes of one block
    (12288x4096, 4096x4096, 16384x4096, 4096x16384), 1 row (a decode step) and 512 rows (a
    prefill), best of 3; "tok/s" = rows / (layers x block time): the blocks' Linear layers only.
    The opt-in fbgemm backend quantizes activations too: its error against the exact
@@ -24,7 +24,7 @@ measured in the same run.
 Peak RSS is the kernel's high-water mark (VmHWM, reset per phase) where Linux allows it. The
 KV cache is sized for each run's context (bfloat16: 0.44 GiB more per 1024 tokens at full size).
    With --lm-head int8 (or both), serving also runs with load_model(..., quantize_lm_head=True):
-   the opt-in INT8 output layer (model_runtime/quant.py QuantizedOutputLayer).
+   the opt-in INT8 output layer (model_runtime/quant/linear.py QuantizedOutputLayer).
 Ceiling: every decode step reads the quantized block weights, the lm_head (tied embedding, or its
 INT8 copy), norms and biases, and the KV cache once; tok/s cannot exceed bandwidth / those bytes.
 The chatglm.cpp / original-implementation figures of issue 8 (same model, their machine) are
@@ -41,9 +41,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (CACHE, CHATGLM_6B, PeakRSS, gemm_gflops, memory_bandwidth_gbs,  # noqa: E402
+from benchmarks.common import (CACHE, CHATGLM_6B, PeakRSS, gemm_gflops, memory_bandwidth_gbs,
                                print_table, report, run_worker, write_random_checkpoint)
 
 GIB = 2**30
@@ -109,7 +107,8 @@ def best_time(fn, repeats: int = 3) -> float:
 def kernels_worker(args) -> dict:
     import torch
 
-    from model_runtime.quant import KERNELS, quantize_weight, reference_linear
+    from model_runtime.quant.backends import KERNELS
+    from model_runtime.quant.format import quantize_weight, reference_linear
 
     h, f = CHATGLM_6B["hidden_size"], CHATGLM_6B["inner_hidden_size"]
     shapes = [(3 * h, h), (h, h), (f, h), (h, f)]
@@ -152,7 +151,8 @@ def kernels_worker(args) -> dict:
 
 
 def bytes_read_per_token(model, context: int) -> int:
-    from model_runtime.quant import QuantizedOutputLayer, quantized_linears
+    from model_runtime.quant.convert import quantized_linears
+    from model_runtime.quant.linear import QuantizedOutputLayer
 
     floats = sum(p.numel() * p.element_size() for p in model.parameters())  # lm_head = embedding, once
     if isinstance(model.lm_head, QuantizedOutputLayer):  # the embedding: one row read, not the matrix
@@ -163,8 +163,8 @@ def bytes_read_per_token(model, context: int) -> int:
 
 
 def onthefly_worker(args) -> dict:
-    from model_runtime.loading import load_model
-    from model_runtime.quant import save_quantized
+    from model_runtime.loading.loader import load_model
+    from model_runtime.quant.saving import save_quantized
 
     peak = PhasePeak()
     row = {"mode": f"int{args.bits[0]} on the fly from fp16", "rss_before_gib": peak.current_gib()}
@@ -182,10 +182,10 @@ def onthefly_worker(args) -> dict:
 def serve_worker(args) -> dict:
     import torch
 
-    from model_runtime.generate import DecodeBatch, new_sequence
-    from model_runtime.loading import load_model
+    from model_runtime.loading.loader import load_model
     from model_runtime.protocol import SamplingParams
-    from model_runtime.quant import quantized_linears
+    from model_runtime.quant.convert import quantized_linears
+    from model_runtime.serving.decode_batch import DecodeBatch, new_sequence
 
     peak = PhasePeak()
     int8_head = args.lm_head == "int8"
@@ -238,8 +238,8 @@ def serve_worker(args) -> dict:
 
 def measure(kind: str, args, **extra) -> dict:
     """One of this benchmark's workers (kernels, onthefly, serve), timed; exits if it fails."""
-    command = [sys.executable, __file__, "--worker", kind, "--bits", *map(str, args.bits),
-               "--prompt", str(args.prompt), "--tokens", str(args.tokens), "--long-prompt", str(args.long_prompt)]
+    command = [sys.executable, "-m", __spec__.name, "--worker", kind, "--bits", *map(str, args.bits), "--prompt",
+               str(args.prompt), "--tokens", str(args.tokens), "--long-prompt", str(args.long_prompt)]
     for key, value in extra.items():
         command += [f"--{key}", str(value)]
     start = time.perf_counter()

@@ -37,7 +37,7 @@ def reference_file(name: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A tiny random ChatGLM-6B checkpoint in the official layout (.bin and safetensors)."""
-    from model_runtime.testing import write_tiny_checkpoint
+    from model_runtime.tiny.checkpoint import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-chatglm"))
 
@@ -45,7 +45,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_checkpoint):
     """(tokenizer, model) in float32, loaded through load_model like the real checkpoint."""
-    from model_runtime.loading import load_model
+    from model_runtime.loading.loader import load_model
 
     return load_model(tiny_checkpoint, device="cpu", dtype="float32")
 
@@ -53,7 +53,7 @@ def tiny_model(tiny_checkpoint):
 @pytest.fixture(scope="session")
 def tiny_family_checkpoints(tmp_path_factory) -> dict:
     """Tiny random ChatGLM2, ChatGLM3 and GLM-4 checkpoints: family -> folder."""
-    from model_runtime.testing import write_tiny_checkpoint
+    from model_runtime.tiny.checkpoint import write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("tiny-family")
     return {family: write_tiny_checkpoint(root / family, family=family) for family in ("chatglm2", "chatglm3", "glm4")}
@@ -62,6 +62,6 @@ def tiny_family_checkpoints(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def tiny_glm4(tiny_family_checkpoints):
     """(tokenizer, model) of the tiny GLM-4 in float32: a causal model, with KV-cache reuse."""
-    from model_runtime.loading import load_model
+    from model_runtime.loading.loader import load_model
 
     return load_model(tiny_family_checkpoints["glm4"], device="cpu", dtype="float32")

@@ -5,9 +5,10 @@ import time
 
 import pytest
 
-from model_runtime.chat import (CHAT_BATCHES, AnswerText, answer_reserve, pairs_from_messages, plan_prompt,
-                                process_response, round_prompt, stream_answer)
-from model_runtime.chat_formats import chat_format_for
+from model_runtime.chat.answer_text import AnswerText
+from model_runtime.chat.formats import chat_format_for, process_response, round_prompt
+from model_runtime.chat.planning import answer_reserve, pairs_from_messages, plan_prompt
+from model_runtime.chat.stream import CHAT_BATCHES, stream_answer
 from model_runtime.protocol import InvalidRequest, Message, SamplingParams
 
 
@@ -174,7 +175,7 @@ def random_text(rng, most_words):
 
 @pytest.fixture(scope="module")
 def every_tokenizer(tiny_model, tiny_family_checkpoints):
-    from model_runtime.family import load_tokenizer, read_config
+    from model_runtime.loading.family import load_tokenizer, read_config
 
     family = {name: load_tokenizer(folder, read_config(folder)) for name, folder in tiny_family_checkpoints.items()}
     return {"chatglm": tiny_model[0], **family}

@@ -4,9 +4,9 @@ import time
 
 import pytest
 
-from model_runtime.chat import stream_answer
-from model_runtime.engine import Engine
+from model_runtime.chat.stream import stream_answer
 from model_runtime.protocol import ChatRequest, EngineBusy, InvalidRequest, Message, SamplingParams
+from model_runtime.serving.engine import Engine
 
 QUERIES = ["你好", "How is the weather in Shanghai today?", "写一个 Python 函数", "早上好",
            "Tell me a long story about a cat and a dog who become friends.", "1 + 1 = ?"]

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from model_runtime.engine import Engine
 from model_runtime.protocol import ChatRequest, EngineBusy, Message, SamplingParams
+from model_runtime.serving.engine import Engine
 
 TIMEOUT_S = 30
 OVERFLOW = 3e38  # finite, so it passes the sampler's NaN/inf guard, but temperature < 1 overflows it

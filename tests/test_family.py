@@ -8,19 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-from model_runtime.chat import CHAT_BATCHES, plan_messages, plan_prompt, stream_answer
-from model_runtime.chat_formats import chat_format_for
-from model_runtime.config import CheckpointError
-from model_runtime.engine import Engine
-from model_runtime.family import detect_family, read_config
-from model_runtime.family_tokenizers import ChatGLM2Tokenizer, GLM4Tokenizer
-from model_runtime.generate import DecodeBatch, generate, new_sequence
-from model_runtime.glm2 import ChatGLM2Model, GLM2Config, RotaryEmbedding, apply_rotary_pairs
-from model_runtime.loading import load_model
-from model_runtime.model import attention_mask
+from model_runtime.chat.formats import chat_format_for
+from model_runtime.chat.planning import plan_messages, plan_prompt
+from model_runtime.chat.stream import CHAT_BATCHES, stream_answer
+from model_runtime.loading.family import detect_family, read_config
+from model_runtime.loading.loader import load_model
+from model_runtime.models.config import CheckpointError
+from model_runtime.models.glm2 import ChatGLM2Model, GLM2Config, RotaryEmbedding, apply_rotary_pairs
+from model_runtime.models.kv_cache import attention_mask
 from model_runtime.protocol import ChatRequest, Message, SamplingParams
-from model_runtime.testing import write_tiny_checkpoint
-from model_runtime.testing_family import TINY_FAMILIES
+from model_runtime.serving.decode_batch import DecodeBatch, generate, new_sequence
+from model_runtime.serving.engine import Engine
+from model_runtime.tiny.checkpoint import write_tiny_checkpoint
+from model_runtime.tiny.glm2 import TINY_FAMILIES
+from model_runtime.tokenizers.glm2 import ChatGLM2Tokenizer
+from model_runtime.tokenizers.glm4 import GLM4Tokenizer
 
 from .conftest import reference_arrays, reference_file
 
@@ -400,7 +402,7 @@ def test_on_the_fly_quantization(family_dirs, family_models, family, bits):
     tokenizer, float_model = family_models[family]
     _, model = load_model(family_dirs[family], device="cpu", dtype="bfloat16", quantize=bits)
     assert model.config.quantization_bit == bits
-    from model_runtime.quant import quantized_linears
+    from model_runtime.quant.convert import quantized_linears
     assert len(quantized_linears(model)) == 4 * model.config.num_layers
     prompt = chat_format_for(tokenizer).encode(tokenizer, "你好", [])
     answer = generate(model, [prompt], GREEDY, vocab_size=tokenizer.vocab_size)[0]
@@ -410,7 +412,7 @@ def test_on_the_fly_quantization(family_dirs, family_models, family, bits):
 def test_chatglm2_int4_published_format_loads(family_dirs, tmp_path):
     """A checkpoint like THUDM/chatglm2-6b-int4: quantization_bit 4 in config.json, int8-packed
     `weight` + float16 `weight_scale` per block Linear, the rest float16."""
-    from model_runtime.quant import save_quantized
+    from model_runtime.quant.saving import save_quantized
 
     tokenizer, quantized = load_model(family_dirs["chatglm2"], device="cpu", dtype="float32", quantize=4)
     folder = save_quantized(quantized, tokenizer, tmp_path / "int4", weight_format="bin")

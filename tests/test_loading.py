@@ -5,8 +5,10 @@ import shutil
 import pytest
 import torch
 
-from model_runtime.config import CheckpointError
-from model_runtime.loading import load_model, pick_dtype, resolve_checkpoint
+from model_runtime.loading.checkpoint import resolve_checkpoint
+from model_runtime.loading.device import pick_dtype
+from model_runtime.loading.loader import load_model
+from model_runtime.models.config import CheckpointError
 
 
 def copy_checkpoint(source, tmp_path, weight_format):

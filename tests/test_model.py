@@ -1,10 +1,10 @@
 """The network: positions and mask, KV cache against full recomputation, batching."""
 import torch
 
-from model_runtime.generate import DecodeBatch, generate, new_sequence
-from model_runtime.model import attention_mask
+from model_runtime.models.kv_cache import attention_mask
 from model_runtime.protocol import SamplingParams
-from model_runtime.tokenizer import ChatGLMTokenizer
+from model_runtime.serving.decode_batch import DecodeBatch, generate, new_sequence
+from model_runtime.tokenizers.glm6b import ChatGLMTokenizer
 
 from .conftest import reference_file
 
@@ -13,8 +13,7 @@ GREEDY = SamplingParams(max_length=48, temperature=0)
 
 def test_positions_and_mask_of_the_spec_example():
     tokenizer = ChatGLMTokenizer(reference_file("tokenizers/chatglm-6b-ice_text.model"))
-    from model_runtime.config import GLMConfig
-    from model_runtime.model import layout_for_prompt
+    from model_runtime.models.glm6b import GLMConfig, layout_for_prompt
 
     config = GLMConfig(vocab_size=130528, hidden_size=8, num_layers=1, num_attention_heads=1,
                        inner_hidden_size=8, max_sequence_length=16, bos_token_id=tokenizer.bos_token_id,

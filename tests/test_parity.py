@@ -2,8 +2,8 @@
 import numpy as np
 import torch
 
-from model_runtime.config import GLMConfig
-from model_runtime.model import ChatGLMModel, SequenceLayout, attention_mask
+from model_runtime.models.glm6b import ChatGLMModel, GLMConfig, SequenceLayout
+from model_runtime.models.kv_cache import attention_mask
 
 from .conftest import reference_arrays
 

@@ -8,13 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_runtime.config import CheckpointError, GLMConfig
-from model_runtime.loading import load_model, read_shard, weight_files
-from model_runtime.model import attention_mask
-from model_runtime.quant import (KERNELS, QuantizationError, QuantizedLinear, QuantizedOutputLayer, check_bits,
-                                 choose_kernel, dequantize, pack_int4, quantize_lm_head, quantize_weight,
-                                 quantized_linears, reference_linear, resolve_quantization, save_quantized,
-                                 unpack_int4)
+from model_runtime.loading.checkpoint import read_shard, weight_files
+from model_runtime.loading.loader import load_model
+from model_runtime.models.config import CheckpointError
+from model_runtime.models.glm6b import GLMConfig
+from model_runtime.models.kv_cache import attention_mask
+from model_runtime.quant.backends import KERNELS, choose_kernel
+from model_runtime.quant.convert import quantize_lm_head, quantized_linears, resolve_quantization
+from model_runtime.quant.format import (QuantizationError, check_bits, dequantize, pack_int4, quantize_weight,
+                                        reference_linear, unpack_int4)
+from model_runtime.quant.linear import QuantizedLinear, QuantizedOutputLayer
+from model_runtime.quant.saving import save_quantized
 
 # ---------------------------------------------------------------------------------------------
 # Storage format, against hand-computed vectors

@@ -3,8 +3,8 @@ import time
 
 import pytest
 
-from model_runtime.testing import write_tiny_tokenizer
-from model_runtime.tokenizer import ChatGLMTokenizer
+from model_runtime.tiny.glm6b import write_tiny_tokenizer
+from model_runtime.tokenizers.glm6b import ChatGLMTokenizer
 
 from .conftest import reference_file
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from model_runtime.engine import Engine
+from model_runtime.serving.engine import Engine
 from tests.browser.app_server import free_port
 from webdemo.access import AccessPolicy
 from webdemo.limits import Limits

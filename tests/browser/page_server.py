@@ -6,7 +6,7 @@ import argparse
 import signal
 import sys
 
-from model_runtime.engine import start_engine
+from model_runtime.serving.launch import start_engine
 from webdemo.ui import build_page
 
 

@@ -15,12 +15,18 @@ import re
 from pathlib import Path
 from typing import Union
 
-from .config import CheckpointError, GLMConfig, read_config_json
-from .glm2 import ChatGLM2Model, GLM2Config
+from ..models.base import GLMModel
+from ..models.config import CheckpointError, read_config_json
+from ..models.glm2 import ChatGLM2Model, GLM2Config
+from ..models.glm6b import ChatGLMModel, GLMConfig
+from ..tokenizers.glm2 import ChatGLM2Tokenizer
+from ..tokenizers.glm4 import GLM4Tokenizer, is_tiktoken_file
+from ..tokenizers.glm6b import ChatGLMTokenizer
 
 log = logging.getLogger(__name__)
 
 AnyConfig = Union[GLMConfig, GLM2Config]
+AnyTokenizer = Union[ChatGLMTokenizer, ChatGLM2Tokenizer, GLM4Tokenizer]
 
 
 def _names(raw: dict, folder: Path) -> list[str]:
@@ -41,8 +47,6 @@ def is_glm6b_config(raw: dict) -> bool:
 
 def detect_family(raw: dict, folder: Path) -> str:
     """"chatglm", "chatglm2", "chatglm3" or "glm4" for a config.json dict and its folder."""
-    from .family_tokenizers import is_tiktoken_file
-
     if raw.get("model_type", "chatglm") == "glm":
         raise CheckpointError(f"{folder / 'config.json'}: model_type 'glm' is transformers' own port of GLM-4 "
                               "(glm-4-9b-chat-hf), which is not supported: use THUDM/glm-4-9b-chat")
@@ -84,20 +88,13 @@ def read_config(folder: Union[str, Path]) -> AnyConfig:
     return GLM2Config.from_dict(raw, source=str(path), family=family)
 
 
-def family_of(config: AnyConfig) -> str:
-    return getattr(config, "family", "chatglm")
-
-
 def load_tokenizer(folder: Union[str, Path], config: AnyConfig):
     """The tokenizer of a checkpoint folder, for its family."""
     folder = Path(folder)
-    family = family_of(config)
     try:
-        if family == "chatglm":
-            from .tokenizer import ChatGLMTokenizer
+        if config.family == "chatglm":
             return ChatGLMTokenizer.from_pretrained(folder)
-        from .family_tokenizers import load_family_tokenizer
-        tokenizer = load_family_tokenizer(folder, family)
+        tokenizer = _load_later_tokenizer(folder, config.family)
     except (OSError, ValueError) as error:
         raise CheckpointError(str(error)) from None
     if tokenizer.vocab_size > config.vocab_size:
@@ -106,9 +103,24 @@ def load_tokenizer(folder: Union[str, Path], config: AnyConfig):
     return tokenizer
 
 
-def model_class(config: AnyConfig) -> type:
+def _load_later_tokenizer(folder: Path, family: str):
+    """The tokenizer of a ChatGLM2/ChatGLM3/GLM-4 checkpoint folder."""
+    folder = Path(folder)
+    vocab_file = "tokenizer.model"
+    config_file = folder / "tokenizer_config.json"
+    if config_file.is_file():
+        try:
+            vocab_file = json.loads(config_file.read_text(encoding="utf-8")).get("vocab_file", vocab_file)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{config_file} is not valid JSON: {error}") from None
+    path = folder / vocab_file
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a {family} checkpoint needs its tokenizer.model")
+    if family == "glm4":
+        return GLM4Tokenizer(path)
+    return ChatGLM2Tokenizer(path, family)
+
+
+def model_class(config: AnyConfig) -> type[GLMModel]:
     """ChatGLMModel for ChatGLM-6B, ChatGLM2Model for the later ones."""
-    if family_of(config) == "chatglm":
-        from .model import ChatGLMModel
-        return ChatGLMModel
-    return ChatGLM2Model
+    return ChatGLMModel if config.family == "chatglm" else ChatGLM2Model

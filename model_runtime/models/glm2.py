@@ -1,7 +1,7 @@
-"""ChatGLM2-6B, ChatGLM3-6B and GLM-4-9B-chat in plain PyTorch (see shared/docs/glm-family-spec.md).
+"""ChatGLM2-6B, ChatGLM3-6B and GLM-4-9B-chat (one network) in plain PyTorch (see shared/docs/glm-family-spec.md).
 
 The later GLM chat models share ChatGLM-6B's embedding, SDPA attention core, static KV-cache slots
-(`model.KVCache`), sampling and generation loop; they differ where their checkpoints differ:
+(`kv_cache.KVCache`), sampling and generation loop; they differ where their checkpoints differ:
 
 - pre-norm blocks with RMSNorm and plain residuals (no alpha scaling);
 - grouped key/value heads (`multi_query_group_num`, 2): query head h reads group h // (heads / groups),
@@ -9,7 +9,7 @@ The later GLM chat models share ChatGLM-6B's embedding, SDPA attention core, sta
 - rotary position on the first half of each head's dims, on adjacent pairs, base 10000 * rope_ratio,
   plain positions 0..n-1;
 - causal attention (no bidirectional prompt prefix), so a conversation's cache can be reused for its
-  next turn: the layout's prefix_len is 0 and `model.attention_mask` reduces to a causal mask;
+  next turn: the layout's prefix_len is 0 and `kv_cache.attention_mask` reduces to a causal mask;
 - a SwiGLU MLP and an untied output layer.
 
 Parameter names match the published checkpoints (`transformer.embedding.*`, `transformer.encoder.*`,
@@ -18,28 +18,32 @@ values sit in front of every attention call, always visible, without rotary.
 """
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
-from pathlib import Path
-from typing import Optional, Union
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CheckpointError, read_config_json
-from .model import KVCache, LayerCache
+from .base import GLMModel
+from .config import CheckpointError, ModelConfig
+from .kv_cache import LayerCache
 
 FAMILIES = ("chatglm2", "chatglm3", "glm4")
 
 
 @dataclass(frozen=True)
-class GLM2Config:
+class GLM2Config(ModelConfig):
     """The sizes and ids of a ChatGLM2/ChatGLM3/GLM-4 checkpoint (field names follow config.json).
 
-    `family` is not a field of the published config.json files: `family.read_config` works it out
+    `family` is not a field of the published config.json files: `loading.family.read_config` works it out
     from the checkpoint (see there); configs this runtime writes store it as `glm_family`. The
     properties below give the names the shared code (generation loop, engine, loader) uses for
     ChatGLM-6B's config."""
+
+    POSITIVE_FIELDS: ClassVar[tuple[str, ...]] = ("padded_vocab_size", "hidden_size", "num_layers",
+                                                  "num_attention_heads", "ffn_hidden_size", "seq_length",
+                                                  "multi_query_group_num")
 
     padded_vocab_size: int
     hidden_size: int
@@ -111,41 +115,32 @@ class GLM2Config:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json", family: Optional[str] = None) -> "GLM2Config":
-        known = {f.name: f for f in fields(cls)}
-        if "padded_vocab_size" not in raw and "vocab_size" in raw:
-            raw = dict(raw, padded_vocab_size=raw["vocab_size"])
-        required = [name for name, f in known.items() if f.default is MISSING]
-        missing = [name for name in required if name not in raw]
-        if missing:
-            raise CheckpointError(f"{source}: missing required field(s) {', '.join(missing)}")
-        values = {name: raw[name] for name in known if name in raw and raw[name] is not None}
-        if isinstance(values.get("eos_token_id"), list):
-            values["eos_token_id"] = tuple(values["eos_token_id"])
-        family = family or raw.get("glm_family")
-        if family is not None:
-            values["family"] = family
-        values["rope_ratio"] = float(values.get("rope_ratio", 1.0))
-        config = cls(**values)
-        config._check(source)
-        return config
+        """family: which of FAMILIES (`loading.family` works it out); by default config.json's
+        `glm_family`, which only configs this runtime writes have."""
+        return super().from_dict(dict(raw, glm_family=family) if family else raw, source)
 
     @classmethod
-    def from_file(cls, path: Path, family: Optional[str] = None) -> "GLM2Config":
-        return cls.from_dict(read_config_json(path), source=str(path), family=family)
+    def _prepared(cls, raw: dict) -> dict:
+        if "padded_vocab_size" not in raw and "vocab_size" in raw:
+            raw = dict(raw, padded_vocab_size=raw["vocab_size"])
+        return raw
+
+    @classmethod
+    def _converted(cls, values: dict, raw: dict, source: str) -> dict:
+        if isinstance(values.get("eos_token_id"), list):
+            values["eos_token_id"] = tuple(values["eos_token_id"])
+        if raw.get("glm_family") is not None:
+            values["family"] = raw["glm_family"]
+        values["rope_ratio"] = float(values.get("rope_ratio", 1.0))
+        return values
 
     def to_dict(self) -> dict:
-        raw = {"model_type": "chatglm", "architectures": ["ChatGLMModel"]}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            raw["glm_family" if f.name == "family" else f.name] = list(value) if isinstance(value, tuple) else value
+        raw = super().to_dict()
+        raw["glm_family"] = raw.pop("family")
         return raw
 
     def _check(self, source: str) -> None:
-        for name in ("padded_vocab_size", "hidden_size", "num_layers", "num_attention_heads",
-                     "ffn_hidden_size", "seq_length", "multi_query_group_num"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise CheckpointError(f"{source}: {name} must be a positive integer, got {value!r}")
+        super()._check(source)
         if self.family not in FAMILIES:
             raise CheckpointError(f"{source}: unknown GLM family {self.family!r}")
         if self.num_attention_heads % self.kv_heads:
@@ -161,14 +156,12 @@ class GLM2Config:
                                       f"(the published ChatGLM2/3 and GLM-4 checkpoints have {wanted})")
         if self.rope_ratio <= 0:
             raise CheckpointError(f"{source}: rope_ratio must be positive, got {self.rope_ratio!r}")
-        if self.quantization_bit not in (0, 4, 8):
-            raise CheckpointError(f"{source}: quantization_bit must be 0, 4 or 8, got {self.quantization_bit!r}")
 
 
 @dataclass(frozen=True)
 class CausalLayout:
     """Positions of a causal GLM sequence: token i sits at position i. prefix_len 0 means 'no
-    bidirectional prefix' to `model.attention_mask` (which then is plain causal)."""
+    bidirectional prefix' to `kv_cache.attention_mask` (which then is plain causal)."""
 
     prefix_len: int = 0
 
@@ -336,7 +329,11 @@ class Transformer(nn.Module):
         if config.pre_seq_len:
             self.prefix_encoder = PrefixEncoder(config)
 
-    # ChatGLM-6B's names, for code that walks either network (quantization, tools).
+    # ChatGLM-6B's names, for code that walks either network (the base model, quantization, tools).
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.embedding.word_embeddings
+
     @property
     def layers(self) -> nn.ModuleList:
         return self.encoder.layers
@@ -346,53 +343,18 @@ class Transformer(nn.Module):
         return self.encoder.final_layernorm
 
 
-class ChatGLM2Model(nn.Module):
-    """ChatGLM2-6B / ChatGLM3-6B / GLM-4-9B-chat, with ChatGLM-6B's calling convention
-    (`forward(tokens, positions, cache_positions, mask, slots, cache)`, `logits`,
-    `layout_for_prompt`, `new_kv_cache`), so `generate.DecodeBatch` and the engine drive it unchanged.
-
-    Causal: a slot's keys and values depend only on the tokens before them, so a decode batch may
-    reuse them for a later prompt with the same prefix. `weights_version` changes whenever the
-    keys and values the weights compute change (quantization, a new P-tuning prefix): cached
-    ones from before are then stale."""
+class ChatGLM2Model(GLMModel):
+    """ChatGLM2-6B / ChatGLM3-6B / GLM-4-9B-chat, with ChatGLM-6B's calling convention (`base.GLMModel`),
+    so `serving.decode_batch.DecodeBatch` and the engine drive it unchanged. Causal: its decode
+    batches reuse a conversation's keys and values for the next turn."""
 
     causal = True
 
     def __init__(self, config: GLM2Config):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.transformer = Transformer(config)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_ratio,
                                       half_precision_angles=config.family == "chatglm2")
-        self.weights_version = 0
-
-    @classmethod
-    def empty(cls, config: GLM2Config, device: torch.device, dtype: torch.dtype,
-              quantize: Optional[int] = None, quant_backend: str = "auto") -> "ChatGLM2Model":
-        """An uninitialised model allocated straight in dtype on device, for the loader to fill.
-        With quantize=4|8 the blocks' Linear layers are empty QuantizedLinear modules (quant.py)."""
-        with torch.device("meta"):
-            model = cls(config).to(dtype)
-        if quantize:
-            from .quant import replace_linears
-            replace_linears(model, quantize, device, quant_backend)
-        model.to_empty(device=device)
-        return model.eval()
-
-    def quantize(self, bits: int, backend: str = "auto") -> "ChatGLM2Model":
-        """Quantize the blocks' Linear layers to INT8 or INT4 in place (see quant.py)."""
-        from .quant import quantize_model
-        quantize_model(self, bits, backend)
-        self.weights_version += 1  # cached keys/values came from the float weights
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.embedding.word_embeddings.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.encoder.final_layernorm.weight.dtype
 
     @property
     def lm_head(self) -> nn.Linear:
@@ -400,12 +362,6 @@ class ChatGLM2Model(nn.Module):
 
     def layout_for_prompt(self, prompt: list[int]) -> CausalLayout:
         return CAUSAL
-
-    def new_kv_cache(self, slots: int, max_len: int) -> KVCache:
-        """A static KV cache for `slots` sequences of up to max_len tokens (at most seq_length;
-        only the key/value groups are stored), for the caller to pass to `forward`."""
-        return KVCache(self.config.num_layers, slots, self.config.kv_heads, min(max_len, self.config.seq_length),
-                       self.config.head_dim, self.dtype, self.device)
 
     @torch.no_grad()
     def refresh_prefix(self) -> None:
@@ -422,32 +378,3 @@ class ChatGLM2Model(nn.Module):
             layer.self_attention.prefix_kv = None if kv is None else (
                 kv[2 * i][None].to(self.device, self.dtype), kv[2 * i + 1][None].to(self.device, self.dtype))
         self.weights_version += 1
-
-    def kv_cache_bytes_per_token(self) -> int:
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.config.num_layers * self.config.kv_heads * self.config.head_dim * element
-
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache_positions: torch.Tensor,
-                mask: torch.Tensor, slots: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Final-normed hidden states [B, T, hidden] (apply `logits` for logits).
-
-        tokens [B, T]; positions [B, T]; cache_positions [B, T]; mask [B, 1, T, kv_len] from
-        `model.attention_mask` (prefix_len 0: causal); slots [B]: cache row per row of `cache`
-        (from `new_kv_cache`), which is written in place."""
-        x = self.transformer.embedding.word_embeddings(tokens)
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)
-        for layer, layer_cache in zip(self.transformer.encoder.layers, cache.layers, strict=True):
-            x = layer(x, cos, sin, mask, slots, cache_positions, layer_cache)
-        return self.transformer.encoder.final_layernorm(x)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits of hidden states (only the rows the caller needs)."""
-        return self.transformer.output_layer(hidden).float()
-
-    def chat(self, tokenizer, query: str, history=None, **kwargs):
-        from .chat import chat
-        return chat(self, tokenizer, query, history, **kwargs)
-
-    def stream_chat(self, tokenizer, query: str, history=None, **kwargs):
-        from .chat import stream_chat
-        return stream_chat(self, tokenizer, query, history, **kwargs)

@@ -1,24 +1,82 @@
-"""The ChatGLM-6B network in plain PyTorch (see shared/docs/glm6b-spec.md).
+"""ChatGLM-6B in plain PyTorch (see shared/docs/glm6b-spec.md).
 
 One forward serves every use: a prompt prefill, one decode step for a batch, or a mix. Every row
 of a batch lives in its own slot of a static, pre-allocated KV cache and says where its tokens go
 (`cache_positions`), so rows of different lengths never need padding inside the cache, and the
 serving engine can add and drop rows at any step.
 
-Attention visibility follows GLM's rule for one sequence: a query at cache position p sees column j
-when j < prefix_len (the bidirectional prompt, up to and including [gMASK]) or j <= p (causal).
+The prompt, up to and including [gMASK], is a bidirectional prefix (`SequenceLayout.prefix_len`,
+see `kv_cache.attention_mask`); positions are GLM's 2D ones.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import GLMConfig
+from .base import GLMModel
+from .config import CheckpointError, ModelConfig
+from .kv_cache import LayerCache
+
+
+@dataclass(frozen=True)
+class GLMConfig(ModelConfig):
+    """The sizes and special ids of a ChatGLM-6B checkpoint (field names follow config.json)."""
+
+    family: ClassVar[str] = "chatglm"
+    POSITIVE_FIELDS: ClassVar[tuple[str, ...]] = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads",
+                                                  "inner_hidden_size", "max_sequence_length")
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    inner_hidden_size: int
+    max_sequence_length: int
+    bos_token_id: int
+    eos_token_id: int
+    mask_token_id: int
+    gmask_token_id: int
+    pad_token_id: int = 3
+    layernorm_epsilon: float = 1e-5
+    position_encoding_2d: bool = True
+    torch_dtype: str = "float16"
+    quantization_bit: int = 0
+    quantization_embeddings: bool = False
+    pre_seq_len: Optional[int] = None
+    prefix_projection: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Every attention head has its own keys and values."""
+        return self.num_attention_heads
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return (self.eos_token_id,)
+
+    @classmethod
+    def _converted(cls, values: dict, raw: dict, source: str) -> dict:
+        if raw.get("model_type", "chatglm") != "chatglm":
+            raise CheckpointError(f"{source}: model_type {raw['model_type']!r} is not a ChatGLM model")
+        return values
+
+    def _check(self, source: str) -> None:
+        super()._check(source)
+        if self.hidden_size % self.num_attention_heads or self.head_dim % 4:
+            raise CheckpointError(
+                f"{source}: hidden_size {self.hidden_size} must split into {self.num_attention_heads} "
+                "heads whose size is a multiple of 4 (two rotary halves)")
+        if not self.position_encoding_2d:
+            raise CheckpointError(f"{source}: only position_encoding_2d=true ChatGLM-6B checkpoints are supported")
 
 
 @dataclass(frozen=True)
@@ -51,14 +109,6 @@ def layout_for_prompt(prompt: list[int], config: GLMConfig) -> SequenceLayout:
     return SequenceLayout(prefix_len=prompt.index(config.bos_token_id), mask_pos=prompt.index(mask_id))
 
 
-def attention_mask(prefix_lens: torch.Tensor, cache_positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """Boolean visibility [B, 1, T, kv_len] for queries at cache_positions [B, T]."""
-    columns = torch.arange(kv_len, device=cache_positions.device)
-    causal = columns <= cache_positions[:, :, None]
-    prefix = columns < prefix_lens.to(cache_positions.device)[:, None, None]
-    return (causal | prefix)[:, None]
-
-
 class RotaryEmbedding2D(nn.Module):
     """GLM's 2D rotary: half of each head rotates with the position, half with the block position."""
 
@@ -83,41 +133,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_d
     chunks = x.unflatten(-1, (-1, 2, rotary_dim // 2))  # [..., chunk, half, d/4]
     rotated = torch.stack([-chunks[..., 1, :], chunks[..., 0, :]], dim=-2).flatten(-3)
     return x * cos + rotated * sin
-
-
-class LayerCache:
-    """One layer's keys and values of every slot: [slots, heads, max_len, head_dim] each."""
-
-    def __init__(self, shape: tuple[int, ...], dtype, device):
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-
-    def update(self, slots: torch.Tensor, cache_positions: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, T, heads, d] at (slot, position) and return the first kv_len columns of
-        the rows' caches as [B, heads, kv_len, d]."""
-        rows = slots[:, None]
-        self.k[rows, :, cache_positions] = k
-        self.v[rows, :, cache_positions] = v
-        # index_select on the kv_len-column view copies only what attention reads (plain
-        # advanced indexing is several times slower on CPU).
-        return (self.k[:, :, :kv_len].index_select(0, slots), self.v[:, :, :kv_len].index_select(0, slots))
-
-
-class KVCache:
-    """The static, pre-allocated KV cache of every layer: `slots` rows of up to `max_len` tokens.
-
-    It belongs to whoever decodes (a `generate.DecodeBatch`), not to the model: the model's
-    forward reads and writes the cache it is given, in place, so that the serving engine and a
-    `model.chat` on the same weights never touch each other's keys and values."""
-
-    def __init__(self, layers: int, slots: int, heads: int, max_len: int, head_dim: int, dtype, device):
-        self.slots, self.max_len = slots, max_len
-        self.layers = [LayerCache((slots, heads, max_len, head_dim), dtype, device) for _ in range(layers)]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(layer.k.nbytes + layer.v.nbytes for layer in self.layers)
 
 
 class Attention(nn.Module):
@@ -180,86 +195,21 @@ class Transformer(nn.Module):
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
 
 
-class ChatGLMModel(nn.Module):
+class ChatGLMModel(GLMModel):
     """ChatGLM-6B. Parameter names match the official checkpoint (`transformer.*`, `lm_head`)."""
 
     causal = False  # the prompt is a bidirectional prefix: no KV reuse across turns
 
     def __init__(self, config: GLMConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.transformer = Transformer(config)
         self.rotary = RotaryEmbedding2D(config.head_dim)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.word_embeddings.weight  # tied
 
-    @classmethod
-    def empty(cls, config: GLMConfig, device: torch.device, dtype: torch.dtype,
-              quantize: Optional[int] = None, quant_backend: str = "auto") -> "ChatGLMModel":
-        """An uninitialised model allocated straight in dtype on device (no float32 detour), for
-        the loader to fill tensor by tensor. With quantize=4|8 the blocks' Linear layers are empty
-        QuantizedLinear modules (see quant.py) that quantize float weights as they arrive."""
-        with torch.device("meta"):
-            model = cls(config).to(dtype)
-        if quantize:
-            from .quant import replace_linears
-            replace_linears(model, quantize, device, quant_backend)
-        model.to_empty(device=device)
-        model.lm_head.weight = model.transformer.word_embeddings.weight  # to_empty unties
-        model.rotary = RotaryEmbedding2D(config.head_dim).to(device)  # buffers are not in checkpoints
-        return model.eval()
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.word_embeddings.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.final_layernorm.weight.dtype
-
-    def quantize(self, bits: int, backend: str = "auto") -> "ChatGLMModel":
-        """Quantize the blocks' Linear layers to INT8 or INT4 in place, as in the seed's
-        `model.quantize(bits)`; returns the model (see quant.py)."""
-        from .quant import quantize_model
-        return quantize_model(self, bits, backend)
+    def _after_to_empty(self, device: torch.device) -> None:
+        self.lm_head.weight = self.transformer.word_embeddings.weight  # to_empty unties
+        self.rotary = RotaryEmbedding2D(self.config.head_dim).to(device)  # buffers are not in checkpoints
 
     def layout_for_prompt(self, prompt: list[int]) -> SequenceLayout:
         return layout_for_prompt(prompt, self.config)
-
-    def new_kv_cache(self, slots: int, max_len: int) -> KVCache:
-        """A static KV cache for `slots` sequences of up to max_len tokens (at most the model's
-        maximum sequence length), for the caller to pass to `forward`."""
-        return KVCache(self.config.num_layers, slots, self.config.num_attention_heads,
-                       min(max_len, self.config.max_sequence_length), self.config.head_dim, self.dtype, self.device)
-
-    def kv_cache_bytes_per_token(self) -> int:
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.config.num_layers * self.config.hidden_size * element
-
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache_positions: torch.Tensor,
-                mask: torch.Tensor, slots: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Final-normed hidden states [B, T, hidden] (apply `lm_head` for logits).
-
-        tokens [B, T]; positions [B, 2, T]; cache_positions [B, T]: where each token's key and value
-        go in its slot; mask [B, 1, T, kv_len] from `attention_mask`; slots [B]: cache row per row
-        of `cache` (from `new_kv_cache`), which is written in place.
-        """
-        x = self.transformer.word_embeddings(tokens)
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)
-        for layer, layer_cache in zip(self.transformer.layers, cache.layers, strict=True):
-            x = layer(x, cos, sin, mask, slots, cache_positions, layer_cache)
-        return self.transformer.final_layernorm(x)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits for hidden states (only the rows the caller needs: lm_head is large)."""
-        return self.lm_head(hidden).float()
-
-    def chat(self, tokenizer, query: str, history=None, **kwargs):
-        """The seed's `response, history = model.chat(tokenizer, query, history, ...)`."""
-        from .chat import chat
-        return chat(self, tokenizer, query, history, **kwargs)
-
-    def stream_chat(self, tokenizer, query: str, history=None, **kwargs):
-        """The seed's `for response, history in model.stream_chat(tokenizer, query, history, ...)`."""
-        from .chat import stream_chat
-        return stream_chat(self, tokenizer, query, history, **kwargs)

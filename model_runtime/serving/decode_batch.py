@@ -1,4 +1,4 @@
-"""The generation loop: prefill, then one batched decode step at a time.
+"""The decode batch: a KV cache of slots, and the batched prefill and decode steps over them.
 
 `DecodeBatch` owns a static KV cache (allocated by the model, passed to its forward) as a set of
 slots. A `Sequence` takes a slot, is prefilled, then advances one token per `step()` together
@@ -18,13 +18,40 @@ takes, from telling one user what another one sent.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence as Seq
+from typing import Any, Iterable, Optional, Protocol, Sequence as Seq
 
 import torch
 
-from .model import ChatGLMModel, SequenceLayout, attention_mask
-from .protocol import SamplingParams
+from ..models.kv_cache import KVCache, attention_mask
+from ..protocol import SamplingParams
 from .sampling import Sampler
+
+
+class Layout(Protocol):
+    """Where a prompt's tokens go (a model's `layout_for_prompt`): `prefix_len` tokens seen
+    bidirectionally (0 for causal models), and positions in the model's own format."""
+
+    prefix_len: int
+
+    def positions(self, start: int, end: int) -> torch.Tensor: ...
+
+
+class DecodableModel(Protocol):
+    """What a decode batch needs of a model (`models.base.GLMModel` has it all)."""
+
+    config: Any
+    causal: bool
+    weights_version: int
+    device: torch.device
+
+    def layout_for_prompt(self, prompt: list[int]) -> Layout: ...
+
+    def new_kv_cache(self, slots: int, max_len: int) -> KVCache: ...
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache_positions: torch.Tensor,
+                 mask: torch.Tensor, slots: torch.Tensor, cache: KVCache) -> torch.Tensor: ...
 
 
 @dataclass(eq=False)
@@ -35,7 +62,7 @@ class Sequence:
     sampler: Sampler
     max_length: int  # prompt plus answer, in tokens
     stop_ids: frozenset[int]
-    layout: SequenceLayout
+    layout: Layout
     tokens: list[int] = field(default_factory=list)
     slot: int = -1
     cached: int = 0  # prompt tokens whose keys/values were already in the slot (not prefilled)
@@ -64,7 +91,7 @@ class Sequence:
             self.finish_reason = "length"
 
 
-def new_sequence(model: ChatGLMModel, prompt: list[int], params: SamplingParams,
+def new_sequence(model: DecodableModel, prompt: list[int], params: SamplingParams,
                  stop_ids: Iterable[int] = (), cache_salt: Optional[str] = None) -> Sequence:
     """A sequence whose answer ends at <eop> (or any stop id) or at params' length limits."""
     limit = min(params.max_length, model.config.max_sequence_length)
@@ -73,7 +100,7 @@ def new_sequence(model: ChatGLMModel, prompt: list[int], params: SamplingParams,
     if len(prompt) >= limit:
         raise ValueError(f"the prompt has {len(prompt)} tokens, which leaves no room for an answer "
                          f"within max_length={limit}")
-    stops = frozenset(stop_ids) | set(getattr(model.config, "eos_token_ids", (model.config.eos_token_id,)))
+    stops = frozenset(stop_ids) | set(model.config.eos_token_ids)
     return Sequence(prompt=list(prompt), sampler=Sampler(params, model.device), max_length=limit,
                     stop_ids=stops, layout=model.layout_for_prompt(prompt), cache_salt=cache_salt)
 
@@ -90,7 +117,7 @@ def shared_prefix(a: Seq[int], b: Seq[int], limit: int) -> int:
 class DecodeBatch:
     """A KV cache of `slots` rows and the batched forward passes over them."""
 
-    def __init__(self, model: ChatGLMModel, slots: int, max_len: int, vocab_size: Optional[int] = None):
+    def __init__(self, model: DecodableModel, slots: int, max_len: int, vocab_size: Optional[int] = None):
         """vocab_size: the tokenizer's; the model's output layer may be padded beyond it
         (130528 vs 130344 for ChatGLM-6B) and those ids must never be sampled."""
         self.model = model
@@ -98,7 +125,7 @@ class DecodeBatch:
         self.cache = model.new_kv_cache(slots, max_len)
         self.max_len = self.cache.max_len
         self.free_slots = list(range(slots))
-        self.reuse = getattr(model, "causal", False)
+        self.reuse = model.causal
         # Free slot -> (salt, tokens whose keys/values it holds); least recently released first.
         self.slot_contents: dict[int, tuple[str, list[int]]] = {}
         self._weights_version = model.weights_version if self.reuse else 0
@@ -202,7 +229,7 @@ class DecodeBatch:
             seq.append(token)
 
 
-def generate(model: ChatGLMModel, prompts: list[list[int]], params: SamplingParams,
+def generate(model: DecodableModel, prompts: list[list[int]], params: SamplingParams,
              vocab_size: Optional[int] = None, stop_ids: Iterable[int] = ()) -> list[list[int]]:
     """Answer tokens for a batch of encoded prompts of any lengths, decoded together."""
     seqs = [new_sequence(model, prompt, params, stop_ids) for prompt in prompts]

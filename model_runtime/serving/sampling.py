@@ -17,7 +17,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from .protocol import SamplingParams
+from ..protocol import SamplingParams
 
 FAILSAFE_TOKEN = 5  # the reference puts all probability here when logits go NaN/inf
 FAILSAFE_LOGIT = 5e4

@@ -1,7 +1,7 @@
 """Prompt layouts, stop tokens, answer clean-up and reference defaults of each GLM chat model.
 
 `chat_format_for(tokenizer)` gives the format of a loaded checkpoint: the family tokenizers carry
-theirs (`tokenizer.chat_format`), ChatGLM-6B's tokenizer gets ChatGLM-6B's format. `chat.py`,
+theirs (`tokenizer.chat_format`), ChatGLM-6B's tokenizer gets ChatGLM-6B's format. `chat/`,
 the engine and the page go through it, so nothing else needs to know which model is loaded.
 
 | family | prompt | stops | system prompt |
@@ -15,11 +15,19 @@ Role tokens are only ever placed here, by id; message text is encoded as plain t
 """
 from __future__ import annotations
 
+import re
 from typing import Optional, Sequence as Seq
 
-from .protocol import SamplingParams
+from ..protocol import SamplingParams
 
 History = Seq[tuple[str, str]]
+
+_CJK = "\u4e00-\u9fff"
+_HALF_TO_FULL = {",": "，", "!": "！", ":": "：", ";": "；", "?": "？"}
+_PUNCT_NEAR_CJK = [
+    re.compile(rf"([,!:;?])([{_CJK}])"),  # before a CJK character
+    re.compile(rf"([{_CJK}])([,!:;?])"),  # after a CJK character
+]
 
 
 def with_system_in_first_query(query: str, history: History, system: Optional[str]):
@@ -31,6 +39,21 @@ def with_system_in_first_query(query: str, history: History, system: Optional[st
         else:
             query = f"{system}\n{query}"
     return query, history
+
+
+def round_prompt(query: str, history: Seq[tuple[str, str]]) -> str:
+    """The ChatGLM-6B prompt: the bare query, or numbered rounds when there is history."""
+    if not history:
+        return query
+    rounds = [f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history)]
+    return "".join(rounds) + f"[Round {len(history)}]\n问：{query}\n答："
+
+
+def process_response(text: str) -> str:
+    """The reference's clean-up: strip, date placeholder, full-width punctuation next to CJK."""
+    text = text.strip().replace("[[训练时间]]", "2023年")
+    text = _PUNCT_NEAR_CJK[0].sub(lambda m: _HALF_TO_FULL[m[1]] + m[2], text)
+    return _PUNCT_NEAR_CJK[1].sub(lambda m: m[1] + _HALF_TO_FULL[m[2]], text)
 
 
 def _clean(text: str) -> str:
@@ -48,8 +71,6 @@ class ChatFormat:
     default_sampling = SamplingParams(max_length=2048, top_p=0.7, temperature=0.95)
 
     def encode(self, tokenizer, query: str, history: History, system: Optional[str] = None) -> list[int]:
-        from .chat import round_prompt
-
         query, history = with_system_in_first_query(query, history, system)
         return tokenizer.encode(round_prompt(query, history))
 
@@ -57,8 +78,6 @@ class ChatFormat:
         return frozenset({tokenizer.eos_token_id})
 
     def process_response(self, text: str) -> str:
-        from .chat import process_response
-
         return process_response(text)
 
 

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-import sentencepiece as spm
+from .common import checked_id, load_sentencepiece, without_lone_surrogates
 
 MAX_BLANK = 80
 _ENCODE_PATTERN = re.compile(r"\n|\t| {2,}")
@@ -46,18 +46,6 @@ def _whitespace_piece(match: re.Match) -> str:
 def encode_whitespace(text: str) -> str:
     """Rewrite newlines, tabs and space runs into ChatGLM pieces (what SentencePiece sees)."""
     return _ENCODE_PATTERN.sub(_whitespace_piece, text)
-
-
-def load_sentencepiece(model_file: Path) -> spm.SentencePieceProcessor:
-    """A SentencePiece model, or FileNotFoundError / ValueError naming the file."""
-    if not model_file.is_file():
-        raise FileNotFoundError(f"tokenizer model {model_file} not found")
-    processor = spm.SentencePieceProcessor()
-    try:
-        processor.Load(str(model_file))
-    except (OSError, RuntimeError) as error:
-        raise ValueError(f"{model_file} is not a valid SentencePiece model: {error}") from None
-    return processor
 
 
 def _token_string(value) -> str:
@@ -136,11 +124,7 @@ class ChatGLMTokenizer:
         return sp_id + self.num_image_tokens
 
     def _checked(self, token_id) -> int:
-        """`token_id` as an int (tensors and numpy ints welcome), or ValueError if out of range."""
-        token_id = int(token_id)
-        if not 0 <= token_id < self.vocab_size:
-            raise ValueError(f"token id {token_id} is outside the vocabulary [0, {self.vocab_size})")
-        return token_id
+        return checked_id(token_id, self.vocab_size)
 
     def preprocess(self, text: str) -> str:
         """The text SentencePiece sees: whitespace as ChatGLM pieces, lone surrogates as U+FFFD."""
@@ -148,12 +132,7 @@ class ChatGLMTokenizer:
             text = " ".join(text.split())
         if self.do_lower_case:
             text = text.lower()
-        if not text.isascii():
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:  # lone surrogates cannot reach the C++ side
-                text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-        return encode_whitespace(text)
+        return encode_whitespace(without_lone_surrogates(text))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Ids of `text`, followed by [gMASK] <sop> (the prompt format) when add_special_tokens."""

@@ -1,10 +1,11 @@
-"""One config type for every GLM checkpoint, read from its config.json."""
+"""What the config of every GLM family shares: reading config.json, the common checks, and the
+error a checkpoint that cannot be used raises."""
 from __future__ import annotations
 
 import json
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar
 
 
 class CheckpointError(RuntimeError):
@@ -26,66 +27,53 @@ def read_config_json(path: Path) -> dict:
 
 
 @dataclass(frozen=True)
-class GLMConfig:
-    """The sizes and special ids of a ChatGLM-6B checkpoint (field names follow config.json)."""
+class ModelConfig:
+    """Base of the per-family config dataclasses, whose field names follow config.json.
 
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_attention_heads: int
-    inner_hidden_size: int
-    max_sequence_length: int
-    bos_token_id: int
-    eos_token_id: int
-    mask_token_id: int
-    gmask_token_id: int
-    pad_token_id: int = 3
-    layernorm_epsilon: float = 1e-5
-    position_encoding_2d: bool = True
-    torch_dtype: str = "float16"
-    quantization_bit: int = 0
-    quantization_embeddings: bool = False
-    pre_seq_len: Optional[int] = None
-    prefix_projection: bool = False
+    `from_dict` refuses a config that lacks a required field or fails `_check`, with a message
+    naming the file; the two hooks let a family adapt the raw dict (`_prepared`) and the values
+    (`_converted`) to its fields."""
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    POSITIVE_FIELDS: ClassVar[tuple[str, ...]] = ()  # sizes that must be positive integers
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "config.json") -> "GLMConfig":
+    def from_dict(cls, raw: dict, source: str = "config.json") -> "ModelConfig":
+        raw = cls._prepared(raw)
         known = {f.name: f for f in fields(cls)}
         required = [name for name, f in known.items() if f.default is MISSING]
         missing = [name for name in required if name not in raw]
         if missing:
             raise CheckpointError(f"{source}: missing required field(s) {', '.join(missing)}")
-        if raw.get("model_type", "chatglm") != "chatglm":
-            raise CheckpointError(f"{source}: model_type {raw['model_type']!r} is not a ChatGLM model")
         values = {name: raw[name] for name in known if name in raw and raw[name] is not None}
-        config = cls(**values)
+        config = cls(**cls._converted(values, raw, source))
         config._check(source)
         return config
 
     @classmethod
-    def from_file(cls, path: Path) -> "GLMConfig":
-        return cls.from_dict(read_config_json(path), source=str(path))
+    def from_file(cls, path: Path, **options) -> "ModelConfig":
+        return cls.from_dict(read_config_json(path), source=str(path), **options)
+
+    @classmethod
+    def _prepared(cls, raw: dict) -> dict:
+        """The raw dict as the fields expect it (before the required fields are looked for)."""
+        return raw
+
+    @classmethod
+    def _converted(cls, values: dict, raw: dict, source: str) -> dict:
+        """The constructor's arguments from the fields' raw values."""
+        return values
 
     def to_dict(self) -> dict:
         raw = {"model_type": "chatglm", "architectures": ["ChatGLMModel"]}
-        raw.update({f.name: getattr(self, f.name) for f in fields(self)})
+        for f in fields(self):
+            value = getattr(self, f.name)
+            raw[f.name] = list(value) if isinstance(value, tuple) else value
         return raw
 
     def _check(self, source: str) -> None:
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads",
-                     "inner_hidden_size", "max_sequence_length"):
+        for name in self.POSITIVE_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise CheckpointError(f"{source}: {name} must be a positive integer, got {value!r}")
-        if self.hidden_size % self.num_attention_heads or self.head_dim % 4:
-            raise CheckpointError(
-                f"{source}: hidden_size {self.hidden_size} must split into {self.num_attention_heads} "
-                "heads whose size is a multiple of 4 (two rotary halves)")
-        if not self.position_encoding_2d:
-            raise CheckpointError(f"{source}: only position_encoding_2d=true ChatGLM-6B checkpoints are supported")
         if self.quantization_bit not in (0, 4, 8):
             raise CheckpointError(f"{source}: quantization_bit must be 0, 4 or 8, got {self.quantization_bit!r}")

@@ -1,0 +1,119 @@
+"""The command line: `python -m model_runtime chat --model PATH_OR_ID` (also installed as
+`chatglm-chat --model PATH_OR_ID`) and `python -m model_runtime make-tiny DIR`.
+
+chat: type a message and the answer streams. `clear` empties the history, `exit` or `stop` quits,
+Ctrl+C stops the current answer and returns to the prompt (Ctrl+C at the prompt quits).
+make-tiny: write a tiny random checkpoint (tests and offline demos; see model_runtime/tiny/).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+
+from .chat.stream import stream_chat
+from .loading.loader import load_model
+from .models.config import CheckpointError
+from .protocol import InvalidRequest
+from .tiny.checkpoint import FAMILIES, write_tiny_checkpoint
+from .tiny.glm6b import TinySize
+
+WELCOME = "GLM terminal chat. Type a message; 'clear' empties the history, 'exit' or 'stop' quits, " \
+          "Ctrl+C stops an answer."
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m model_runtime", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_chat_arguments(commands.add_parser("chat", help="chat in the terminal"))
+    make = commands.add_parser("make-tiny", help="write a tiny random checkpoint directory")
+    make.add_argument("directory")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--layers", type=int, default=TinySize.num_layers)
+    make.add_argument("--hidden-size", type=int, default=TinySize.hidden_size)
+    make.add_argument("--family", default="chatglm", choices=FAMILIES,
+                      help="which model's layout, tokenizer and chat format (default: ChatGLM-6B)")
+    return parser.parse_args(argv)
+
+
+def add_chat_arguments(chat: argparse.ArgumentParser) -> None:
+    chat.add_argument("--model", default="THUDM/chatglm-6b", help="checkpoint directory or Hugging Face id")
+    chat.add_argument("--device", default="auto", help="auto, cuda, cpu or mps")
+    chat.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: per device)")
+    chat.add_argument("--quantize", type=int, choices=(4, 8), default=None,
+                      help="quantize the weights to 4 or 8 bits while loading (less memory)")
+    chat.add_argument("--max-length", type=int, default=None,
+                      help="prompt plus answer, in tokens (default: the model's reference setting, 2048 for ChatGLM-6B)")
+    chat.add_argument("--top-p", type=float, default=None, help="default: the model's reference setting")
+    chat.add_argument("--temperature", type=float, default=None, help="0 means greedy; default: the model's")
+    chat.add_argument("--system", default=None, help="a system prompt (ChatGLM3 / GLM-4; put before the first "
+                      "question for the others)")
+    chat.add_argument("--seed", type=int, default=None)
+
+
+def stream_one_answer(model, tokenizer, query, history, args) -> list:
+    """Print one streamed answer; Ctrl+C stops it early. Returns the history with this turn."""
+    cancel = threading.Event()
+    new_history, shown = history + [(query, "")], ""
+    answers = stream_chat(model, tokenizer, query, history, max_length=args.max_length, top_p=args.top_p,
+                          temperature=args.temperature, seed=args.seed, cancel=cancel, system=args.system)
+    print("ChatGLM: ", end="", flush=True)
+    try:
+        for response, new_history in answers:
+            print(response[len(shown):], end="", flush=True)
+            shown = response
+    except KeyboardInterrupt:
+        cancel.set()
+        for response, new_history in answers:  # let the generator end cleanly ("cancelled")
+            pass
+        print(" [stopped]", end="")
+    print()
+    return new_history
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    try:
+        tokenizer, model = load_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    except (CheckpointError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(WELCOME)
+    history: list = []
+    while True:
+        try:
+            query = input("\nUser: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if query in ("exit", "stop"):
+            return 0
+        if query == "clear":
+            history = []
+            print("(history cleared)")
+            continue
+        if not query:
+            continue
+        try:
+            history = stream_one_answer(model, tokenizer, query, history, args)
+        except InvalidRequest as error:
+            print(f"\n(error: {error})")
+
+
+def make_tiny(args: argparse.Namespace) -> int:
+    size = TinySize(hidden_size=args.hidden_size, num_layers=args.layers, inner_hidden_size=4 * args.hidden_size)
+    print(write_tiny_checkpoint(args.directory, size, seed=args.seed, family=args.family))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_chat(args) if args.command == "chat" else make_tiny(args)
+
+
+def chat_main(argv=None) -> int:
+    """The `chatglm-chat` console script: `chat` without the subcommand's name."""
+    parser = argparse.ArgumentParser(prog="chatglm-chat", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_chat_arguments(parser)
+    return run_chat(parser.parse_args(argv))

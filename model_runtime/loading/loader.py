@@ -1,0 +1,52 @@
+"""`load_model`: a GLM checkpoint (local directory or Hugging Face id) ready for inference."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from ..models.base import GLMModel
+from ..quant.convert import quantize_lm_head as quantize_lm_head_of  # the name load_model's flag would shadow
+from ..quant.convert import resolve_quantization
+from .checkpoint import resolve_checkpoint, weight_files
+from .device import check_fits, pick_device, pick_dtype
+from .family import AnyTokenizer, load_tokenizer, model_class, read_config
+from .weights import load_weights
+
+log = logging.getLogger(__name__)
+
+
+def load_model(name_or_path: Union[str, Path], device: Union[str, torch.device] = "auto",
+               dtype: Union[None, str, torch.dtype] = None, weight_format: Optional[str] = None,
+               revision: Optional[str] = None, quantize: Optional[int] = None,
+               quant_backend: str = "auto", quantize_lm_head: bool = False) -> tuple[AnyTokenizer, GLMModel]:
+    """Load a GLM checkpoint (local directory or Hugging Face id) for inference: ChatGLM-6B,
+    ChatGLM2-6B, ChatGLM3-6B or GLM-4-9B-chat, as its own files say (family.py).
+
+    device: "auto" | "cuda" | "cpu" | "mps"; dtype: None picks float16 on GPUs, bfloat16 on CPU;
+    weight_format: "safetensors" or "bin" (default: whichever the folder has, safetensors first).
+    quantize: 4 or 8 quantizes the blocks' Linear layers while loading, shard by shard (the float
+    model never sits in memory whole); checkpoints with config quantization_bit load as stored.
+    quant_backend: "auto" or a name from quant.backends.KERNELS (the matmul kernel of quantized layers).
+    quantize_lm_head: opt-in, ChatGLM-6B only: compute the logits from an INT8 copy of the tied
+    embedding (quant.linear.QuantizedOutputLayer): faster decode, +0.5 GiB, logits off by the INT8 error.
+    Raises CheckpointError with a message that names the file (and tensor) at fault.
+    """
+    folder = resolve_checkpoint(name_or_path, revision)
+    config = read_config(folder)  # ChatGLM-6B, ChatGLM2/3 or GLM-4: see family.py
+    tokenizer = load_tokenizer(folder, config)
+    device = pick_device(device)
+    dtype = pick_dtype(device, dtype)
+    files = weight_files(folder, weight_format)
+    bits = resolve_quantization(config, quantize)
+    check_fits(config, device, dtype, bits)
+    model = model_class(config).empty(config, device, dtype, quantize=bits, quant_backend=quant_backend)
+    load_weights(model, files)
+    if getattr(config, "pre_seq_len", None):
+        model.refresh_prefix()  # P-tuning v2: prefix keys and values from the loaded prefix encoder
+    if quantize_lm_head:
+        quantize_lm_head_of(model)
+    log.info("loaded %s on %s in %s%s", folder, device, dtype, f", INT{bits}" if bits else "")
+    return tokenizer, model

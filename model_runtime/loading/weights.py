@@ -1,0 +1,98 @@
+"""A checkpoint's tensors into a model, shard by shard, tensor by tensor, straight into a model
+already allocated in the target dtype on the target device: peak memory stays close to the final
+model size (shards are memory-mapped, never loaded whole as float32).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import mmap
+from pathlib import Path
+
+import torch
+
+from ..models.base import GLMModel
+from ..models.config import CheckpointError
+from ..quant.convert import quantized_linears
+from ..quant.linear import QuantizedLinear
+from ..quant.memory import trim_heap
+from .checkpoint import read_shard
+
+IGNORED_TENSORS = ("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq",  # recomputed
+                   "lm_head.weight")  # ChatGLM-6B: tied to the embeddings
+
+
+def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """Address ranges where this process maps `path` (Linux; empty elsewhere)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    target = str(path.resolve())
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == target:
+            start, end = fields[0].split("-")
+            ranges.append((int(start, 16), int(end, 16)))
+    return ranges
+
+
+def _release_pages(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
+    """Drop the pages of a consumed tensor that is a view of a memory-mapped shard from this
+    process's memory, so that a shard never sits in RSS whole (only pages inside a file mapping
+    are touched, and they stay valid: a later read would fault them in from the file again)."""
+    start, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, (start + size) // page * page
+    if last <= first or not any(low <= first and last <= high for low, high in ranges):
+        return
+    _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+
+
+@functools.lru_cache(maxsize=None)
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def load_weights(model: GLMModel, files: list[Path]) -> None:
+    """Copy every shard's tensors into the model, converting dtype on the way."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    quantized = quantized_linears(model)  # filled through load_tensor: float weights quantized on arrival
+    expected = {name for name in params if name != "lm_head.weight"} | {f"{name}.weight" for name in quantized}
+    seen: set[str] = set()
+    release = hasattr(mmap, "MADV_DONTNEED")
+    for path in files:
+        ranges = None
+        for name, tensor in read_shard(path):
+            if name.endswith(IGNORED_TENSORS):
+                continue
+            if release and ranges is None:
+                ranges = _mapped_ranges(path)  # the shard is mapped by now (if it is at all)
+            owner, _, leaf = name.rpartition(".")
+            if owner in quantized and leaf in QuantizedLinear.STORED:
+                try:
+                    quantized[owner].load_tensor(leaf, tensor)
+                except ValueError as error:
+                    raise CheckpointError(f"{path.name}: tensor {name!r} {error}") from None
+                seen.add(name)
+                if ranges:
+                    _release_pages(tensor, ranges)
+                trim_heap()  # quantizing/repacking temporaries leave heap holes glibc would keep
+                continue
+            if name not in params:
+                raise CheckpointError(f"{path.name}: unexpected tensor {name!r} (is this a ChatGLM-6B checkpoint?)")
+            target = params[name]
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise CheckpointError(f"{path.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                      f"config.json implies {tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(tensor)
+            seen.add(name)
+            if ranges:
+                _release_pages(tensor, ranges)
+    missing = sorted(expected - seen) + [f"{name}.weight_scale" for name, module in quantized.items()
+                                         if f"{name}.weight" in seen and not module.ready]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{files[0].parent}: the weight files lack {shown}")

@@ -1,0 +1,108 @@
+"""The calling convention every GLM network shares, written once.
+
+A family's network (glm6b.py, glm2.py) builds `self.transformer` with `word_embeddings`,
+`layers` and `final_layernorm`, a `self.rotary` whose `cos_sin(positions, dtype)` feeds its
+blocks, an `lm_head`, and says where a prompt's tokens go (`layout_for_prompt`). Everything else
+is here: allocation straight on the device (`empty`), quantization, the KV cache's size, the
+forward over a caller's cache, the logits, and the seed's `model.chat` / `model.stream_chat`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..chat import stream
+from ..quant.convert import quantize_model, replace_linears
+from .kv_cache import KVCache
+
+
+class GLMModel(nn.Module):
+    """Base of the GLM networks (see the module docstring).
+
+    `causal`: a slot's keys and values depend only on the tokens before them, so a decode batch
+    may reuse them for a later prompt with the same prefix. `weights_version` changes whenever the
+    keys and values the weights compute change (quantization, a new P-tuning prefix): cached ones
+    from before are then stale."""
+
+    causal = False
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.weights_version = 0
+
+    @classmethod
+    def empty(cls, config, device: torch.device, dtype: torch.dtype, quantize: Optional[int] = None,
+              quant_backend: str = "auto") -> "GLMModel":
+        """An uninitialised model allocated straight in dtype on device (no float32 detour), for
+        the loader to fill tensor by tensor. With quantize=4|8 the blocks' Linear layers are empty
+        QuantizedLinear modules (see quant/) that quantize float weights as they arrive."""
+        with torch.device("meta"):
+            model = cls(config).to(dtype)
+        if quantize:
+            replace_linears(model, quantize, device, quant_backend)
+        model.to_empty(device=device)
+        model._after_to_empty(device)
+        return model.eval()
+
+    def _after_to_empty(self, device: torch.device) -> None:
+        """Restore what `to_empty` loses (tied weights, buffers that are not in checkpoints)."""
+
+    def quantize(self, bits: int, backend: str = "auto") -> "GLMModel":
+        """Quantize the blocks' Linear layers to INT8 or INT4 in place, as in the seed's
+        `model.quantize(bits)`; returns the model (see quant/)."""
+        quantize_model(self, bits, backend)
+        self.weights_version += 1  # cached keys/values came from the float weights
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.word_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.final_layernorm.weight.dtype
+
+    def layout_for_prompt(self, prompt: list[int]):
+        """Where the prompt's tokens go: `.prefix_len` and `.positions(start, end)`."""
+        raise NotImplementedError
+
+    def new_kv_cache(self, slots: int, max_len: int) -> KVCache:
+        """A static KV cache for `slots` sequences of up to max_len tokens (at most the model's
+        maximum sequence length; only the key/value heads are stored), for the caller to pass to
+        `forward`."""
+        return KVCache(self.config.num_layers, slots, self.config.kv_heads,
+                       min(max_len, self.config.max_sequence_length), self.config.head_dim, self.dtype, self.device)
+
+    def kv_cache_bytes_per_token(self) -> int:
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.config.num_layers * self.config.kv_heads * self.config.head_dim * element
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache_positions: torch.Tensor,
+                mask: torch.Tensor, slots: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Final-normed hidden states [B, T, hidden] (apply `logits` for logits).
+
+        tokens [B, T]; positions from the layout ([B, 2, T] for ChatGLM-6B, [B, T] for the causal
+        models); cache_positions [B, T]: where each token's key and value go in its slot; mask
+        [B, 1, T, kv_len] from `kv_cache.attention_mask`; slots [B]: cache row per row of `cache`
+        (from `new_kv_cache`), which is written in place.
+        """
+        x = self.transformer.word_embeddings(tokens)
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        for layer, layer_cache in zip(self.transformer.layers, cache.layers, strict=True):
+            x = layer(x, cos, sin, mask, slots, cache_positions, layer_cache)
+        return self.transformer.final_layernorm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits for hidden states (only the rows the caller needs: lm_head is large)."""
+        return self.lm_head(hidden).float()
+
+    def chat(self, tokenizer, query: str, history=None, **kwargs):
+        """The seed's `response, history = model.chat(tokenizer, query, history, ...)`."""
+        return stream.chat(self, tokenizer, query, history, **kwargs)
+
+    def stream_chat(self, tokenizer, query: str, history=None, **kwargs):
+        """The seed's `for response, history in model.stream_chat(tokenizer, query, history, ...)`."""
+        return stream.stream_chat(self, tokenizer, query, history, **kwargs)

@@ -1,0 +1,86 @@
+"""Which kernel computes the quantized Linear layers on this device, chosen once at load time.
+
+Backends (`KERNELS`):
+  dequant             any device, and MPS's path: dequantize per call, then a float matmul.
+  cpu-int8pack        CPU, INT8, bfloat16 activations: torch's fused `_weight_int8pack_mm`, on the
+                      published int8 layout as is (no second copy).
+  cpu-int4pack        CPU, INT4, bfloat16 activations: torch's `_weight_int4pack_mm_for_cpu`, the
+                      weights repacked once at load time (the published copy is dropped).
+  cpu-fbgemm-dynamic  CPU, opt-in only (never chosen by "auto"): fbgemm int8 x int8, which also
+                      quantizes the ACTIVATIONS on every call and so changes the model's numbers.
+  cuda-torch          CUDA: torch's fused `_weight_int8pack_mm` (INT8) / `_weight_int4pack_mm`
+                      (INT4, bfloat16 on sm80+). NOT TESTED ON A GPU HERE: a self-check on small
+                      random shapes runs before first use and falls back to dequant on mismatch.
+The CPU kernels switch to "dequantize the layer into a reused scratch buffer, then one bf16 GEMM"
+for inputs of more than `gemm_above` rows (prompt prefill), which is several times faster there.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Optional, Union
+
+import torch
+
+from .cpu_kernels import CpuFbgemmDynamicKernel, CpuInt4PackKernel, CpuInt8PackKernel
+from .cuda_kernels import CudaTorchKernel
+from .format import QuantizationError, check_bits, quantize_weight, reference_linear
+from .kernel import DequantKernel, LinearKernel
+
+log = logging.getLogger(__name__)
+
+KERNELS = {kernel.name: kernel for kernel in
+           (DequantKernel, CpuInt8PackKernel, CpuInt4PackKernel, CpuFbgemmDynamicKernel, CudaTorchKernel)}
+_AUTO = {"cpu": ("cpu-int8pack", "cpu-int4pack"), "cuda": ("cuda-torch",)}
+
+
+@functools.lru_cache(maxsize=None)
+def _self_check(name: str, device: str, bits: int, dtype: torch.dtype) -> Optional[str]:
+    """Run a backend once on small random shapes against the float64 reference; None when it
+    agrees, else what went wrong (a kernel missing from this build, a wrong answer)."""
+    generator = torch.Generator().manual_seed(0)
+    weight, scale = quantize_weight(torch.randn(128, 256, generator=generator), bits)
+    x = torch.randn(3, 256, generator=generator)
+    expected = reference_linear(x, weight, scale, bits)
+    try:
+        kernel = KERNELS[name].prepare(weight.to(device), scale.to(device), bits)
+        got = kernel(x.to(device, dtype)).double().cpu()
+    except Exception as error:  # noqa: BLE001 - any failure means "do not use it here"
+        return f"failed its self-check ({type(error).__name__}: {error})"
+    error = ((got - expected).norm() / expected.norm()).item()
+    return None if error < 0.02 else f"failed its self-check (relative error {error:.3g})"
+
+
+def choose_kernel(device: Union[str, torch.device], bits: int, dtype: torch.dtype,
+                  backend: str = "auto") -> type[LinearKernel]:
+    return _choose_kernel(torch.device(device), check_bits(bits), dtype, backend)
+
+
+@functools.lru_cache(maxsize=None)
+def _choose_kernel(device: torch.device, bits: int, dtype: torch.dtype, backend: str) -> type[LinearKernel]:
+    """The backend for quantized Linear layers on this device, chosen once at load time.
+
+    backend "auto": the fused kernel for the device where it is available (and, on CUDA, passes
+    a self-check), else "dequant" with a logged reason. A named backend that cannot run here
+    raises QuantizationError saying why and what to use instead."""
+    if backend != "auto":
+        if backend not in KERNELS:
+            raise QuantizationError(f"unknown quantization backend {backend!r}: use 'auto' or one of "
+                                    f"{', '.join(KERNELS)}")
+        reason = KERNELS[backend].unavailable(device, bits, dtype)
+        if reason is None and device.type == "cuda":
+            reason = _self_check(backend, str(device), bits, dtype)
+        if reason:
+            raise QuantizationError(f"quantization backend {backend!r} {reason}; use backend='auto' (picks "
+                                    "what runs here) or 'dequant' (runs everywhere)")
+        return KERNELS[backend]
+    for name in _AUTO.get(device.type, ()):
+        if bits not in KERNELS[name].bit_widths:
+            continue
+        reason = KERNELS[name].unavailable(device, bits, dtype)
+        if reason is None and device.type == "cuda":
+            reason = _self_check(name, str(device), bits, dtype)
+        if reason is None:
+            return KERNELS[name]
+        log.warning("INT%d on %s: %s %s; using dequantize-then-matmul instead", bits, device, name, reason)
+    return DequantKernel

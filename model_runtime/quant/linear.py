@@ -1,0 +1,174 @@
+"""The nn.Modules of quantized layers: `QuantizedLinear` (a block's Linear, in the published
+format, computed by the kernel chosen for its device) and the opt-in INT8 output layer."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .backends import choose_kernel
+from .cpu_kernels import CpuInt8PackKernel
+from .cuda_kernels import CudaTorchKernel
+from .format import QuantizationError, check_bits, quantize_weight
+from .kernel import LinearKernel
+from .memory import trim_heap
+
+
+class QuantizedLinear(nn.Module):
+    """A Linear layer with an INT8 / INT4 weight in the published format, computed by the backend
+    kernel chosen for its device and compute dtype. `weight` and `weight_scale` read back the
+    published tensors (the kernel may keep another layout); `state_dict()` and `load_state_dict()`
+    use the published names, and `model.to(device / dtype)` re-prepares the kernel."""
+
+    STORED = ("weight", "weight_scale")
+
+    def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = True, *,
+                 device=None, dtype: Optional[torch.dtype] = None, backend: str = "auto"):
+        super().__init__()
+        self.bits = check_bits(bits)
+        if self.bits == 4 and in_features % 2:
+            raise QuantizationError(f"INT4 needs an even number of input features, got {in_features}")
+        self.in_features, self.out_features, self.backend = in_features, out_features, backend
+        dtype = dtype or torch.get_default_dtype()
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+        # Follows the module through .to()/to_empty(): where and in which dtype the kernel must run.
+        self.register_buffer("_anchor", torch.empty(0, dtype=dtype, device=device), persistent=False)
+        self.kernel: Optional[LinearKernel] = None
+        self._pending: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, backend: str = "auto") -> "QuantizedLinear":
+        """Quantize a float nn.Linear (its weight is not kept)."""
+        weight = linear.weight
+        module = cls(linear.in_features, linear.out_features, bits, linear.bias is not None,
+                     device=weight.device, dtype=weight.dtype, backend=backend)
+        with torch.no_grad():
+            if linear.bias is not None:
+                module.bias.copy_(linear.bias)
+            module.load_tensor("weight", weight.detach())
+        return module
+
+    @property
+    def ready(self) -> bool:
+        return self.kernel is not None
+
+    def load_tensor(self, leaf: str, tensor: torch.Tensor) -> None:
+        """Take one checkpoint tensor: a float `weight` [out, in] (quantized here, on the spot), or
+        a published-format `weight` / `weight_scale`. Raises ValueError when it does not fit."""
+        device = self._anchor.device
+        if leaf == "weight" and tensor.is_floating_point():
+            if tuple(tensor.shape) != (self.out_features, self.in_features):
+                raise ValueError(f"has shape {tuple(tensor.shape)}, config.json implies "
+                                 f"{(self.out_features, self.in_features)}")
+            source = tensor.to(device) if device.type == "cuda" else tensor  # quantize where it is fast
+            self._prepare(*(t.to(device) for t in quantize_weight(source, self.bits)))
+            return
+        if leaf == "weight":
+            shape = (self.out_features, self.in_features * self.bits // 8)
+            if tensor.dtype not in (torch.int8, torch.uint8) or tuple(tensor.shape) != shape:
+                found = f"{str(tensor.dtype).removeprefix('torch.')} {tuple(tensor.shape)}"
+                raise ValueError(f"is {found}, an INT{self.bits} weight of this layer is int8 {shape} (or a float weight "
+                                 f"{(self.out_features, self.in_features)} to quantize)")
+            self._pending["weight"] = tensor.view(torch.int8).to(device, copy=True)
+        elif leaf == "weight_scale":
+            if not tensor.is_floating_point() or tuple(tensor.shape) != (self.out_features,):
+                raise ValueError(f"is {str(tensor.dtype).removeprefix('torch.')} {tuple(tensor.shape)}, expected "
+                                 f"float16 ({self.out_features},)")
+            self._pending["weight_scale"] = tensor.to(device, torch.float16, copy=True)
+        else:
+            raise ValueError(f"is not a tensor of a quantized Linear (expected {' or '.join(self.STORED)})")
+        if len(self._pending) == 2:
+            self._prepare(self._pending.pop("weight"), self._pending.pop("weight_scale"))
+
+    def _prepare(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+        kernel_class = choose_kernel(self._anchor.device, self.bits, self._anchor.dtype, self.backend)
+        self.kernel = None  # drop an old kernel before building the new one
+        self.kernel = kernel_class.prepare(weight, scale, self.bits)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._published()[0]
+
+    @property
+    def weight_scale(self) -> torch.Tensor:
+        return self._published()[1]
+
+    def _published(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kernel is None:
+            raise RuntimeError(f"{self}: its weights were never loaded")
+        return self.kernel.published()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is None:
+            raise RuntimeError(f"{self}: its weights were never loaded")
+        return self.kernel(x, self.bias)
+
+    def _apply(self, fn, recurse=True):
+        before = (self._anchor.device, self._anchor.dtype)
+        super()._apply(fn, recurse)
+        if self.kernel is not None and (self._anchor.device, self._anchor.dtype) != before:
+            weight, scale = self.kernel.published()
+            self._prepare(weight.to(self._anchor.device), scale.to(self._anchor.device))
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.kernel is not None:
+            weight, scale = self.kernel.published()
+            destination[prefix + "weight"], destination[prefix + "weight_scale"] = weight, scale
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        own = {prefix + leaf for leaf in self.STORED}
+        rest = {key: value for key, value in state_dict.items() if key not in own}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for leaf in self.STORED:
+            if prefix + leaf in state_dict:
+                try:
+                    self.load_tensor(leaf, state_dict[prefix + leaf])
+                except ValueError as error:
+                    error_msgs.append(f"{prefix + leaf} {error}")
+        if strict and self.kernel is None:
+            missing_keys.extend(prefix + leaf for leaf in self.STORED if prefix + leaf not in state_dict)
+
+    def extra_repr(self) -> str:
+        kernel = self.kernel.name if self.kernel is not None else "not loaded"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"bias={self.bias is not None}, kernel={kernel}")
+
+
+class QuantizedOutputLayer(QuantizedLinear):
+    """OPT-IN: ChatGLM-6B's output layer (lm_head, tied to the word embeddings) computed from an
+    INT8 per-row copy of the embedding matrix, for decode speed: a decode step reads 0.53 GB
+    instead of 1.07 GB of bfloat16 there. The embedding lookup keeps reading the exact bfloat16
+    rows (model inputs do not change); only the logits carry the weight-quantization error
+    (tests/test_quant.py bounds it; about 0.9% relative on random hidden states at full size).
+    Costs the int8 copy in memory (+0.5 GiB at full size). Derived at load time, so it is never
+    saved: checkpoints keep the tied float weight, and its state_dict is empty."""
+
+    def __init__(self, embedding: nn.Embedding):
+        weight = embedding.weight
+        super().__init__(weight.shape[1], weight.shape[0], 8, bias=False, device=weight.device, dtype=weight.dtype)
+        kernel_class = choose_kernel(weight.device, 8, weight.dtype)
+        if kernel_class not in (CpuInt8PackKernel, CudaTorchKernel):
+            raise QuantizationError(
+                f"an INT8 lm_head needs a fused int8 kernel (CPU with bfloat16, or CUDA); on {weight.device} in "
+                f"{str(weight.dtype).removeprefix('torch.')} it would be slower than the float one: leave it off")
+        with torch.no_grad():
+            self.load_tensor("weight", weight.detach())
+        trim_heap()
+
+    def _prepare(self, weight, scale):
+        super()._prepare(weight, scale)
+        # Always the fused kernel, at every batch size: its "many rows" path would dequantize
+        # the whole 130528-row matrix into a 1 GiB scratch buffer.
+        self.kernel.gemm_above = float("inf")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        pass  # derived from the embedding, which the state_dict holds
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        pass

@@ -1,0 +1,37 @@
+"""Memory the quantized kernels and the loader manage by hand: reused scratch buffers for
+dequantized weights, and handing freed heap back to the OS."""
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import torch
+
+_scratch = threading.local()
+
+
+def scratch_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reused per-thread buffer of at least `numel` elements (dequantized weights for prefill):
+    on CPU, a fresh allocation of that size per call costs page faults that rival the GEMM."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    key = (dtype, str(device))
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffers.pop(key, None)  # free the old one before allocating the larger one
+        buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
+
+
+def release_scratch() -> None:
+    """Free this thread's scratch buffers (they are kept between forwards on purpose)."""
+    _scratch.__dict__.pop("buffers", None)
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc; a no-op elsewhere). Quantizing and repacking
+    free many temporaries of a few MB between long-lived tensors; glibc keeps those holes, which
+    measured 0.45 GiB of RSS after loading INT4 ChatGLM-6B."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
