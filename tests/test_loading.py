@@ -31,10 +31,12 @@ def test_bin_and_safetensors_load_identically(tiny_checkpoint):
     assert from_bin.lm_head.weight is from_bin.transformer.word_embeddings.weight
 
 
-def test_default_dtype_per_device(tiny_checkpoint):
+def test_default_dtype_per_device(tiny_checkpoint, monkeypatch):
     _, model = load_model(tiny_checkpoint, device="cpu")
     assert model.dtype == torch.bfloat16
-    assert pick_dtype(torch.device("cuda"), None) == torch.float16
+    for capability, expected in (((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)  # the GPU asked
+        assert pick_dtype(torch.device("cuda"), None) == expected
     assert pick_dtype(torch.device("mps"), None) == torch.float16
     with pytest.raises(ValueError, match="dtype"):
         pick_dtype(torch.device("cpu"), "int3")

@@ -30,8 +30,12 @@ def pick_device(device: Union[str, torch.device] = "auto") -> torch.device:
 
 
 def pick_dtype(device: torch.device, dtype: Union[None, str, torch.dtype]) -> torch.dtype:
-    """CUDA and MPS default to float16, CPU to bfloat16."""
+    """The default: bfloat16 on CPUs and on GPUs that compute in it (compute capability 8.0
+    and later: A100, RTX 30xx, H100...; its range never overflows, and the CUDA INT4 kernel
+    takes only bfloat16), float16 on older GPUs and on Apple MPS."""
     if dtype is None:
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
         return torch.bfloat16 if device.type == "cpu" else torch.float16
     if isinstance(dtype, torch.dtype):
         return dtype

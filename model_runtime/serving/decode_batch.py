@@ -24,7 +24,7 @@ import torch
 
 from ..models.kv_cache import KVCache, attention_mask
 from ..protocol import SamplingParams
-from .sampling import Sampler
+from .sampling import Sampler, sample
 
 
 class Layout(Protocol):
@@ -221,10 +221,9 @@ class DecodeBatch:
 
     def _sample(self, seqs: list[Sequence], hidden: torch.Tensor) -> None:
         logits = self.model.logits(hidden)[:, :self.vocab_size]
-        # Sample every row before appending any: if one sampler raises, no sequence has moved,
-        # so the caller may retry the step for each sequence alone.
-        chosen = [seq.sampler(logits[row], torch.tensor(seq.tokens, device=logits.device))
-                  for row, seq in enumerate(seqs)]
+        # Every row is sampled before any is appended: if sampling raises, no sequence has
+        # moved, so the caller may retry the step for each sequence alone.
+        chosen = sample(logits, [seq.sampler for seq in seqs], [seq.tokens for seq in seqs])
         for seq, token in zip(seqs, chosen):
             seq.append(token)
 
