@@ -1,5 +1,7 @@
 """webdemo.conversation: stored history, settings checks, cancelling, the readout; streaming
-through the real Engine on the tiny checkpoint."""
+through the real Engine on the tiny checkpoint. webdemo.library and webdemo.importing: the
+conversations a browser keeps, and reading one back from its download."""
+import json
 import threading
 import time
 
@@ -9,7 +11,10 @@ from model_runtime.protocol import SamplingParams
 from tests.test_webdemo_page import RecordingBackend
 from webdemo.conversation import (ActiveStreams, Progress, check_message, check_settings, clean_history, fit_history,
                                   readout, stream_answer)
-from webdemo.limits import LimitExceeded, Limits
+from webdemo.importing import MAX_IMPORT_BYTES, ImportRefused, read_export
+from webdemo.library import ANSWER_RESERVE_BYTES, MAX_CONVERSATIONS, json_bytes, read_library, store_limit
+from webdemo.limits import MAX_BODY_BYTES, MAX_MESSAGE_CHARS, LimitExceeded, Limits
+from webdemo.render import conversation_json
 
 
 def test_clean_history_keeps_alternating_turns_only():
@@ -151,7 +156,7 @@ def test_readout_lines():
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    from model_runtime.engine import Engine
+    from model_runtime.serving.engine import Engine
 
     tokenizer, model = tiny_model
     engine = Engine(tokenizer, model, slots=2, step_delay=0.002)
@@ -222,3 +227,137 @@ def test_stream_answer_sends_the_deadline_and_salt_and_reports_a_cut_off():
     request = backend.requests[0]
     assert (request.deadline_s, request.cache_salt) == (12.5, "page:abc")
     assert updates[-1].finish_reason == "error" and updates[-1].text == "partial answer"
+
+
+# ---- the library of conversations a browser keeps (library.py) and imports (importing.py) ----
+
+
+DEFAULTS = {"max_length": 64, "top_p": 0.7, "temperature": 0.95, "system": ""}
+TURN = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+
+def read(value):
+    return read_library(value, max_messages=400, max_chars=100, defaults=DEFAULTS,
+                        settings_valid=lambda s: isinstance(s["max_length"], int) and 1 <= s["max_length"] <= 64)
+
+
+def test_read_library_replaces_what_is_malformed():
+    for junk in (None, "x", 7, {"chats": "x"}, {"chats": []}, {"chats": [1, "a", None]}):
+        library = read(junk)
+        assert len(library.chats) == 1 and library.current.messages == [] and library.current.settings == DEFAULTS
+    legacy = read(TURN)  # the one-conversation page's value
+    assert [chat.messages for chat in legacy.chats] == [TURN]
+    value = {"current": "../etc", "chats": [
+        {"id": "../../x", "title": "t" * 500, "settings": {"max_length": 10**9}, "messages": TURN},
+        {"id": "00000000000000aa", "title": 5, "settings": {"max_length": 32, "system": "s" * 101}, "messages": TURN},
+        {"id": "00000000000000aa", "settings": {"max_length": 32, "top_p": 0.5, "temperature": 0, "system": "hi"},
+         "messages": [TURN[0]] * 3}]}
+    library = read(value)
+    ids = [chat.id for chat in library.chats]
+    assert len(set(ids)) == 3 and ids[1] == "00000000000000aa" and ids[0] != "../../x"
+    assert library.current_id == ids[0]  # an unknown current id opens the first
+    assert len(library.chats[0].title) == 60 and library.chats[1].title == ""
+    assert library.chats[0].settings == DEFAULTS and library.chats[1].settings == DEFAULTS  # out of range, too long
+    assert library.chats[2].settings["max_length"] == 32 and library.chats[2].messages == []
+
+
+def test_read_library_reads_at_most_the_cap_quickly():
+    value = {"chats": [{"messages": TURN * 1000}] * 10_000}
+    started = time.perf_counter()
+    library = read(value)
+    assert len(library.chats) == MAX_CONVERSATIONS and all(len(chat.messages) == 400 for chat in library.chats)
+    assert library.chats[0].cut and time.perf_counter() - started < 2.0
+
+
+def test_library_operations():
+    library = read(None)
+    first = library.current_id
+    library.new_chat(dict(DEFAULTS))
+    assert library.current_id == first, "an empty chat is reused"
+    library.current.messages = list(TURN)
+    library.new_chat({**DEFAULTS, "max_length": 8})
+    assert library.current_id != first and library.chats[0].settings["max_length"] == 8
+    assert library.choices("New chat") == [("New chat", library.current_id), ("q", first)]
+    assert not library.switch("nope") and library.switch(first) and library.current.messages == TURN
+    library.rename("  My\n\tchat  ")
+    assert library.current.title == "My chat" and library.choices("New chat")[1] == ("My chat", first)
+    library.delete(dict(DEFAULTS))
+    assert [chat.id for chat in library.chats] == [library.current_id] and library.current_id != first
+    library.delete(dict(DEFAULTS))
+    assert len(library.chats) == 1 and library.current.messages == []
+    for _ in range(MAX_CONVERSATIONS - 1):
+        library.current.messages = list(TURN)
+        library.new_chat(dict(DEFAULTS))
+    library.current.messages = list(TURN)
+    with pytest.raises(ValueError):
+        library.new_chat(dict(DEFAULTS))
+
+
+def test_a_full_store_fits_the_body_limit_with_the_largest_message():
+    """The worst request body that carries the store: the store at its limit, a message and a
+    system prompt of the most characters, each the costliest to encode (\\u0001 is 6 bytes)."""
+    limit = store_limit(MAX_BODY_BYTES)
+    largest = "\x01" * MAX_MESSAGE_CHARS
+    store = {"chats": [{"messages": [{"role": "user", "content": "界" * (limit // 3 - 100)}]}]}
+    assert json_bytes(store) <= limit
+    body = {"data": [largest, store, 2048, 0.7, 0.95, largest], "fn_index": 99, "trigger_id": 99,
+            "session_hash": "s" * 64, "event_data": None}
+    assert json_bytes(body) < 0.75 * MAX_BODY_BYTES
+    assert ANSWER_RESERVE_BYTES < limit // 4
+
+
+def export_file(tmp_path, content, name="chat.json"):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return path
+
+
+def test_read_export_round_trips_a_download(tmp_path):
+    history = [{"role": "user", "content": "中文 <script>x</script> $x^2$"}, {"role": "assistant", "content": "好\x00"}]
+    path = export_file(tmp_path, conversation_json(history, "model"))
+    assert read_export(path, Limits()) == [history[0], {"role": "assistant", "content": "好"}]  # NUL dropped
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"{not json", "not valid JSON"),
+    (b"\xff\xfe{}", "not valid UTF-8"),
+    (b'{"messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "nested"),
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "a"}]}', "surrogate"),
+    (b'[1, 2]', "not a conversation exported"),
+    (b'{"messages": [], "extra": 1}', "not a conversation exported"),
+    (b'{"messages": []}', "no messages"),
+    (b'{"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]}', "message 0"),
+    (b'{"messages": [{"role": "user", "content": "q", "x": 1}, {"role": "assistant", "content": "a"}]}', "message 0"),
+    (b'{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]}', "message 0"),
+    (b'{"messages": [{"role": "user", "content": "q"}]}', "last message must be an answer"),
+    (b'{"model": 1, "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}', "text"),
+])
+def test_read_export_refuses_malformed_files(tmp_path, content, reason):
+    with pytest.raises(ImportRefused, match=reason):
+        read_export(export_file(tmp_path, content), Limits())
+
+
+def test_read_export_refuses_big_files_and_conversations_over_the_limits(tmp_path):
+    started = time.perf_counter()
+    with pytest.raises(ImportRefused, match="larger than 256 KiB"):
+        read_export(export_file(tmp_path, b" " * (200 << 20)), Limits())  # 200 MB: only 256 KiB + 1 read
+    assert time.perf_counter() - started < 1.0
+    many = json.dumps({"messages": TURN * 3}).encode()
+    with pytest.raises(ImportRefused, match="6 messages; at most 5"):
+        read_export(export_file(tmp_path, many), Limits(max_messages=5))
+    long = json.dumps({"messages": [TURN[0], {"role": "assistant", "content": "a" * 51}]}).encode()
+    with pytest.raises(ImportRefused, match="at most 50"):
+        read_export(export_file(tmp_path, long), Limits(max_message_chars=50))
+    assert MAX_IMPORT_BYTES == 256 << 10
+
+
+def test_abandoning_is_told_apart_from_stopping():
+    active = ActiveStreams()
+    started = active.begin()
+    active.stop("s")
+    assert active.stopped_after("s", started) and not active.abandoned_after("s", started)
+    active.stop("s", abandon=True)
+    assert active.abandoned_after("s", started) and not active.abandoned_after("other", started)
+    later = active.begin()
+    active.stop("s")  # a plain stop later does not abandon an answer begun after the abandon
+    assert active.stopped_after("s", later) and not active.abandoned_after("s", later)

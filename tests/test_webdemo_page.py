@@ -1,6 +1,7 @@
 """webdemo.ui.build_page in-process: on the real Engine with the tiny checkpoint, and on a
 recording backend for what the page sends (limits, deadline, cache salt) and shows (cut-off
 answers)."""
+import json
 import threading
 import urllib.request
 
@@ -15,7 +16,7 @@ from webdemo.limits import Limits
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    from model_runtime.engine import Engine
+    from model_runtime.serving.engine import Engine
 
     tokenizer, model = tiny_model
     engine = Engine(tokenizer, model, slots=2)
@@ -150,8 +151,8 @@ def test_page_trims_a_stored_chat_over_the_limits_with_a_note(recorded):
     sent = backend.requests[-1].messages
     assert [m.content for m in sent] == ["u1", "a1", "u2", "a2", "hello"]
     assert any("oldest turns were removed" in text for text in warnings(messages))
-    stored = last_outputs(messages)[2]
-    assert [m["content"] for m in stored] == ["u1", "a1", "u2", "a2", "hello", "partial answer"]
+    (stored,) = last_outputs(messages)[2]["chats"]  # a bare message list is read as one conversation
+    assert [m["content"] for m in stored["messages"]] == ["u1", "a1", "u2", "a2", "hello", "partial answer"]
 
 
 def test_page_refuses_a_message_over_the_limits(recorded):
@@ -191,3 +192,66 @@ def test_a_cut_off_answer_shows_as_cut_off(recorded):
             Client(url, verbose=False).predict("hello", [], api_name="/chat")
     finally:
         backend.finish_reason, backend.error = "stop", None
+
+
+def library(*chats: list[dict]) -> dict:
+    """A stored library value of these chats (the first open)."""
+    ids = [f"{n:016x}" for n in range(len(chats))]
+    return {"version": 1, "current": ids[0],
+            "chats": [{"id": i, "title": "", "settings": {}, "messages": m} for i, m in zip(ids, chats)]}
+
+
+@pytest.fixture(scope="module")
+def small_store():
+    """(backend, URL) of a page whose body limit leaves its browsers a small store."""
+    from webdemo.ui import build_page
+
+    backend = RecordingBackend()
+    limits = Limits(max_body_bytes=140_000)  # store: 70 000 bytes; an answer starts below 70 000 - 65 536
+    page = build_page(backend, concurrency_limit=4, limits=limits, storage_secret="test-secret")
+    port = free_port()
+    page.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    yield backend, f"http://127.0.0.1:{port}/"
+    page.close()
+
+
+def test_a_full_store_refuses_a_new_answer_and_changes_nothing(small_store):
+    backend, url = small_store
+    backend.requests.clear()
+    small = library([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a" * 1000}])
+    messages = send(url, small, "hello", "roomy-session")
+    assert len(backend.requests) == 1 and not warnings(messages)
+    full = library(*[[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a" * 1000}]] * 5)
+    messages = send(url, full, "hello", "full-session")
+    assert len(backend.requests) == 1, "refused before the model saw it"
+    assert any("storage for conversations is full" in text for text in warnings(messages))
+    assert all(not isinstance(out, dict) or "chats" not in out for out in last_outputs(messages)), "store unchanged"
+
+
+def test_at_most_twenty_conversations(small_store):
+    _, url = small_store
+    turn = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    config = httpx.get(url + "config").json()
+    (new_chat,) = [d for d in config["dependencies"] if d.get("api_name") == "new_chat"]
+    with httpx.Client(base_url=url, timeout=30) as client:
+        messages = run_event(client, new_chat, [library(*[turn] * 20), 64, 0.7, 0.95, ""], "cap-session")
+        assert any("At most 20 conversations" in text for text in warnings(messages))
+        messages = run_event(client, new_chat, [library(*[turn] * 19), 64, 0.7, 0.95, ""], "cap-session")
+        stored = last_outputs(messages)[-1]
+        assert len(stored["chats"]) == 20 and stored["chats"][0]["messages"] == [] and not warnings(messages)
+
+
+def test_import_never_reads_a_path_the_client_names(small_store, tmp_path):
+    _, url = small_store
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"messages": [{"role": "user", "content": "SECRET-CANARY"}, '
+                      '{"role": "assistant", "content": "x"}]}')
+    config = httpx.get(url + "config").json()
+    (importer,) = [d for d in config["dependencies"] if d.get("api_name") == "import_file"]
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for path in (str(secret), "../" * 8 + str(secret)[1:]):
+            file = {"path": path, "orig_name": "x.json", "meta": {"_type": "gradio.FileData"}}
+            messages = run_event(client, importer, [file, library([]), 64, 0.7, 0.95, ""], "import-session")
+            assert "SECRET-CANARY" not in json.dumps(messages)
+            completed = [m for m in messages if isinstance(m, dict) and m.get("msg") == "process_completed"]
+            assert completed and not completed[-1]["success"]  # Gradio refuses a file it did not receive

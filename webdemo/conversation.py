@@ -104,7 +104,7 @@ class ActiveStreams:
     def __init__(self, max_remembered_stops: int = MAX_REMEMBERED_STOPS):
         self._lock = threading.Lock()
         self._streams: dict[str, set] = {}
-        self._last_stop: OrderedDict[str, int] = OrderedDict()
+        self._last_stop: OrderedDict[str, tuple[int, int]] = OrderedDict()  # (stopped, abandoned)
         self._sequence = itertools.count(1)
         self._max_remembered_stops = max_remembered_stops
 
@@ -116,8 +116,7 @@ class ActiveStreams:
     def add(self, session: str, stream: ChatStream, started: int) -> None:
         with self._lock:
             self._streams.setdefault(session, set()).add(stream)
-            stopped = self._last_stop.get(session, 0) > started
-        if stopped:
+        if self.stopped_after(session, started):
             stream.cancel()
 
     def remove(self, session: str, stream: ChatStream) -> None:
@@ -128,9 +127,23 @@ class ActiveStreams:
                 if not streams:
                     del self._streams[session]
 
-    def stop(self, session: str) -> None:
+    def stopped_after(self, session: str, started: int) -> bool:
+        """Whether `session` was stopped after an answer that began at `started` (see begin)."""
         with self._lock:
-            self._last_stop[session] = next(self._sequence)
+            return self._last_stop.get(session, (0, 0))[0] > started
+
+    def abandoned_after(self, session: str, started: int) -> bool:
+        """Whether `session` was stopped with abandon=True after `started`."""
+        with self._lock:
+            return self._last_stop.get(session, (0, 0))[1] > started
+
+    def stop(self, session: str, abandon: bool = False) -> None:
+        """Cancel the session's answers. abandon: the page has moved on (another conversation
+        is open), so the stopped answers must not write to it any more."""
+        with self._lock:
+            sequence = next(self._sequence)
+            abandoned = sequence if abandon else self._last_stop.get(session, (0, 0))[1]
+            self._last_stop[session] = (sequence, abandoned)
             self._last_stop.move_to_end(session)
             while len(self._last_stop) > self._max_remembered_stops:
                 self._last_stop.popitem(last=False)

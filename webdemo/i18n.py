@@ -15,8 +15,6 @@ EN = {
     "placeholder": "Type a message and press Enter",
     "send": "Send",
     "stop": "Stop",
-    "regenerate": "Regenerate",
-    "undo": "Undo",
     "reset": "Reset",
     "max_length": "Maximum length",
     "max_length_info": "Prompt plus answer, in tokens",
@@ -27,6 +25,13 @@ EN = {
     "download_html": "Download HTML",
     "download_json": "Download JSON",
     "empty_chat": "Ask anything, in English or Chinese.",
+    "conversations": "Conversations",
+    "new_chat": "New chat",
+    "title": "Title",
+    "rename": "Rename",
+    "delete_chat": "Delete",
+    "import_json": "Import JSON",
+    "settings": "Settings",
 }
 
 ZH = {
@@ -35,8 +40,6 @@ ZH = {
     "placeholder": "输入消息，按回车发送",
     "send": "发送",
     "stop": "停止",
-    "regenerate": "重新生成",
-    "undo": "撤销",
     "reset": "清空",
     "max_length": "最大长度",
     "max_length_info": "提示加回答的 token 数",
@@ -47,6 +50,13 @@ ZH = {
     "download_html": "下载 HTML",
     "download_json": "下载 JSON",
     "empty_chat": "用中文或英文问任何问题。",
+    "conversations": "对话",
+    "new_chat": "新对话",
+    "title": "标题",
+    "rename": "重命名",
+    "delete_chat": "删除",
+    "import_json": "导入 JSON",
+    "settings": "设置",
 }
 
 # Texts composed on the server: str.format templates.
@@ -70,6 +80,13 @@ MESSAGES = {
         "history": "The history must be a list of [user message, answer] pairs.",
         "too_many": "the conversation has more than {count} messages; at most {limit} are accepted: "
                     "start a new conversation or send fewer turns",
+        "untitled": "New chat",
+        "too_many_chats": "At most {limit} conversations are kept in this browser: delete one to start another.",
+        "store_full": "This browser's storage for conversations is full ({used} of {limit} KiB): "
+                      "delete or shorten a conversation to go on.",
+        "answer_cut_store": "The answer was cut: this browser's storage for conversations is full.",
+        "import_refused": "This file cannot be imported: {error}. Nothing was changed.",
+        "no_message": "There is no user message at that place.",
     },
     "zh": {
         "speed": "{speed:.1f} token/秒",
@@ -89,6 +106,12 @@ MESSAGES = {
         "too_long": "消息太长：{length} 个字符，最多 {limit} 个。",
         "history": "history 必须是 [用户消息, 回答] 对的列表。",
         "too_many": "对话超过 {count} 条消息；最多接受 {limit} 条：请开始新对话或少发几轮",
+        "untitled": "新对话",
+        "too_many_chats": "本浏览器最多保存 {limit} 个对话：请先删除一个再新建。",
+        "store_full": "本浏览器的对话存储已满（{used} / {limit} KiB）：请删除或缩短一个对话后再继续。",
+        "answer_cut_store": "回答被截断：本浏览器的对话存储已满。",
+        "import_refused": "无法导入此文件：{error}。没有任何改动。",
+        "no_message": "该位置没有用户消息。",
     },
 }
 

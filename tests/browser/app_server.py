@@ -23,11 +23,13 @@ class AppServer:
     """`python app.py --tiny-random ...` in a subprocess; `url` once it answers HTTP.
 
     program: other arguments for Python in place of `app.py --tiny-random` (a script that takes
-    --host and --port too); env: more environment variables; log_dir: where the log goes."""
+    --host and --port too); env: more environment variables; log_dir: where the log goes;
+    port: a given port (a restarted server on the same origin sees the same browser storage)."""
 
     def __init__(self, *flags: str, startup_timeout: float = 180.0, program: tuple[str, ...] = ("app.py", "--tiny-random"),
-                 env: Optional[dict] = None, log_dir: Optional[Path] = None, headers: Optional[dict] = None):
-        self.port = free_port()
+                 env: Optional[dict] = None, log_dir: Optional[Path] = None, headers: Optional[dict] = None,
+                 port: Optional[int] = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
                "PYTHONUNBUFFERED": "1", **(env or {})}

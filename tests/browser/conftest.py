@@ -7,6 +7,7 @@ import pytest
 from .app_server import AppServer
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+LOADED = "#conversations label"  # the page's load event has shown the chats this browser keeps
 STEP_DELAY = "0.005"  # seconds per decode step: long answers take long enough to press Stop
 
 
@@ -51,7 +52,7 @@ def new_page(browser, app_server):
         contexts.append(context)
         page = context.new_page()
         page.goto(app_server.url)
-        page.wait_for_selector("#message textarea")
+        page.wait_for_selector(LOADED)
         return page
 
     yield open_page

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from .app_server import ROOT
+from .conftest import LOADED
 
 expect = pytest.importorskip("playwright.sync_api").expect
 
@@ -19,7 +20,15 @@ BOT = '#chatbot [data-testid="bot"]'
 USER = '#chatbot [data-testid="user"]'
 
 
+def open_settings(page) -> None:
+    """The settings sit in an accordion, closed at first (on a phone the chat comes first)."""
+    if not page.locator("#max-length").is_visible():
+        page.click("#settings > button.label-wrap")
+        expect(page.locator("#max-length")).to_be_visible()
+
+
 def set_slider(page, elem_id: str, value) -> None:
+    open_settings(page)
     box = page.locator(f"#{elem_id} input[type=number]")
     box.fill(str(value))
     box.press("Enter")
@@ -132,12 +141,12 @@ def test_closing_the_tab_stops_the_model(new_page, app_server):
     app_server.wait_idle(timeout=3)
 
 
-def test_regenerate_replaces_the_last_answer(new_page):
+def test_retry_replaces_the_last_answer(new_page):
     page = new_page()
     settle(page, max_length=48, temperature=0)
     first = chat(page, "你好")
     set_slider(page, "temperature", 1.5)
-    page.click("#regenerate")
+    page.click('#chatbot button[aria-label="Retry"]')
     time.sleep(0.3)
     second = wait_done(page, 1)
     assert len(page.locator(USER).all_inner_texts()) == 1
@@ -149,7 +158,7 @@ def test_undo_removes_the_last_turn(new_page):
     settle(page)
     chat(page, "你好")
     chat(page, "今天天气怎么样？")
-    page.click("#undo")
+    page.click('#chatbot button[aria-label="Undo"]')
     expect(page.locator(USER)).to_have_count(1)
     expect(page.locator(BOT)).to_have_count(1)
     assert page.locator(USER).inner_text() == "你好"
@@ -172,7 +181,7 @@ def test_reset_empties_the_chat_and_the_context(new_page):
     expect(page.locator(BOT)).to_have_count(0)
     expect(page.locator(USER)).to_have_count(0)
     page.reload()
-    page.wait_for_selector("#message textarea")
+    page.wait_for_selector(LOADED)
     time.sleep(0.5)
     expect(page.locator(USER)).to_have_count(0)
     settle(page, max_length=160, temperature=0)
@@ -209,7 +218,7 @@ def test_two_browsers_never_see_each_other(new_page):
     assert alice.locator(USER).all_inner_texts() == ["I am Alice"]
     assert bob.locator(USER).all_inner_texts() == ["I am Bob"]
     bob.reload()
-    bob.wait_for_selector("#message textarea")
+    bob.wait_for_selector(LOADED)
     expect(bob.locator(USER)).to_have_text(["I am Bob"])
 
 
@@ -218,7 +227,7 @@ def test_reload_keeps_the_chat(new_page):
     settle(page)
     answer = chat(page, "你好")
     page.reload()
-    page.wait_for_selector("#message textarea")
+    page.wait_for_selector(LOADED)
     expect(page.locator(USER)).to_have_text(["你好"])
     expect(page.locator(BOT)).to_have_text([answer])
     settle(page)
@@ -253,7 +262,7 @@ def test_html_and_script_are_shown_as_text(new_page):
     for reloaded in (False, True):
         if reloaded:  # the stored conversation is rendered again on load
             page.reload()
-            page.wait_for_selector("#message textarea")
+            page.wait_for_selector(LOADED)
             expect(page.locator(USER)).to_have_count(len(messages))
         shown = "\n".join(page.locator(USER).all_inner_texts())
         for visible in ["<script>window.__xss = 1</script>", '<img src=x onerror="window.__xss = 2">',
@@ -317,7 +326,8 @@ def test_conversation_downloads_as_html_and_json(new_page, tmp_path):
 def test_labels_follow_the_browser_language(new_page):
     page = new_page(locale="zh-CN")
     expect(page.locator("#send")).to_have_text("发送")
-    expect(page.locator("#regenerate")).to_have_text("重新生成")
+    expect(page.locator("#new-chat")).to_have_text("新对话")
+    expect(page.locator("#settings")).to_contain_text("设置")
     english = new_page(locale="en-US")
     expect(english.locator("#send")).to_have_text("Send")
 
@@ -329,10 +339,16 @@ def test_random_model_notice_is_shown(new_page):
 
 @pytest.mark.skipif(os.environ.get("UPDATE_SCREENSHOT") != "1", reason="set UPDATE_SCREENSHOT=1 to rewrite it")
 def test_readme_screenshot(new_page):
-    page = new_page()
-    settle(page, max_length=150, temperature=0.95)
-    chat(page, "Write $\\sum_{i=1}^{n} i = \\frac{n(n+1)}{2}$ in **Python**:\n```python\n"
-               "def total(n):\n    return n * (n + 1) // 2\n```")
+    """A Chinese and English conversation with code and a formula, beside an older one."""
+    page = new_page(locale="zh-CN")
+    settle(page, max_length=60, temperature=0.95)
+    chat(page, "Hello! Who are you?")
+    page.click("#new-chat")
+    expect(page.locator(USER)).to_have_count(0)
+    settle(page, max_length=220, temperature=0.95)
+    chat(page, "用 Python 写一个求和函数 (sum of 1..n)，并验证公式 $\\sum_{i=1}^{n} i = \\frac{n(n+1)}{2}$：\n"
+               "```python\ndef total(n):\n    return n * (n + 1) // 2\n```")
+    page.click("#settings > button.label-wrap")  # closed again: the page as it first opens
     page.locator("#message textarea").blur()
     page.evaluate("window.scrollTo(0, 0)")
     target = ROOT / "docs" / "screenshot.png"

@@ -1,0 +1,171 @@
+"""The conversations one browser keeps: a list of chats, each with its messages, its title and
+its settings, and which one is open. No Gradio in it.
+
+The whole library is one `gr.BrowserState` value, so it travels in the body of every page event
+that reads it: it is capped (count, and bytes as the browser's JSON has them) well under the
+server's body limit, and everything in it is read as hostile input (`read_library`), like any
+other value a client sends.
+"""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from .conversation import clean_history
+
+MAX_CONVERSATIONS = 20
+MAX_TITLE_CHARS = 60
+TITLE_FROM_MESSAGE_CHARS = 40  # a default title: the start of the first message
+STORE_SHARE_OF_BODY = 2  # the library may use 1/2 of the body limit: a message and a system prompt fit beside it
+ANSWER_RESERVE_BYTES = 64 << 10  # room an answer needs: a new one starts only with this much left
+SETTING_NAMES = ("max_length", "top_p", "temperature", "system")
+_CHAT_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def _new_id() -> str:
+    return secrets.token_hex(8)
+
+
+def json_bytes(value: Any) -> int:
+    """The size of `value` as the browser sends it back (compact JSON, UTF-8)."""
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass"))
+
+
+def store_limit(max_body_bytes: int) -> int:
+    """Bytes the library may take in the browser, from the server's body limit."""
+    return max_body_bytes // STORE_SHARE_OF_BODY
+
+
+def one_line(text: str, limit: int) -> str:
+    """Whitespace collapsed, cut to `limit` characters (with an ellipsis)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
+
+
+@dataclass
+class Chat:
+    """One conversation. title is the user's name for it ("" = named after its first message);
+    cut: older messages were left unread (more than the limits allow), not stored."""
+
+    id: str
+    messages: list[dict] = field(default_factory=list)
+    title: str = ""
+    settings: dict = field(default_factory=dict)
+    cut: bool = False
+
+    def shown_title(self, untitled: str) -> str:
+        if self.title:
+            return self.title
+        return one_line(self.messages[0]["content"], TITLE_FROM_MESSAGE_CHARS) if self.messages else untitled
+
+    def to_value(self) -> dict:
+        return {"id": self.id, "title": self.title, "settings": self.settings, "messages": self.messages}
+
+
+@dataclass
+class Library:
+    """The chats, newest first, and the id of the open one (always one of them)."""
+
+    chats: list[Chat]
+    current_id: str
+
+    @property
+    def current(self) -> Chat:
+        return next(chat for chat in self.chats if chat.id == self.current_id)
+
+    def to_value(self) -> dict:
+        return {"version": 1, "current": self.current_id, "chats": [chat.to_value() for chat in self.chats]}
+
+    def size(self) -> int:
+        return json_bytes(self.to_value())
+
+    def choices(self, untitled: str) -> list[tuple[str, str]]:
+        """(title, id) pairs for the conversation list."""
+        return [(chat.shown_title(untitled), chat.id) for chat in self.chats]
+
+    def add(self, chat: Chat) -> None:
+        """Open `chat` as the newest conversation (ValueError beyond MAX_CONVERSATIONS)."""
+        if len(self.chats) >= MAX_CONVERSATIONS:
+            raise ValueError(f"at most {MAX_CONVERSATIONS} conversations")
+        self.chats.insert(0, chat)
+        self.current_id = chat.id
+
+    def new_chat(self, settings: dict) -> None:
+        """Open an empty chat (the open one, if it is empty already)."""
+        if self.current.messages:
+            self.add(Chat(_new_id(), settings=settings))
+        else:
+            self.current.title, self.current.settings = "", settings
+
+    def switch(self, chat_id: Any) -> bool:
+        """Open the chat with this id; False (nothing changes) if there is none."""
+        if not any(chat.id == chat_id for chat in self.chats):
+            return False
+        self.current_id = chat_id
+        return True
+
+    def rename(self, title: Any) -> None:
+        self.current.title = one_line(title, MAX_TITLE_CHARS) if isinstance(title, str) else ""
+
+    def delete(self, settings: dict) -> None:
+        """Delete the open chat and open the newest one left (or a new empty one)."""
+        self.chats = [chat for chat in self.chats if chat.id != self.current_id]
+        if not self.chats:
+            self.chats = [Chat(_new_id(), settings=settings)]
+        self.current_id = self.chats[0].id
+
+
+def empty_library(settings: dict) -> Library:
+    chat = Chat(_new_id(), settings=settings)
+    return Library([chat], chat.id)
+
+
+def imported_chat(messages: list[dict], settings: dict) -> Chat:
+    return Chat(_new_id(), messages=messages, settings=settings)
+
+
+def read_library(value: Any, *, max_messages: int, max_chars: int, defaults: dict,
+                 settings_valid: Callable[[dict], bool]) -> Library:
+    """The library a browser sent, with anything malformed dropped or replaced: at most
+    MAX_CONVERSATIONS chats, each read with `clean_history` (at most max_messages items), ids
+    the server's own shape, titles and system prompts cut to size, settings that
+    `settings_valid` refuses replaced by `defaults`. A bare message list (what the page kept
+    before it had many conversations) is one chat. Cost: one pass over what is read."""
+    if isinstance(value, list):
+        value = {"chats": [{"messages": value}]}
+    if not isinstance(value, dict) or not isinstance(value.get("chats"), list):
+        return empty_library(dict(defaults))
+    chats, seen = [], set()
+    for item in value["chats"][:MAX_CONVERSATIONS]:
+        if not isinstance(item, dict):
+            continue
+        chat_id = item.get("id")
+        if not isinstance(chat_id, str) or not _CHAT_ID.fullmatch(chat_id) or chat_id in seen:
+            chat_id = _new_id()
+        seen.add(chat_id)
+        title, messages = item.get("title"), item.get("messages")
+        chats.append(Chat(chat_id, clean_history(messages, max_messages),
+                          one_line(title, MAX_TITLE_CHARS) if isinstance(title, str) else "",
+                          _read_settings(item.get("settings"), max_chars, defaults, settings_valid),
+                          cut=isinstance(messages, list) and len(messages) > max_messages))
+    if not chats:
+        return empty_library(dict(defaults))
+    current = value.get("current")
+    return Library(chats, current if current in seen else chats[0].id)
+
+
+def _read_settings(value: Any, max_chars: int, defaults: dict, valid: Callable[[dict], bool]) -> dict:
+    if not isinstance(value, dict):
+        return dict(defaults)
+    settings = {name: value.get(name, defaults[name]) for name in SETTING_NAMES}
+    if not isinstance(settings["system"], str) or len(settings["system"]) > max_chars or not valid(settings):
+        return dict(defaults)
+    return settings
+
+
+def room_left(library: Library, limit: int, extra: Optional[str] = None) -> int:
+    """Bytes left under `limit` once `extra` (a message about to be added) is stored too."""
+    return limit - library.size() - (json_bytes(extra) + 40 if extra is not None else 0)
