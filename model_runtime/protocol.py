@@ -24,8 +24,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterator, Literal, Optional, Protocol, Sequence
 
-Role = Literal["system", "user", "assistant"]
-FinishReason = Literal["stop", "length", "cancelled", "error"]
+Role = Literal["system", "user", "assistant", "tool"]
+# "tool_calls": the answer is a call of one of the request's tools (ChatEvent.tool_calls)
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled", "error"]
 EventKind = Literal["queued", "delta", "done"]
 
 _request_counter = itertools.count(1)
@@ -40,9 +41,41 @@ class EngineBusy(RuntimeError):
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call the assistant wrote (ChatGLM3 / GLM-4). The client runs it, never the server."""
+
+    id: str
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call: its OpenAI `function` object whole, as JSON text, because
+    it goes into the prompt as the client wrote it (docs/tool-calling.md)."""
+
+    name: str
+    function_json: str
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """"auto": the model decides; "none": the tools stay out of the prompt; "function" (with
+    `name`), or "required" with a single tool: the prompt makes the model write that call."""
+
+    mode: Literal["auto", "none", "required", "function"] = "auto"
+    name: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class Message:
+    """One message. An assistant message may carry the calls it made (`tool_calls`, its content
+    then being text written before them, often empty); a "tool" message is a call's result."""
+
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +141,9 @@ class ChatRequest:
     # Front ends derive it from something the client cannot choose for another client (their own
     # browser session, the hash of an API key), never from a raw client-sent value.
     cache_salt: Optional[str] = None
+    # Functions the model may call (models with ModelInfo.supports_tools only) and how it may.
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = ToolChoice()
 
 
 @dataclass(frozen=True)
@@ -130,10 +166,14 @@ class ChatEvent:
     dropped_turns: int = 0  # oldest history turns left out of the prompt to fit max_length
     finish_reason: Optional[FinishReason] = None
     error: Optional[str] = None
+    tool_calls: tuple[ToolCall, ...] = ()  # on "done" with finish_reason "tool_calls"
 
     @property
     def finished(self) -> bool:
         return self.kind == "done"
+
+
+TOOL_MODELS = "ChatGLM3-6B and GLM-4-9B-chat"  # the models trained to call functions
 
 
 @dataclass(frozen=True)
@@ -143,11 +183,15 @@ class ModelInfo:
     name: str
     max_sequence_length: int
     supports_system_prompt: bool = False  # ChatGLM3 / GLM-4: show a "System prompt" box
+    supports_tools: bool = False  # ChatGLM3 / GLM-4: ChatRequest.tools and tool messages are understood
     random_weights: bool = False  # a tiny test checkpoint: answers are noise
     # The model's reference settings (max_length, top_p, temperature, repetition_penalty), for
     # the controls' initial values: ChatGLM-6B 2048/0.7/0.95, ChatGLM2/3 8192/0.8/0.8, GLM-4
     # 8192/0.8/0.6 with repetition penalty 1.2.
     default_sampling: SamplingParams = SamplingParams()
+    # What was loaded on top of the base weights, one line each (a LoRA adapter, a P-tuning v2
+    # prefix), for the page and /v1/models to say which fine-tune answers.
+    fine_tunes: tuple[str, ...] = ()
 
 
 class ChatStream(Protocol):

@@ -104,7 +104,8 @@ def test_malformed_bodies_get_clear_errors(server):
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
     cases = [(b"{not json", "not valid JSON"), (b"[1, 2]", "must be a JSON object"),
              (json.dumps({"messages": []}).encode(), "'messages' must be a non-empty list"),
-             (json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode(), "role system, user or assistant"),
+             (json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode(),
+              "role system, user, assistant or tool"),
              (json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(), "content must be a string"),
              (json.dumps({"messages": [{"role": "user", "content": "天气" * 9000}]}).encode(),
               "message 0 is 18000 characters long; at most 16000")]

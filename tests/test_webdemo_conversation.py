@@ -361,3 +361,118 @@ def test_abandoning_is_told_apart_from_stopping():
     later = active.begin()
     active.stop("s")  # a plain stop later does not abandon an answer begun after the abandon
     assert active.stopped_after("s", later) and not active.abandoned_after("s", later)
+
+
+# ---- tool calls and results in a stored or imported conversation ----
+
+
+def call_message(*calls, content=""):
+    return {"role": "assistant", "content": content, "tool_calls": [
+        {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+        for call_id, name, arguments in calls]}
+
+
+def result(call_id, content):
+    return {"role": "tool", "tool_call_id": call_id, "content": content}
+
+
+TOOL_TURN = [{"role": "user", "content": "weather in 北京 and 上海?"},
+             call_message(("call_1", "get_weather", '{"city": "北京"}'), ("call_2", "get_weather", '{"city": "上海"}'),
+                          content="Let me look."),
+             result("call_2", "雨 <img src=x onerror=alert(1)>"), result("call_1", '{"sky": "sunny"}'),
+             {"role": "assistant", "content": "Sunny in 北京, rain in 上海."}]
+
+
+def test_clean_history_keeps_tool_turns_whole():
+    assert clean_history(TOOL_TURN + TURN) == TOOL_TURN + TURN
+    openai_null = [TOOL_TURN[0], {**TOOL_TURN[1], "content": None}, *TOOL_TURN[2:]]
+    assert clean_history(openai_null)[1]["content"] == ""
+    missing_result = [TOOL_TURN[0], TOOL_TURN[1], TOOL_TURN[2], TOOL_TURN[4]]  # call_1 unanswered
+    assert clean_history(missing_result) == [TOOL_TURN[0], TOOL_TURN[4]]  # the call goes with its result
+    stray = [result("call_1", "x"), TOOL_TURN[0], result("call_9", "x"), TOOL_TURN[4]]
+    assert clean_history(stray) == [TOOL_TURN[0], TOOL_TURN[4]]
+    assert clean_history(TOOL_TURN[:4]) == []  # no answer yet: not a whole turn
+
+
+@pytest.mark.parametrize("calls", [
+    [],
+    [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}] * 2,  # the same id twice
+    [{"id": "c" * 257, "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+    [{"id": "c/../x", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+    [{"id": "c", "type": "function", "function": {"name": "f x", "arguments": "{}"}}],
+    [{"id": "c", "type": "function", "function": {"name": "f" * 65, "arguments": "{}"}}],
+    [{"id": "c", "type": "code", "function": {"name": "f", "arguments": "{}"}}],
+    [{"id": "c", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}],
+    [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1]"}}],
+    [{"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"a": NaN}'}}],
+    [{"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"a": "\\ud800"}'}}],
+    [{"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"a": ' + "[" * 10_000 + "]" * 10_000 + "}"}}],
+    [{"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"a": "' + "x" * 16_000 + '"}'}}],
+    [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}", "code": "import os"}}],
+    [{"id": f"c{n}", "type": "function", "function": {"name": "f", "arguments": "{}"}} for n in range(17)],
+])
+def test_malformed_tool_calls_are_dropped_and_refused_on_import(calls, tmp_path):
+    turn = [TURN[0], {"role": "assistant", "content": "", "tool_calls": calls}, result("c", "r"), TURN[1]]
+    assert clean_history(turn) == TURN
+    path = export_file(tmp_path, json.dumps({"messages": turn}))
+    with pytest.raises(ImportRefused, match="message 1"):
+        read_export(path, Limits())
+
+
+def test_fit_history_keeps_or_drops_tool_turns_whole_counting_arguments():
+    limits = Limits(max_messages=6, max_message_chars=100, max_conversation_chars=200)
+    history = TOOL_TURN + TURN  # 5 + 2 messages
+    assert fit_history(history, ["q"], limits) == (TURN, 1)
+    assert fit_history(TOOL_TURN, ["q"], limits) == (TOOL_TURN, 0)
+    long_arguments = [TURN[0], call_message(("c", "f", '{"a": "' + "x" * 95 + '"}')), result("c", "r"), TURN[1]]
+    assert fit_history(long_arguments + TURN, ["q"], limits) == (TURN, 1)  # the call is over 100 characters
+
+
+def test_tool_messages_go_to_a_tool_model_as_they_are_and_not_to_others():
+    from dataclasses import replace
+
+    from model_runtime.protocol import Message, ToolCall
+
+    backend = RecordingBackend()
+    list(stream_answer(backend, TOOL_TURN, "and tomorrow?", SamplingParams(), ActiveStreams(), "s", 0))
+    assert backend.requests[-1].messages == (Message("user", TOOL_TURN[0]["content"]),
+                                            Message("assistant", TOOL_TURN[4]["content"]), Message("user", "and tomorrow?"))
+    backend.info = replace(RecordingBackend.info, supports_tools=True)
+    list(stream_answer(backend, TOOL_TURN, "and tomorrow?", SamplingParams(), ActiveStreams(), "s", 0))
+    sent = backend.requests[-1].messages
+    assert sent[1] == Message("assistant", "Let me look.", (ToolCall("call_1", "get_weather", '{"city": "北京"}'),
+                                                            ToolCall("call_2", "get_weather", '{"city": "上海"}')))
+    assert sent[2] == Message("tool", TOOL_TURN[2]["content"], tool_call_id="call_2")
+    assert sent[3] == Message("tool", '{"sky": "sunny"}', tool_call_id="call_1") and len(sent) == 6
+    assert not backend.requests[-1].tools, "the page declares no tools: the model answers in text"
+
+
+def test_read_export_round_trips_tool_calls_and_results(tmp_path):
+    path = export_file(tmp_path, conversation_json(TOOL_TURN + TURN, "glm-4-9b-chat"))
+    assert read_export(path, Limits()) == TOOL_TURN + TURN
+    agent_run = json.loads(path.read_text())
+    agent_run["messages"][1]["content"] = None  # what the openai client keeps of a call without text
+    path.write_text(json.dumps(agent_run))
+    assert read_export(path, Limits())[1] == {**TOOL_TURN[1], "content": ""}
+
+
+@pytest.mark.parametrize("messages, reason", [
+    ([TOOL_TURN[0], TOOL_TURN[1], TOOL_TURN[2], TOOL_TURN[4]], "message 1 is out of place"),  # call_1 unanswered
+    ([TOOL_TURN[0], result("call_1", "x"), TURN[1]], "message 1 is out of place"),
+    ([*TOOL_TURN[:4]], "last message must be an answer"),
+    ([TURN[0], {**TOOL_TURN[1], "name": "x"}, *TOOL_TURN[2:]], "message 1 must be"),
+    ([TURN[0], {**TOOL_TURN[2], "name": "get_weather"}, TURN[1]], "message 1 must be"),
+    ([TURN[0], {**TOOL_TURN[2], "tool_call_id": "../x"}, TURN[1]], "message 1 must be"),
+    ([TURN[0], {**TOOL_TURN[2], "content": None}, TURN[1]], "message 1 must be"),
+    ([TURN[0], {"role": "tool", "content": "x"}, TURN[1]], "message 1 must be"),
+    ([TURN[0], {"role": "assistant", "content": None}], "message 1 must be"),
+])
+def test_read_export_refuses_misplaced_or_malformed_tool_messages(tmp_path, messages, reason):
+    with pytest.raises(ImportRefused, match=reason):
+        read_export(export_file(tmp_path, json.dumps({"messages": messages})), Limits())
+
+
+def test_read_export_counts_tool_arguments_against_the_limits(tmp_path):
+    turn = [TURN[0], call_message(("c", "f", '{"a": "' + "x" * 60 + '"}')), result("c", "r"), TURN[1]]
+    with pytest.raises(ImportRefused, match="at most 50"):
+        read_export(export_file(tmp_path, json.dumps({"messages": turn})), Limits(max_message_chars=50))

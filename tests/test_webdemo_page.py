@@ -3,6 +3,7 @@ recording backend for what the page sends (limits, deadline, cache salt) and sho
 answers)."""
 import json
 import threading
+import time
 import urllib.request
 
 import httpx
@@ -255,3 +256,81 @@ def test_import_never_reads_a_path_the_client_names(small_store, tmp_path):
             assert "SECRET-CANARY" not in json.dumps(messages)
             completed = [m for m in messages if isinstance(m, dict) and m.get("msg") == "process_completed"]
             assert completed and not completed[-1]["success"]  # Gradio refuses a file it did not receive
+
+
+TOOL_CHAT = [
+    {"role": "user", "content": "weather?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "北京"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "<img src=x onerror=alert(1)>"},
+    {"role": "assistant", "content": "Sunny."},
+]
+
+
+@pytest.fixture(scope="module")
+def tool_page():
+    """(backend, URL) of a page on a recording backend of a model that calls tools."""
+    from dataclasses import replace
+
+    from webdemo.ui import build_page
+
+    backend = RecordingBackend()
+    backend.info = replace(RecordingBackend.info, supports_tools=True)
+    page = build_page(backend, concurrency_limit=4, storage_secret="test-secret")
+    port = free_port()
+    page.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    yield backend, f"http://127.0.0.1:{port}/"
+    page.close()
+
+
+def test_the_page_shows_tool_calls_collapsed_and_sends_them_back_as_they_are(tool_page):
+    backend, url = tool_page
+    backend.requests.clear()
+    messages = send(url, library(TOOL_CHAT), "and tomorrow?", "tool-session")
+    (request,) = backend.requests
+    assert [(m.role, m.tool_call_id, [c.name for c in m.tool_calls]) for m in request.messages] == [
+        ("user", None, []), ("assistant", None, ["get_weather"]), ("tool", "call_1", []), ("assistant", None, []),
+        ("user", None, [])]
+    assert not request.tools  # the page declares no tools and runs none
+    shown = last_outputs(messages)[1]
+    titles = [(m.get("metadata") or {}).get("title") for m in shown]
+    assert titles == [None, "🛠 Called `get_weather`", "📎 Result of `get_weather`", None, None, None]
+    assert {m["metadata"]["status"] for m in shown if m.get("metadata")} == {"done"}
+    assert "```\n<img src=x onerror=alert(1)>\n```" in json.dumps(shown, ensure_ascii=False).replace("\\n", "\n")
+    stored = last_outputs(messages)[2]["chats"][0]["messages"]
+    assert stored[:4] == TOOL_CHAT and stored[4:] == [{"role": "user", "content": "and tomorrow?"},
+                                                      {"role": "assistant", "content": "partial answer"}]
+
+
+def test_retry_on_a_shown_tool_message_answers_its_turn_again(tool_page):
+    backend, url = tool_page
+    backend.requests.clear()
+    config = httpx.get(url + "config").json()
+    (retry,) = [d for d in config["dependencies"] if d.get("api_name") == "retry"]
+    with httpx.Client(base_url=url, timeout=30) as client:
+        # shown: weather?, its call's text, the call, the result, Sunny. (index 4), second?, its answer
+        chat = [TOOL_CHAT[0], {**TOOL_CHAT[1], "content": "Let me look."}, *TOOL_CHAT[2:],
+                {"role": "user", "content": "second?"}, {"role": "assistant", "content": "a"}]
+        body_event = {"index": 4, "value": "Sunny."}
+        trigger = (retry.get("targets") or [[None]])[0][0]
+        joined = client.post("/gradio_api/queue/join", json={
+            "data": [library(chat), 64, 0.7, 0.95, ""], "fn_index": retry["id"],
+            "trigger_id": trigger, "session_hash": "retry-session", "event_data": body_event})
+        assert joined.status_code == 200
+        with client.stream("GET", "/gradio_api/queue/data", params={"session_hash": "retry-session"}) as stream:
+            deadline = time.monotonic() + 30
+            for line in stream.iter_lines():
+                assert time.monotonic() < deadline, "the retry did not complete"
+                if line.startswith("data:") and json.loads(line[5:]).get("msg") == "process_completed":
+                    break
+    (request,) = backend.requests
+    assert [m.content for m in request.messages] == ["weather?"]  # the first turn, asked again
+
+
+def test_a_model_without_tools_gets_each_turn_without_its_calls_and_says_so(recorded):
+    backend, url = recorded
+    backend.requests.clear()
+    messages = send(url, library(TOOL_CHAT), "ok", "no-tools-session")
+    assert [(m.role, m.content) for m in backend.requests[-1].messages] == [
+        ("user", "weather?"), ("assistant", "Sunny."), ("user", "ok")]
+    assert any("cannot call tools" in text for text in warnings(messages))

@@ -6,8 +6,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from webdemo.render import (MAX_FORMULAS, chat_message, conversation_html, conversation_json, escape_markdown,
-                            message_html, sanitize_html, segments)
+from webdemo.render import (MAX_FORMULAS, chat_message, code_block, conversation_html, conversation_json,
+                            escape_markdown, message_html, sanitize_html, segments, tool_message)
 
 TEXTS = [
     "plain text",
@@ -125,3 +125,34 @@ def test_formulas_beyond_the_budget_stay_as_text_and_cost_little():
     assert time.perf_counter() - started < 10  # about a millisecond per formula otherwise: 30 s
     assert page.count("<math") == MAX_FORMULAS and "<code>$y$</code>" in page
     assert message_html("a $x^2$ b", max_formulas=0) == "<p>a <code>$x^2$</code> b</p>"
+
+
+TOOL_CHAT = [
+    {"role": "user", "content": "weather?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "<b>北京</b>"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "```\n</code><script>alert(1)</script>"},
+    {"role": "assistant", "content": "Sunny."},
+]
+
+
+@pytest.mark.parametrize("text", TEXTS + ["```\n</code><img src=x>", "a ```` b ````` c"])
+def test_a_tool_message_is_one_collapsed_code_block_whatever_its_text(text):
+    message = tool_message("🛠 Called `f`", text)
+    assert message["metadata"] == {"title": "🛠 Called `f`", "status": "done"}  # "done": shown collapsed
+    block = message["content"]["text"]
+    (segment,) = segments(block)  # nothing in the text closes the fence early
+    assert segment.kind == "block" and segment.code == text + "\n" and block == code_block(text)
+
+
+def test_the_transcript_shows_tool_calls_and_results_collapsed_and_escaped():
+    page = conversation_html(TOOL_CHAT, "glm-4-9b-chat")
+    assert page.count("<details") == 2 and "Tool call / 工具调用: get_weather</summary>" in page
+    assert "Tool result / 工具结果: get_weather</summary>" in page
+    assert "&lt;b&gt;北京&lt;/b&gt;" in page and "&lt;script&gt;" in page
+    assert "<script" not in page and "<b>" not in page
+
+
+def test_conversation_json_keeps_tool_calls_and_results():
+    data = json.loads(conversation_json(TOOL_CHAT, "glm-4-9b-chat"))
+    assert data["messages"] == TOOL_CHAT

@@ -17,8 +17,13 @@ the server's deadline, and /v1 answers share one KV-cache salt per API key.
 Work ends with its client: a streamed answer is cancelled when the client disconnects (the
 response stops), a non-streamed one as soon as the server sees the disconnect while waiting.
 
-Honest endings: finish_reason "stop" and "length" are passed through; every other ending (an
-engine error, the deadline, a shutdown, a cancel) is an error. In a stream it is a final
+Tool calling (ChatGLM3, GLM-4; `api_tools.py`, docs/tool-calling.md): `tools`, `tool_choice`,
+assistant `tool_calls` and `role: "tool"` messages go to the engine, which lays them out and reads
+the model's call; the answer carries `tool_calls` (streamed as OpenAI streams them, after the text)
+with finish_reason "tool_calls". Other models refuse them with 400.
+
+Honest endings: finish_reason "stop", "length" and "tool_calls" are passed through; every other
+ending (an engine error, the deadline, a shutdown, a cancel) is an error. In a stream it is a final
 `data: {"error": {...}}` event with no finish_reason and no `[DONE]` (the openai client raises
 APIError on it), so a cut-off answer never looks complete; without streaming it is a JSON error,
 503 while the backend is unhealthy or shutting down, else 500.
@@ -39,10 +44,13 @@ from model_runtime.protocol import (ChatBackend, ChatEvent, ChatRequest, ChatStr
                                     Message, SamplingParams)
 
 from .access import BadJSON, parse_json
+from .api_tools import (ToolRequestError, check_tools_supported, parse_tool_choice, parse_tools, tool_call_deltas,
+                        tool_calls_json, tool_message_fields)
 from .limits import MAX_STOP_CHARS, MAX_STOP_STRINGS, LimitExceeded, Limits
 
 KNOWN_FIELDS = {"model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed",
-                "n", "stream", "stream_options", "user", "frequency_penalty", "presence_penalty"}
+                "n", "stream", "stream_options", "user", "frequency_penalty", "presence_penalty", "tools",
+                "tool_choice", "parallel_tool_calls"}
 DEFAULT_MAX_TOKENS = 1024
 RETRY_AFTER_S = 2  # told to clients refused as busy
 DISCONNECT_POLL_S = 0.1  # how often a waiting non-streamed request looks for its client
@@ -103,9 +111,18 @@ def decode_body(raw: bytes, limits: Limits) -> Any:
         raise APIError(400, str(error), code="invalid_json") from None
 
 
-def parse_chat_request(body: Any, model_name: str, limits: Limits = Limits(),
-                       cache_salt: Optional[str] = None) -> tuple[ChatRequest, bool, bool]:
-    """A /v1/chat/completions body -> (request, stream?, include usage chunk?); APIError if invalid."""
+def parse_chat_request(body: Any, model_name: str, limits: Limits = Limits(), cache_salt: Optional[str] = None,
+                       supports_tools: bool = False) -> tuple[ChatRequest, bool, bool]:
+    """A /v1/chat/completions body -> (request, stream?, include usage chunk?); APIError if invalid.
+    supports_tools: the model can call functions (ChatGLM3, GLM-4); else tools are refused."""
+    try:
+        return _parse_chat_request(body, model_name, limits, cache_salt, supports_tools)
+    except ToolRequestError as error:
+        raise APIError(400, str(error), param=error.param) from None
+
+
+def _parse_chat_request(body: Any, model_name: str, limits: Limits, cache_salt: Optional[str],
+                        supports_tools: bool) -> tuple[ChatRequest, bool, bool]:
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     unknown = sorted(set(body) - KNOWN_FIELDS)
@@ -125,11 +142,18 @@ def parse_chat_request(body: Any, model_name: str, limits: Limits = Limits(),
         raise APIError(400, "'messages' must be a non-empty list", param="messages")
     messages = []
     for index, message in enumerate(raw_messages):
-        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-            raise APIError(400, f"messages[{index}] must be an object with role system, user or assistant",
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant", "tool"):
+            raise APIError(400, f"messages[{index}] must be an object with role system, user, assistant or tool",
                            param=f"messages.[{index}].role")
-        messages.append(Message(message["role"], _content(message, index)))
-    limits.check_conversation([m.content for m in messages])
+        fields = tool_message_fields(message, index)
+        content = "" if fields.get("tool_calls") and message.get("content") is None else _content(message, index)
+        messages.append(Message(message["role"], content, **fields))
+    limits.check_conversation([m.content + "".join(c.arguments for c in m.tool_calls) for m in messages])
+    tools = parse_tools(body.get("tools"))
+    tool_choice = parse_tool_choice(body.get("tool_choice"), tools)
+    check_tools_supported(messages, tools, supports_tools)
+    if not isinstance(body.get("parallel_tool_calls", True), bool):
+        raise APIError(400, "'parallel_tool_calls' must be a boolean", param="parallel_tool_calls")
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or \
@@ -153,7 +177,8 @@ def parse_chat_request(body: Any, model_name: str, limits: Limits = Limits(),
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise APIError(400, "'stream' must be a boolean and 'stream_options' an object", param="stream")
     request = ChatRequest(messages=tuple(messages), sampling=sampling, request_id=f"chatcmpl-{uuid.uuid4().hex}",
-                          deadline_s=limits.request_timeout_s, cache_salt=cache_salt)
+                          deadline_s=limits.request_timeout_s, cache_salt=cache_salt, tools=tools,
+                          tool_choice=tool_choice)
     return request, stream, bool(options.get("include_usage"))
 
 
@@ -163,8 +188,8 @@ def _usage(event: ChatEvent) -> dict:
 
 
 def _is_complete(event: ChatEvent) -> bool:
-    """Only a natural end or a length cut may look like a finished answer."""
-    return event.finish_reason in ("stop", "length")
+    """Only a natural end (a call included) or a length cut may look like a finished answer."""
+    return event.finish_reason in ("stop", "length", "tool_calls")
 
 
 def _error_from(event: Optional[ChatEvent], backend: ChatBackend) -> APIError:
@@ -207,12 +232,13 @@ def add_api_routes(app: FastAPI, backend: ChatBackend, *, limits: Limits = Limit
     @app.get("/v1/models")
     async def list_models():
         return {"object": "list", "data": [{"id": backend.info.name, "object": "model", "created": 0,
-                                            "owned_by": "chatglm-webdemo"}]}
+                                            "owned_by": "chatglm-webdemo",
+                                            "fine_tunes": list(backend.info.fine_tunes)}]}
 
     def submit(raw: bytes) -> tuple[ChatRequest, ChatStream, bool, bool]:
         """Parse, check and submit (tokenizing): the blocking part of a request, in a worker."""
         chat_request, stream, include_usage = parse_chat_request(decode_body(raw, limits), backend.info.name, limits,
-                                                                 cache_salt)
+                                                                 cache_salt, backend.info.supports_tools)
         try:
             return chat_request, backend.submit(chat_request), stream, include_usage
         except InvalidRequest as error:
@@ -243,8 +269,8 @@ def add_api_routes(app: FastAPI, backend: ChatBackend, *, limits: Limits = Limit
             return _error_from(last, backend).response()
         return {"id": chat_request.request_id, "object": "chat.completion", "created": created,
                 "model": backend.info.name, "usage": _usage(last),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": last.text},
-                             "finish_reason": last.finish_reason, "logprobs": None}]}
+                "choices": [{"index": 0, "message": _answer_message(last), "finish_reason": last.finish_reason,
+                             "logprobs": None}]}
 
     @app.get("/metrics")
     async def metrics():
@@ -255,6 +281,12 @@ def add_api_routes(app: FastAPI, backend: ChatBackend, *, limits: Limits = Limit
         if backend.health() is not None:
             return JSONResponse({"status": "unhealthy"}, status_code=503)
         return {"status": "ok"}
+
+
+def _answer_message(event: ChatEvent) -> dict:
+    if not event.tool_calls:
+        return {"role": "assistant", "content": event.text}
+    return {"role": "assistant", "content": event.text or None, "tool_calls": tool_calls_json(event.tool_calls)}
 
 
 def _final_event(handle: ChatStream) -> Optional[ChatEvent]:
@@ -307,7 +339,12 @@ async def _sse_chunks(handle: ChatStream, request_id: str, backend: ChatBackend,
             if event is None or not _is_complete(event):
                 yield f"data: {json.dumps(_error_from(event, backend).body(), ensure_ascii=False)}\n\n"
                 return
-            yield chunk({"content": event.delta} if event.delta else {}, event.finish_reason)
+            last_delta = {"content": event.delta} if event.delta else {}
+            if event.tool_calls:  # OpenAI's order: text, then each call's name, then its arguments
+                for delta in ([last_delta] if last_delta else []) + tool_call_deltas(event.tool_calls):
+                    yield chunk(delta)
+                last_delta = {}
+            yield chunk(last_delta, event.finish_reason)
             if include_usage:
                 yield chunk({}, usage=_usage(event))
             yield "data: [DONE]\n\n"

@@ -9,61 +9,171 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Optional
 
-from model_runtime.protocol import ChatBackend, ChatRequest, ChatStream, Message, SamplingParams
+from model_runtime.protocol import ChatBackend, ChatRequest, ChatStream, Message, SamplingParams, ToolCall
 
+from .access import BadJSON, parse_json
+from .api_tools import MAX_ID_CHARS, MAX_TOOL_CALLS, TOOL_NAME
 from .i18n import say
-from .limits import MAX_MESSAGE_CHARS, MAX_MESSAGES, Limits
+from .limits import MAX_JSON_DEPTH, MAX_MESSAGE_CHARS, MAX_MESSAGES, Limits
 
 UPDATE_INTERVAL_S = 0.05  # at most this often a streamed update goes to the page (the last always does)
 MAX_REMEMBERED_STOPS = 4096  # sessions whose last Stop is remembered (see ActiveStreams)
+TOOL_CALL_ID = re.compile(f"[A-Za-z0-9_.:-]{{1,{MAX_ID_CHARS}}}")  # OpenAI's "call_..." and others' ids
+
+
+def read_tool_calls(value: Any) -> list[dict]:
+    """An assistant message's `tool_calls` in OpenAI's shape, exactly: 1 to MAX_TOOL_CALLS
+    {"id", "type": "function", "function": {"name", "arguments"}}, ids distinct and of a bounded
+    safe alphabet, names as /v1 accepts them, arguments a JSON object as a string (its size and
+    nesting bounded before parsing). ValueError says what is wrong. Nothing in it is ever run."""
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_TOOL_CALLS:
+        raise ValueError(f"tool_calls must be a list of 1 to {MAX_TOOL_CALLS} calls")
+    calls, ids = [], set()
+    for call in value:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or set(call) != {"id", "type", "function"} or call["type"] != "function" \
+                or set(function) != {"name", "arguments"}:
+            raise ValueError('a tool call must be {"id", "type": "function", "function": {"name", "arguments"}}')
+        call_id, name, arguments = call["id"], function["name"], function["arguments"]
+        if not isinstance(call_id, str) or not TOOL_CALL_ID.fullmatch(call_id) or call_id in ids:
+            raise ValueError(f"a tool call id must be 1 to {MAX_ID_CHARS} letters, digits or _.:- and distinct")
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise ValueError("a tool name must be 1 to 64 letters, digits, '_' or '-'")
+        if not isinstance(arguments, str) or len(arguments) > MAX_MESSAGE_CHARS:
+            raise ValueError(f"tool arguments must be text of at most {MAX_MESSAGE_CHARS} characters")
+        try:
+            parsed = parse_json(arguments.encode("utf-8", "surrogatepass"), MAX_JSON_DEPTH)
+        except BadJSON:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ValueError("tool arguments must be a JSON object, as text")
+        ids.add(call_id)
+        calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
+    return calls
+
+
+def _read_message(item: Any) -> Optional[dict]:
+    """One message of a stored or sent conversation in the page's shape, or None if it is junk:
+    {"role": "user" | "assistant", "content"}, an assistant's {"content", "tool_calls"} (content
+    null read as ""), or {"role": "tool", "tool_call_id", "content"}. Other keys are ignored."""
+    if not isinstance(item, dict):
+        return None
+    role, content = item.get("role"), item.get("content")
+    if role == "assistant" and item.get("tool_calls") is not None:
+        try:
+            calls = read_tool_calls(item["tool_calls"])
+        except ValueError:
+            return None
+        return {"role": role, "content": content, "tool_calls": calls} if isinstance(content, str) else \
+            {"role": role, "content": "", "tool_calls": calls} if content is None else None
+    if not isinstance(content, str):
+        return None
+    if role == "tool":
+        call_id = item.get("tool_call_id")
+        return {"role": role, "tool_call_id": call_id, "content": content} \
+            if isinstance(call_id, str) and TOOL_CALL_ID.fullmatch(call_id) else None
+    return {"role": role, "content": content} if role in ("user", "assistant") else None
 
 
 def clean_history(value: Any, max_items: int = MAX_MESSAGES) -> list[dict]:
-    """A stored or API-sent conversation as alternating user/assistant messages; junk is dropped.
+    """A stored or API-sent conversation as whole turns; junk is dropped.
 
-    Accepts messages ({"role", "content"}, as the page stores them) or [user, answer] pairs (as
-    the original ChatGLM API takes them). Only the newest `max_items` items are read, in one pass:
-    the value comes from the client, and older turns would not fit the limits anyway."""
+    A turn is a user message, then any number of assistant tool calls each followed by all of
+    its results (role "tool", in any order), then the answer (an assistant message without
+    calls): the shape /v1 takes, and what an agent run exports. A call whose results are not all
+    there is dropped with them; a message out of place is dropped. Accepts messages (as the page
+    stores them) or [user, answer] pairs (as the original ChatGLM API takes them). Only the
+    newest `max_items` items are read, in one pass: the value comes from the client, and older
+    turns would not fit the limits anyway."""
     if not isinstance(value, list):
         return []
-    turns: list[dict] = []
+    kept: list[dict] = []
+    turn: list[dict] = []  # the open turn: its user message, then calls with all their results
+    call: Optional[dict] = None  # the open call, waiting for its results
+    results: list[dict] = []
+    waiting: set[str] = set()  # ids of the open call still without a result
 
-    def add(role: str, content: str) -> None:  # keep strict user, assistant alternation
-        if role == ("user" if len(turns) % 2 == 0 else "assistant"):
-            turns.append({"role": role, "content": content})
+    def add(message: dict) -> None:
+        nonlocal turn, call, results, waiting
+        if call is not None:
+            if message["role"] == "tool" and message["tool_call_id"] in waiting:
+                waiting.discard(message["tool_call_id"])
+                results.append(message)
+                if not waiting:
+                    turn += [call, *results]
+                    call = None
+                return
+            call = None  # its results are not all there: dropped with them
+        if not turn:
+            if message["role"] == "user":
+                turn = [message]
+        elif message["role"] == "assistant" and "tool_calls" in message:
+            call, results, waiting = message, [], {c["id"] for c in message["tool_calls"]}
+        elif message["role"] == "assistant":
+            kept.extend(turn + [message])
+            turn = []
 
     for item in value[-max_items:] if max_items > 0 else ():
         if isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(x, str) for x in item):
-            add("user", item[0])
-            add("assistant", item[1])
-        elif isinstance(item, dict) and item.get("role") in ("user", "assistant") and isinstance(item.get("content"), str):
-            add(item["role"], item["content"])
-    if len(turns) % 2:
-        turns.pop()
-    return turns
+            add({"role": "user", "content": item[0]})
+            add({"role": "assistant", "content": item[1]})
+        else:
+            message = _read_message(item)
+            if message is not None:
+                add(message)
+    return kept
+
+
+def message_text(message: dict) -> str:
+    """What a stored message counts for the limits: its text and its calls' arguments (as /v1)."""
+    return message["content"] + "".join(call["function"]["arguments"] for call in message.get("tool_calls", ()))
 
 
 def fit_history(history: list[dict], fixed: list[str], limits: Limits) -> tuple[list[dict], int]:
-    """The newest (user, assistant) turns of `history` that fit `limits` together with the
-    `fixed` messages (system prompt, new query), and how many older turns were left out.
+    """The newest whole turns of `history` (see clean_history) that fit `limits` together with
+    the `fixed` messages (system prompt, new query), and how many older turns were left out.
     Raises LimitExceeded if the fixed messages alone are over a limit. One backward pass."""
     limits.check_conversation(fixed)
     count, total = len(fixed), sum(len(text) for text in fixed)
     start = len(history)
-    while start >= 2:
-        pair = (history[start - 2]["content"], history[start - 1]["content"])
-        size = len(pair[0]) + len(pair[1])
-        if (count + 2 > limits.max_messages or total + size > limits.max_conversation_chars
-                or max(len(pair[0]), len(pair[1])) > limits.max_message_chars):
+    turn_count, turn_chars, turn_fits = 0, 0, True
+    for index in range(len(history) - 1, -1, -1):
+        size = len(message_text(history[index]))
+        turn_count, turn_chars = turn_count + 1, turn_chars + size
+        turn_fits = turn_fits and size <= limits.max_message_chars
+        if history[index]["role"] != "user":
+            continue
+        if not turn_fits or count + turn_count > limits.max_messages \
+                or total + turn_chars > limits.max_conversation_chars:
             break
-        count, total, start = count + 2, total + size, start - 2
-    return history[start:], start // 2
+        count, total, start = count + turn_count, total + turn_chars, index
+        turn_count, turn_chars = 0, 0
+    return history[start:], sum(message["role"] == "user" for message in history[:start])
+
+
+def has_tool_messages(history: list[dict]) -> bool:
+    return any(message["role"] == "tool" or "tool_calls" in message for message in history)
+
+
+def to_messages(history: list[dict], supports_tools: bool) -> tuple[Message, ...]:
+    """Stored messages for the backend: tool calls and results as they are for a model that
+    understands them; for one that does not, each turn is its question and its answer."""
+    messages = []
+    for message in history:
+        calls = tuple(ToolCall(call["id"], call["function"]["name"], call["function"]["arguments"])
+                      for call in message.get("tool_calls", ()))
+        if supports_tools:
+            messages.append(Message(message["role"], message["content"], calls, message.get("tool_call_id")))
+        elif message["role"] != "tool" and not calls:
+            messages.append(Message(message["role"], message["content"]))
+    return tuple(messages)
 
 
 def check_message(message: Any, lang: str = "en", limit: int = MAX_MESSAGE_CHARS) -> str:
@@ -185,7 +295,7 @@ def stream_answer(backend: ChatBackend, history: list[dict], query: str, params:
 
     Whoever stops iterating early (a closed generator) cancels the request in the backend."""
     messages = (Message("system", system),) if system.strip() else ()
-    messages += tuple(Message(m["role"], m["content"]) for m in history) + (Message("user", query),)
+    messages += to_messages(history, backend.info.supports_tools) + (Message("user", query),)
     stream = backend.submit(ChatRequest(messages=messages, sampling=params, deadline_s=deadline_s,
                                         cache_salt=cache_salt))
     active.add(session, stream, started)

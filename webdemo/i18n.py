@@ -87,6 +87,10 @@ MESSAGES = {
         "answer_cut_store": "The answer was cut: this browser's storage for conversations is full.",
         "import_refused": "This file cannot be imported: {error}. Nothing was changed.",
         "no_message": "There is no user message at that place.",
+        "tool_called": "🛠 Called `{name}`",
+        "tool_result": "📎 Result of `{name}`",
+        "tools_left_out": "This model cannot call tools: the tool calls and results in this chat are shown "
+                          "but not sent to it.",
     },
     "zh": {
         "speed": "{speed:.1f} token/秒",
@@ -112,6 +116,9 @@ MESSAGES = {
         "answer_cut_store": "回答被截断：本浏览器的对话存储已满。",
         "import_refused": "无法导入此文件：{error}。没有任何改动。",
         "no_message": "该位置没有用户消息。",
+        "tool_called": "🛠 调用 `{name}`",
+        "tool_result": "📎 `{name}` 的结果",
+        "tools_left_out": "此模型不能调用工具：本对话中的工具调用和结果只显示，不发送给模型。",
     },
 }
 

@@ -2,8 +2,10 @@
 
 The file comes from anyone: its size is checked before a byte is read and only that many bytes
 are read; its JSON depth is measured before parsing (access.parse_json); it must have the
-export's shape exactly (user/assistant turns, strings only, within the page's limits). The text
-is then handled like any message typed into the page: stored as it is and escaped when shown.
+export's shape exactly (whole turns as clean_history reads them: user messages, answers, tool
+calls in OpenAI's shape with all their results; strings only; within the page's limits). The
+text is then handled like any message typed into the page: stored as it is and escaped when
+shown. Tool calls are only shown and sent back to the model: nothing in a file is ever run.
 """
 from __future__ import annotations
 
@@ -11,11 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from .access import BadJSON, parse_json
+from .conversation import TOOL_CALL_ID, clean_history, message_text, read_tool_calls
 from .limits import LimitExceeded, Limits
 
 MAX_IMPORT_BYTES = 256 << 10
-MAX_IMPORT_DEPTH = 8  # {"messages": [{"content": ...}]} is 3 deep
+MAX_IMPORT_DEPTH = 8  # {"messages": [{"tool_calls": [{"function": {"name": ...}}]}]} is 5 deep
 EXPORT_KEYS = {"model", "exported_at", "messages"}
+SHAPES = ('{"role": "user" or "assistant", "content": text}, {"role": "assistant", "content": text or null, '
+          '"tool_calls": [...]} or {"role": "tool", "tool_call_id": id, "content": text}')
+ORDER = "each turn is a user message, then tool calls each followed by all of its results, then an answer"
 
 
 class ImportRefused(ValueError):
@@ -23,8 +29,8 @@ class ImportRefused(ValueError):
 
 
 def read_export(path: str | Path, limits: Limits, max_bytes: int = MAX_IMPORT_BYTES) -> list[dict]:
-    """The messages of an exported conversation (alternating user/assistant, ending with an
-    answer), or ImportRefused. path: a file the server's upload route wrote."""
+    """The messages of an exported conversation (whole turns, ending with an answer), or
+    ImportRefused. path: a file the server's upload route wrote."""
     with open(path, "rb") as file:
         data = file.read(max_bytes + 1)
     if len(data) > max_bytes:
@@ -47,17 +53,36 @@ def check_export(value: Any, limits: Limits) -> list[dict]:
         raise ImportRefused("it holds no messages")
     if len(messages) > limits.max_messages:  # refused before looking at each one
         raise ImportRefused(f"it has {len(messages)} messages; at most {limits.max_messages} are accepted")
-    turns = []
-    for index, message in enumerate(messages):
-        role = "user" if index % 2 == 0 else "assistant"
-        if not isinstance(message, dict) or set(message) != {"role", "content"} or message["role"] != role \
-                or not isinstance(message["content"], str):
-            raise ImportRefused(f'message {index} must be {{"role": "{role}", "content": text}}')
-        turns.append({"role": role, "content": message["content"].replace("\x00", "")})
-    if len(turns) % 2:
+    turns = [_checked_message(message, index) for index, message in enumerate(messages)]
+    if turns[-1]["role"] != "assistant" or "tool_calls" in turns[-1]:
         raise ImportRefused("the last message must be an answer")
+    kept = clean_history(turns, len(turns))
+    if kept != turns:  # out of order: the first message that is not where clean_history keeps it
+        index = next((i for i, (a, b) in enumerate(zip(kept, turns)) if a != b), len(kept))
+        raise ImportRefused(f"message {index} is out of place: {ORDER}")
     try:
-        limits.check_conversation([turn["content"] for turn in turns])
+        limits.check_conversation([message_text(turn) for turn in turns])
     except LimitExceeded as error:
         raise ImportRefused(str(error)) from None
     return turns
+
+
+def _checked_message(message: Any, index: int) -> dict:
+    """One message in exactly one of the export's shapes (NULs dropped from text), or ImportRefused."""
+    role = message.get("role") if isinstance(message, dict) else None
+    keys = set(message) if isinstance(message, dict) else set()
+    calls = keys == {"role", "content", "tool_calls"} and role == "assistant"
+    if not (keys == {"role", "content"} and role in ("user", "assistant") and isinstance(message["content"], str)
+            or calls and (message["content"] is None or isinstance(message["content"], str))
+            or keys == {"role", "tool_call_id", "content"} and role == "tool" and isinstance(message["content"], str)
+            and isinstance(message["tool_call_id"], str) and TOOL_CALL_ID.fullmatch(message["tool_call_id"])):
+        raise ImportRefused(f"message {index} must be {SHAPES}")
+    checked = {"role": role, "content": (message["content"] or "").replace("\x00", "")}
+    if calls:
+        try:
+            checked["tool_calls"] = read_tool_calls(message["tool_calls"])
+        except ValueError as error:
+            raise ImportRefused(f"message {index}: {error}") from None
+    if role == "tool":
+        checked = {"role": role, "tool_call_id": message["tool_call_id"], "content": checked["content"]}
+    return checked

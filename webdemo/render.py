@@ -124,6 +124,27 @@ def chat_message(role: str, content: str) -> dict:
     return {"role": role, "content": {"type": "text", "text": escape_markdown(content)}}
 
 
+def code_block(text: str, language: str = "") -> str:
+    """`text` as a fenced code block, shown literally: the fence is longer than any run of
+    backticks in it, so nothing in the text can close it."""
+    runs = re.findall(r"`+", text)
+    fence = "`" * max(3, 1 + max(map(len, runs), default=0))
+    return f"{fence}{language}\n{text}\n{fence}"
+
+
+def tool_arguments_text(arguments: str) -> str:
+    """A call's arguments (a JSON object, checked when stored) indented for reading."""
+    return json.dumps(json.loads(arguments), ensure_ascii=False, indent=2)
+
+
+def tool_message(title: str, text: str, language: str = "") -> dict:
+    """A tool call or a tool result as a collapsed Chatbot message (Gradio's metadata message).
+    The title is Markdown the server writes (a tool name is letters, digits, _ and -); the text
+    is shown as a code block."""
+    return {"role": "assistant", "content": {"type": "text", "text": code_block(text, language)},
+            "metadata": {"title": title, "status": "done"}}
+
+
 # ---- the downloadable transcript --------------------------------------------------------------
 
 _ALLOWED_TAGS = {
@@ -257,7 +278,8 @@ body { font-family: system-ui, -apple-system, "Segoe UI", "PingFang SC", "Micros
        max-width: 820px; margin: 2rem auto; padding: 0 1rem; line-height: 1.6; color: #1f2328; }
 h1 { font-size: 1.4rem; } .meta { color: #59636e; font-size: .9rem; }
 .message { border-radius: 10px; padding: .2rem 1rem; margin: 1rem 0; }
-.user { background: #eef4ff; } .assistant { background: #f6f8fa; }
+.user { background: #eef4ff; } .assistant { background: #f6f8fa; } .tool { background: #fbf8ef; }
+summary { cursor: pointer; }
 .role { font-weight: 600; font-size: .85rem; color: #59636e; margin-top: .6rem; }
 pre { background: #fff; border: 1px solid #d1d9e0; border-radius: 6px; padding: .6rem; overflow-x: auto; }
 code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: .9em; }
@@ -266,19 +288,43 @@ table { border-collapse: collapse; } th, td { border: 1px solid #d1d9e0; padding
 """
 
 
+def _tool_sections(message: dict, names: dict[str, str]) -> list[str]:
+    """A tool call message (its text, then each call) or a tool result as collapsed sections;
+    `names` learns each call's tool name, for its result."""
+    sections = []
+    for call in message.get("tool_calls", ()):
+        name = names[call["id"]] = call["function"]["name"]
+        sections.append(_details(f"🛠 Tool call / 工具调用: {name}", tool_arguments_text(call["function"]["arguments"]),
+                                 "json"))
+    if message["role"] == "tool":
+        sections.append(_details(f"📎 Tool result / 工具结果: {names.get(message['tool_call_id'], '?')}",
+                                 message["content"]))
+    return sections
+
+
+def _details(summary: str, text: str, language: str = "") -> str:
+    css = f' class="language-{language}"' if language else ""
+    return (f'<details class="message tool"><summary class="role">{html.escape(summary)}</summary>'
+            f"<pre><code{css}>{html.escape(text)}</code></pre></details>")
+
+
 def conversation_html(history: list[dict], model_name: str, exported_at: datetime | None = None) -> str:
-    """A self-contained HTML page of the conversation (no scripts, no remote resources)."""
+    """A self-contained HTML page of the conversation (no scripts, no remote resources); tool
+    calls and results are collapsed sections (<details>, no script needed)."""
     exported_at = exported_at or datetime.now(timezone.utc)
     roles = {"user": "User / 用户", "assistant": f"{model_name}"}
     parts = []
+    names: dict[str, str] = {}
     formulas_left = MAX_FORMULAS
     for message in history:
         role = message["role"]
-        body, formulas = _message_html(message["content"], formulas_left)
-        formulas_left -= formulas
-        parts.append(f'<section class="message {html.escape(role)}">'
-                     f'<div class="role">{html.escape(roles.get(role, role))}</div>'
-                     f'{body}</section>')
+        if role != "tool" and (message["content"] or "tool_calls" not in message):  # a call's text, if any
+            body, formulas = _message_html(message["content"], formulas_left)
+            formulas_left -= formulas
+            parts.append(f'<section class="message {html.escape(role)}">'
+                         f'<div class="role">{html.escape(roles.get(role, role))}</div>'
+                         f'{body}</section>')
+        parts += _tool_sections(message, names)
     title = html.escape(f"{model_name} conversation")
     return (
         "<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\">\n"
@@ -290,8 +336,13 @@ def conversation_html(history: list[dict], model_name: str, exported_at: datetim
     )
 
 
+_EXPORTED_KEYS = ("role", "tool_call_id", "content", "tool_calls")
+
+
 def conversation_json(history: list[dict], model_name: str, exported_at: datetime | None = None) -> str:
+    """The conversation as importing.read_export reads it back: messages in OpenAI's shape,
+    tool calls and results included."""
     exported_at = exported_at or datetime.now(timezone.utc)
+    messages = [{key: m[key] for key in _EXPORTED_KEYS if key in m} for m in history]
     return json.dumps({"model": model_name, "exported_at": exported_at.isoformat(timespec="seconds"),
-                       "messages": [{"role": m["role"], "content": m["content"]} for m in history]},
-                      ensure_ascii=False, indent=2) + "\n"
+                       "messages": messages}, ensure_ascii=False, indent=2) + "\n"

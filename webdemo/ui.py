@@ -4,7 +4,9 @@ State lives in the browser: the conversations are one `gr.BrowserState` (local s
 library.py), so each browser has its own, a reload or a server restart keeps them (the
 encryption key is kept, storage_key.py), and the server keeps nothing per user between turns.
 Every event reads that value as hostile input and checks its size caps. The chat window shows
-an escaped copy of the open conversation (see render.py).
+an escaped copy of the open conversation (see render.py); tool calls and results (a chat imported
+from an agent run's JSON) show as collapsed messages and go back to a model that calls tools as
+they are. The page declares no tools and runs none.
 
 Events: Send/Enter, an example, the Chatbot's own retry and edit events stream an answer from
 one generator; the Chatbot's undo and clear events, Reset, New chat, switching, Delete and
@@ -31,14 +33,15 @@ from model_runtime.protocol import ChatBackend, EngineBusy, InvalidRequest
 
 from . import hf_spaces
 from .conversation import (ActiveStreams, Progress, check_message, check_settings, clean_history, failure,
-                           fit_history, readout, stream_answer)
+                           fit_history, has_tool_messages, message_text, readout, stream_answer)
 from .exports import SessionExports
 from .i18n import PAGE_TEXTS, pick_language, say
 from .importing import MAX_IMPORT_BYTES, ImportRefused, read_export
 from .library import (ANSWER_RESERVE_BYTES, MAX_CONVERSATIONS, Library, imported_chat, json_bytes, read_library,
                       store_limit)
 from .limits import LimitExceeded, Limits
-from .render import LATEX_DELIMITERS, chat_message, conversation_html, conversation_json
+from .render import (LATEX_DELIMITERS, chat_message, conversation_html, conversation_json, tool_arguments_text,
+                     tool_message)
 from .storage_key import storage_secret as kept_storage_secret
 
 STORAGE_KEY = "chatglm-webdemo-conversation"  # the one-chat page's key: a chat it kept opens as one conversation
@@ -139,17 +142,34 @@ def _heading(model_name: str) -> str:
 
 
 def _display(history: list[dict], lang: str, pending: bool = False) -> list[dict]:
-    """Chat-window messages. An empty answer shows as an ellipsis while it runs (pending),
-    else as a note that there was none (stopped before its first word)."""
-    shown = []
+    """Chat-window messages (see _rows)."""
+    return [shown for _, shown in _rows(history, lang, pending)]
+
+
+def _rows(history: list[dict], lang: str, pending: bool = False) -> list[tuple[int, dict]]:
+    """Chat-window messages, each with the index of the stored message it shows. An empty answer
+    shows as an ellipsis while it runs (pending), else as a note that there was none (stopped
+    before its first word). A tool call message shows its text, if any, then each call, and a
+    tool result shows as one message: collapsed, titled with the tool's name. Shown only: the
+    page runs no tool."""
+    rows = []
+    names: dict[str, str] = {}  # call id -> tool name, for the results
     for number, message in enumerate(history):
-        if message["role"] == "assistant" and not message["content"]:
+        calls = message.get("tool_calls", ())
+        if message["role"] == "tool":
+            name = names.get(message["tool_call_id"], "?")
+            rows.append((number, tool_message(say(lang, "tool_result", name=name), message["content"])))
+        elif message["role"] == "assistant" and not message["content"] and not calls:
             running = pending and number == len(history) - 1
             note = "…" if running else ("_（没有回答）_" if lang == "zh" else "_(no answer)_")
-            shown.append({"role": "assistant", "content": {"type": "text", "text": note}})
-        else:
-            shown.append(chat_message(message["role"], message["content"]))
-    return shown
+            rows.append((number, {"role": "assistant", "content": {"type": "text", "text": note}}))
+        elif message["content"]:
+            rows.append((number, chat_message(message["role"], message["content"])))
+        for call in calls:
+            name = names[call["id"]] = call["function"]["name"]
+            rows.append((number, tool_message(say(lang, "tool_called", name=name),
+                                              tool_arguments_text(call["function"]["arguments"]), "json")))
+    return rows
 
 
 def _event_index(event: Optional[gr.EventData]) -> Optional[int]:
@@ -168,11 +188,20 @@ def _event_text(event: Optional[gr.EventData]) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
-def _user_message_at(messages: list[dict], index: Optional[int]) -> Optional[int]:
-    """The index of the user message that starts the turn holding `index`, or None."""
-    if index is None or not 0 <= index < len(messages):
-        return None
-    return index - (index % 2)  # stored chats alternate user, assistant from index 0
+def _stored_index(messages: list[dict], shown_index: Optional[int]) -> Optional[int]:
+    """The index of the stored message that the chat-window message at `shown_index` (a Chatbot
+    event's index) shows, or None."""
+    rows = _rows(messages, "en")
+    return rows[shown_index][0] if shown_index is not None and 0 <= shown_index < len(rows) else None
+
+
+def _user_message_at(messages: list[dict], shown_index: Optional[int]) -> Optional[int]:
+    """The stored index of the user message that starts the turn holding the chat-window
+    message at `shown_index`, or None."""
+    index = _stored_index(messages, shown_index)
+    while index is not None and messages[index]["role"] != "user":  # stored chats are whole turns
+        index -= 1
+    return index
 
 
 def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, title: Optional[str] = None,
@@ -271,6 +300,8 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
             yield unchanged
             return
         keep_settings(library, max_length, top_p, temperature, system)
+        if not info.supports_tools and has_tool_messages(history):
+            gr.Info(say(lang, "tools_left_out"))
         turn = history + [{"role": "user", "content": query}, {"role": "assistant", "content": ""}]
         chat.messages, chat.cut = turn, False
         empty_answer_size = library.size()
@@ -358,8 +389,8 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
         """The Chatbot's edit of a user message: the turns after it are dropped and it is answered."""
         lang, library = _language(request), read(stored)
         messages = library.current.messages
-        index, text = _event_index(event), _event_text(event)
-        if index is None or _user_message_at(messages, index) != index:
+        index, text = _stored_index(messages, _event_index(event)), _event_text(event)
+        if index is None or messages[index]["role"] != "user":
             gr.Warning(say(lang, "no_message"))
             yield (gr.skip(), _display(messages, lang)) + (gr.skip(),) * 7
             return
@@ -471,7 +502,9 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
     def chat(message: str, history: list, max_length: int = default_length, top_p: float = defaults.top_p,
              temperature: float = defaults.temperature, system: str = "", request: gr.Request = None) -> str:
         """Stream an answer to `message`. history: [[user, answer], ...] pairs or
-        [{"role", "content"}, ...] messages; system: a system prompt (for models that take one).
+        [{"role", "content"}, ...] messages, tool calls and results in OpenAI's shape included
+        (sent to models that call tools; none is run here); system: a system prompt (for models
+        that take one).
         Yields the whole answer so far. A conversation over the limits is refused, as on /v1."""
         lang = _language(request)
         if not isinstance(message, str) or not message.strip():
@@ -488,7 +521,8 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
             raise _refusal(say(lang, "too_many", count=len(history), limit=limits.max_messages))
         turns = clean_history(history, limits.max_messages)
         try:
-            limits.check_conversation(([system] if system.strip() else []) + [m["content"] for m in turns] + [message])
+            limits.check_conversation(([system] if system.strip() else []) + [message_text(m) for m in turns]
+                                      + [message])
         except LimitExceeded as error:
             raise _refusal(str(error))
         session = _session(request)
@@ -514,6 +548,8 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
         with gr.Column(elem_id="title"):
             gr.Markdown(f"# {title}")
             gr.Markdown(t("subtitle"))
+            if info.fine_tunes:  # what the operator loaded on top of the base model
+                gr.Markdown(" · ".join(info.fine_tunes), elem_id="fine-tunes")
         if info.random_weights:
             gr.Markdown(t("random_notice"), elem_id="random-notice")
         with gr.Row(equal_height=False, elem_id="layout"):

@@ -12,13 +12,18 @@ the engine and the page go through it, so nothing else needs to know which model
 | glm4     | [gMASK]<sop>, the same per message, `<\\|assistant\\|>` | <\\|endoftext\\|>, <\\|user\\|>, <\\|observation\\|> | yes |
 
 Role tokens are only ever placed here, by id; message text is encoded as plain text.
+
+ChatGLM3 and GLM-4 can call functions (`tool_dialect`, `tool_calls.py`): the tools go into a
+system message, a call is an assistant message whose metadata is the function name, its result
+an <|observation|> message (docs/tool-calling.md).
 """
 from __future__ import annotations
 
 import re
 from typing import Optional, Sequence as Seq
 
-from ..protocol import SamplingParams
+from ..protocol import Message, SamplingParams
+from .tool_calls import CHATGLM3_TOOLS, GLM4_TOOLS, NotACall, ToolDialect
 
 History = Seq[tuple[str, str]]
 
@@ -69,6 +74,7 @@ class ChatFormat:
     supports_system_prompt = False
     causal = False  # the whole prompt is a bidirectional prefix: no KV reuse across turns
     default_sampling = SamplingParams(max_length=2048, top_p=0.7, temperature=0.95)
+    tool_dialect: Optional[ToolDialect] = None  # how the model writes function calls, if it was trained to
 
     def encode(self, tokenizer, query: str, history: History, system: Optional[str] = None) -> list[int]:
         query, history = with_system_in_first_query(query, history, system)
@@ -111,6 +117,7 @@ class RoleFormat(ChatFormat):
     causal = True
     default_sampling = SamplingParams(max_length=8192, top_p=0.8, temperature=0.8)
     stop_names = ("<|user|>", "<|observation|>")
+    tool_dialect = CHATGLM3_TOOLS
 
     def message(self, tokenizer, role: str, content: str, metadata: str = "") -> list[int]:
         return ([tokenizer.special_id(f"<|{role}|>")] + tokenizer.encode(f"{metadata}\n", add_special_tokens=False)
@@ -126,6 +133,22 @@ class RoleFormat(ChatFormat):
         tokens += self.message(tokenizer, "user", query)
         return tokens + [tokenizer.special_id("<|assistant|>")]
 
+    def message_parts(self, message: Message) -> list[tuple[str, str, str]]:
+        """The (role, metadata, content) prompt messages of one conversation message: a tool
+        result is an observation; each call an assistant message named after its function,
+        after the text the assistant wrote first (if any). ValueError for a call whose
+        arguments this model cannot be shown."""
+        if message.role == "tool":
+            return [("observation", "", message.content)]
+        if message.role == "assistant" and message.tool_calls:
+            text = [("assistant", "", message.content)] if message.content else []
+            try:
+                return text + [("assistant", call.name, self.tool_dialect.call_content(call.arguments))
+                               for call in message.tool_calls]
+            except NotACall as error:
+                raise ValueError(f"a tool call sent back cannot be shown to this model: {error}") from None
+        return [(message.role, "", message.content)]
+
     def stop_ids(self, tokenizer) -> frozenset[int]:
         return frozenset({tokenizer.eos_token_id} | {tokenizer.special_id(name) for name in self.stop_names})
 
@@ -137,6 +160,7 @@ class GLM4Format(RoleFormat):
     name = "glm4"
     # The official demo's settings (trans_cli_demo / web demo of GLM-4-9B-chat).
     default_sampling = SamplingParams(max_length=8192, top_p=0.8, temperature=0.6, repetition_penalty=1.2)
+    tool_dialect = GLM4_TOOLS
 
 
 GLM6B_FORMAT = ChatFormat()

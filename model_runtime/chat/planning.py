@@ -5,14 +5,20 @@ in `max_length` while leaving room for at least `answer_reserve(max_length)` ans
 oldest turns are left out first; `PromptPlan.dropped_turns` says how many. A query that does not
 fit even alone is refused with InvalidRequest. Planning costs about what encoding the turns that
 fit costs, however long the history is (see `plan_prompt`).
+
+Conversations with tools (ChatGLM3, GLM-4: tool definitions, calls, results) are planned by
+`plan_tool_conversation`: a turn is a user message and all that follows it up to the next one,
+so a call is never kept without its result or the question that led to it.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Optional, Sequence as Seq
 
-from ..protocol import InvalidRequest, Message
+from ..protocol import TOOL_MODELS, InvalidRequest, Message, Tool, ToolChoice
 from .formats import History, chat_format_for, with_system_in_first_query
+from .tool_calls import ToolReader
 
 
 def answer_reserve(max_length: int) -> int:
@@ -25,6 +31,7 @@ class PromptPlan:
     tokens: list[int]
     dropped_turns: int
     stop_ids: frozenset = frozenset()  # the chat format's stop tokens (besides config.json's eos)
+    tool_reader: Optional[ToolReader] = None  # set when the answer may be a call of the request's tools
 
 
 def plan_prompt(tokenizer, query: str, history: Seq[tuple[str, str]], max_length: int,
@@ -122,12 +129,91 @@ def pairs_from_messages(messages: Seq[Message]) -> tuple[str, History]:
     return with_system_in_first_query(turns[-1].content, history, system or None)
 
 
-def plan_messages(tokenizer, messages: Seq[Message], max_length: int) -> PromptPlan:
+def plan_messages(tokenizer, messages: Seq[Message], max_length: int, tools: Seq[Tool] = (),
+                  tool_choice: ToolChoice = ToolChoice()) -> PromptPlan:
     """`plan_prompt` for role messages: models with a system role (ChatGLM3, GLM-4) keep the
-    system messages as one system prompt; the others get them in front of the first query."""
+    system messages as one system prompt; the others get them in front of the first query.
+    With tools, or tool calls and results in the conversation: `plan_tool_conversation`."""
+    if tools or any(m.role == "tool" or m.tool_calls for m in messages):
+        return plan_tool_conversation(tokenizer, messages, max_length, tools, tool_choice)
     system = None
     if chat_format_for(tokenizer).supports_system_prompt:
         system = "\n".join(m.content for m in messages if m.role == "system") or None
         messages = [m for m in messages if m.role != "system"]
     query, history = pairs_from_messages(messages)
     return plan_prompt(tokenizer, query, history, max_length, system=system)
+
+
+def plan_tool_conversation(tokenizer, messages: Seq[Message], max_length: int, tools: Seq[Tool],
+                           tool_choice: ToolChoice) -> PromptPlan:
+    """The prompt of a conversation with tools, laid out as the model's official code does
+    (docs/tool-calling.md): the declared tools and the system text, the newest turns that fit
+    (the module's history rule), then <|assistant|>, followed by the function's name when
+    `tool_choice` names the call to make. Each turn is encoded once: a message's tokens do not
+    depend on its neighbours in these formats."""
+    chat_format = chat_format_for(tokenizer)
+    if chat_format.tool_dialect is None:
+        raise InvalidRequest(f"this model cannot call tools: tool calling needs {TOOL_MODELS}")
+    offered, forced = _offered_tools(tools, tool_choice)
+    budget = max_length - answer_reserve(max_length)
+    system = "\n".join(m.content for m in messages if m.role == "system") or None
+    if offered:
+        functions = [json.loads(tool.function_json) for tool in offered]
+        declared = chat_format.tool_dialect.system_messages(functions, system)
+    else:
+        declared = [("system", system)] if system else []
+    head = list(tokenizer.prefix_tokens)
+    for role, content in declared:
+        head += chat_format.message(tokenizer, role, content)
+    tail = [tokenizer.special_id("<|assistant|>")]
+    if forced:
+        tail += tokenizer.encode(f"{forced}\n", add_special_tokens=False)
+    turns = _tool_turns([m for m in messages if m.role != "system"])
+    room = budget - len(head) - len(tail)
+    kept: list[list[int]] = []
+    for turn in reversed(turns):
+        try:
+            tokens = [t for m in turn for role, metadata, content in chat_format.message_parts(m)
+                      for t in chat_format.message(tokenizer, role, content, metadata)]
+        except ValueError as error:
+            raise InvalidRequest(str(error)) from None
+        if len(tokens) > room:
+            break
+        kept.append(tokens)
+        room -= len(tokens)
+    if not kept:
+        raise InvalidRequest(
+            f"the last turn and the tools need more than the {budget} prompt tokens that maximum length "
+            f"{max_length} leaves: shorten them or raise the maximum length")
+    prompt = head + [t for tokens in reversed(kept) for t in tokens] + tail
+    reader = ToolReader(chat_format.tool_dialect, tuple(t.name for t in offered), forced) if offered else None
+    return PromptPlan(prompt, len(turns) - len(kept), chat_format.stop_ids(tokenizer), reader)
+
+
+def _offered_tools(tools: Seq[Tool], tool_choice: ToolChoice) -> tuple[list[Tool], Optional[str]]:
+    """The tools the prompt declares, and the function whose call the prompt starts, if any."""
+    if tool_choice.mode == "none":
+        return [], None
+    if tool_choice.mode == "function":
+        chosen = [tool for tool in tools if tool.name == tool_choice.name]
+        if not chosen:
+            raise InvalidRequest(f"tool_choice names {tool_choice.name!r}, which is not one of the tools")
+        return chosen, tool_choice.name
+    if tool_choice.mode == "required":
+        if len(tools) != 1:
+            raise InvalidRequest("tool_choice 'required' works with exactly one tool on this model (it cannot be "
+                                 "made to pick one of several): name the function to call instead")
+        return list(tools), tools[0].name
+    return list(tools), None
+
+
+def _tool_turns(messages: list[Message]) -> list[list[Message]]:
+    """Messages grouped into turns, each from a user message up to the next one."""
+    if not messages or messages[-1].role not in ("user", "tool"):
+        raise InvalidRequest("the conversation must end with a user message or a tool result")
+    turns: list[list[Message]] = []
+    for message in messages:
+        if message.role == "user" or not turns:
+            turns.append([])
+        turns[-1].append(message)
+    return turns
