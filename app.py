@@ -68,6 +68,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="checkpoint folder or Hugging Face id (env CHATGLM_MODEL; default %(default)s)")
     model.add_argument("--quantize", type=int, choices=(4, 8), default=env("CHATGLM_QUANTIZE"),
                        help="quantize the weights to 4 or 8 bits to save memory (env CHATGLM_QUANTIZE; default: off)")
+    model.add_argument("--adapter", default=env("CHATGLM_ADAPTER"), metavar="DIR_OR_ID",
+                       help="a LoRA adapter in PEFT's format (folder or Hugging Face id), merged into the weights "
+                            "while they load, before --quantize (env CHATGLM_ADAPTER)")
+    model.add_argument("--ptuning-checkpoint", default=env("CHATGLM_PTUNING_CHECKPOINT"), metavar="DIR",
+                       help="a P-tuning v2 checkpoint folder (pytorch_model.bin with transformer.prefix_encoder.*)"
+                            " loaded on top of --model (env CHATGLM_PTUNING_CHECKPOINT)")
+    model.add_argument("--pre-seq-len", type=positive_int, default=env("CHATGLM_PRE_SEQ_LEN"), metavar="N",
+                       help="the prefix length of --ptuning-checkpoint (env CHATGLM_PRE_SEQ_LEN; default: read from "
+                            "the checkpoint, which it must match)")
     model.add_argument("--int8-lm-head", action="store_true", default=env_flag("CHATGLM_INT8_LM_HEAD"),
                        help="with --quantize on CPU: compute the output layer from an int8 copy of the "
                             "embeddings (about 25%% faster INT4 decode, +0.5 GB, logits within ~1%%) "
@@ -75,8 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--device", default=env("CHATGLM_DEVICE", "auto"),
                        help="auto, cuda, cpu or mps (env CHATGLM_DEVICE; default %(default)s: CUDA, then MPS, then CPU)")
     model.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=env("CHATGLM_DTYPE"),
-                       help="weights and activations (env CHATGLM_DTYPE; default: float16 on GPUs, bfloat16 on "
-                            "CPU, float32 for --tiny-random); only float32 gives the same greedy answer alone "
+                       help="weights and activations (env CHATGLM_DTYPE; default: bfloat16 on CPUs and on GPUs of "
+                            "compute capability 8.0 or later, float16 on older GPUs and MPS, float32 for --tiny-random); only float32 gives the same greedy answer alone "
                             "and in a batch")
     model.add_argument("--tiny-random", nargs="?", const="chatglm", default=tiny_family(env("CHATGLM_TINY_RANDOM")),
                        choices=TINY_FAMILIES, metavar="FAMILY",
@@ -161,6 +170,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.slots = int(args.slots)
     if args.context_length is not None:
         args.context_length = int(args.context_length)
+    if args.pre_seq_len is not None and not args.ptuning_checkpoint:
+        parser.error("--pre-seq-len (CHATGLM_PRE_SEQ_LEN) is the prefix length of a P-tuning checkpoint: "
+                     "give --ptuning-checkpoint DIR too")
     if args.backend == "openai" and not args.api_base:
         parser.error("--backend openai needs --api-base URL (the remote server's /v1 root)")
     if args.step_delay < 0:
@@ -200,6 +212,7 @@ def load_backend(args: argparse.Namespace):
 
     options = dict(device=args.device, dtype=args.dtype, tiny_random=args.tiny_random or False, slots=args.slots,
                    step_delay=args.step_delay, context_length=args.context_length, max_queue=args.queue_size)
+    options.update(adapter=args.adapter, ptuning_checkpoint=args.ptuning_checkpoint, pre_seq_len=args.pre_seq_len)
     if args.quantize:
         if "quantize" not in inspect.signature(load_model).parameters:
             fail(args, f"--quantize {args.quantize} is not supported by this version of model_runtime yet")

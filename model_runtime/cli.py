@@ -43,6 +43,12 @@ def add_chat_arguments(chat: argparse.ArgumentParser) -> None:
     chat.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: per device)")
     chat.add_argument("--quantize", type=int, choices=(4, 8), default=None,
                       help="quantize the weights to 4 or 8 bits while loading (less memory)")
+    chat.add_argument("--adapter", default=None, metavar="DIR_OR_ID",
+                      help="a LoRA adapter in PEFT's format (folder or Hugging Face id), merged into the weights")
+    chat.add_argument("--ptuning-checkpoint", default=None, metavar="DIR",
+                      help="a P-tuning v2 checkpoint folder (pytorch_model.bin with transformer.prefix_encoder.*)")
+    chat.add_argument("--pre-seq-len", type=int, default=None, metavar="N",
+                      help="the prefix length of --ptuning-checkpoint (default: read from it; if given, must match)")
     chat.add_argument("--max-length", type=int, default=None,
                       help="prompt plus answer, in tokens (default: the model's reference setting, 2048 for ChatGLM-6B)")
     chat.add_argument("--top-p", type=float, default=None, help="default: the model's reference setting")
@@ -74,11 +80,15 @@ def stream_one_answer(model, tokenizer, query, history, args) -> list:
 
 def run_chat(args: argparse.Namespace) -> int:
     try:
-        tokenizer, model = load_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+        tokenizer, model = load_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                                      adapter=args.adapter, ptuning_checkpoint=args.ptuning_checkpoint,
+                                      pre_seq_len=args.pre_seq_len)
     except (CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(WELCOME)
+    for fine_tune in model.fine_tunes:
+        print(f"with {fine_tune}")
     history: list = []
     while True:
         try:

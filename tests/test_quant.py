@@ -392,3 +392,18 @@ def test_quantized_linear_round_trips_through_load_state_dict():
     assert torch.equal(copy(x), layer(x))
     with pytest.raises(RuntimeError, match="weight_scale"):
         QuantizedLinear(128, 64, 4, dtype=torch.bfloat16).load_state_dict({"bias": torch.zeros(64)})
+
+
+def test_scratch_buffers_serve_inference_mode_and_plain_no_grad_alike():
+    """A buffer first made while decoding (inference mode) is reused by a plain no_grad forward
+    of the same thread, and the other way round."""
+    from model_runtime.quant.memory import release_scratch, scratch_buffer
+
+    release_scratch()
+    with torch.inference_mode():
+        scratch_buffer(64, torch.float32, torch.device("cpu")).fill_(1.0)
+    with torch.no_grad():
+        scratch_buffer(64, torch.float32, torch.device("cpu")).fill_(2.0)
+    with torch.inference_mode():
+        assert scratch_buffer(64, torch.float32, torch.device("cpu")).sum().item() == 128.0
+    release_scratch()

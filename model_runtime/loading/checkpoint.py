@@ -25,28 +25,31 @@ def resolve_checkpoint(name_or_path: Union[str, Path], revision: Optional[str] =
     if path.is_dir():
         return path
     name = str(name_or_path)
-    if path.exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
+    if path.exists() or not is_hub_id(name):
         raise CheckpointError(f"{name}: no such checkpoint directory (expected a folder with config.json, "
                               "tokenizer files and weight shards, or a Hugging Face id like THUDM/chatglm-6b)")
-    return _download(name, revision)
+    folder = hub_snapshot(name, revision, ["*.json", "*.model", "*.txt"])
+    chosen = _weight_format(folder, None)
+    return hub_snapshot(name, revision, ["*.json", "*.model", "*.safetensors" if chosen == "safetensors" else "*.bin"])
 
 
-def _download(repo_id: str, revision: Optional[str]) -> Path:
-    def fetch(patterns):
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+def is_hub_id(name: str) -> bool:
+    """Whether a name that is not a local folder can be a Hugging Face id ("owner/name")."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
 
+
+def hub_snapshot(repo_id: str, revision: Optional[str], patterns: list[str],
+                 local_flag: str = "--model /path/to/checkpoint") -> Path:
+    """The files of a Hugging Face repository that match `patterns`, fetched into the hub's cache
+    (or found there offline); one clear CheckpointError, which suggests `local_flag`, when that fails."""
     try:
-        folder = fetch(["*.json", "*.model", "*.txt"])
-        chosen = _weight_format(folder, None)
-        return fetch(["*.json", "*.model", "*.safetensors" if chosen == "safetensors" else "*.bin"])
-    except CheckpointError:
-        raise
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as error:  # offline, unknown id, gated repo, disk full...
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(
             f"could not get {repo_id!r} from the Hugging Face Hub, and it is not in the local cache "
             f"({reason}). Download it where there is internet access (`huggingface-cli download "
-            f"{repo_id}`) or pass a local checkpoint directory instead: --model /path/to/checkpoint"
+            f"{repo_id}`) or pass a local directory instead: {local_flag}"
         ) from None
 
 

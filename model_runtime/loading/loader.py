@@ -13,6 +13,8 @@ from ..quant.convert import resolve_quantization
 from .checkpoint import resolve_checkpoint, weight_files
 from .device import check_fits, pick_device, pick_dtype
 from .family import AnyTokenizer, load_tokenizer, model_class, read_config
+from .adapters import read_adapter
+from .ptuning import PREFIX, load_prefix, read_ptuning_checkpoint, with_prefix_config
 from .weights import load_weights
 
 log = logging.getLogger(__name__)
@@ -21,7 +23,9 @@ log = logging.getLogger(__name__)
 def load_model(name_or_path: Union[str, Path], device: Union[str, torch.device] = "auto",
                dtype: Union[None, str, torch.dtype] = None, weight_format: Optional[str] = None,
                revision: Optional[str] = None, quantize: Optional[int] = None,
-               quant_backend: str = "auto", quantize_lm_head: bool = False) -> tuple[AnyTokenizer, GLMModel]:
+               quant_backend: str = "auto", quantize_lm_head: bool = False,
+               ptuning_checkpoint: Union[None, str, Path] = None, pre_seq_len: Optional[int] = None,
+               adapter: Union[None, str, Path] = None) -> tuple[AnyTokenizer, GLMModel]:
     """Load a GLM checkpoint (local directory or Hugging Face id) for inference: ChatGLM-6B,
     ChatGLM2-6B, ChatGLM3-6B or GLM-4-9B-chat, as its own files say (family.py).
 
@@ -32,10 +36,23 @@ def load_model(name_or_path: Union[str, Path], device: Union[str, torch.device] 
     quant_backend: "auto" or a name from quant.backends.KERNELS (the matmul kernel of quantized layers).
     quantize_lm_head: opt-in, ChatGLM-6B only: compute the logits from an INT8 copy of the tied
     embedding (quant.linear.QuantizedOutputLayer): faster decode, +0.5 GiB, logits off by the INT8 error.
+    ptuning_checkpoint: a P-tuning v2 checkpoint folder (transformer.prefix_encoder.* only) to put in
+    front of every attention call (ptuning.py); pre_seq_len, if given, must match its prefix length.
+    adapter: a PEFT LoRA adapter (folder or Hugging Face id) merged into the float weights while
+    they load, before quantizing (adapters.py). `model.fine_tunes` then names what was loaded.
     Raises CheckpointError with a message that names the file (and tensor) at fault.
     """
+    if pre_seq_len is not None and ptuning_checkpoint is None:
+        raise ValueError("pre_seq_len only says how long the prefix of a P-tuning checkpoint is: "
+                         "give the checkpoint too (ptuning_checkpoint=DIR, --ptuning-checkpoint DIR)")
     folder = resolve_checkpoint(name_or_path, revision)
     config = read_config(folder)  # ChatGLM-6B, ChatGLM2/3 or GLM-4: see family.py
+    prefix = read_ptuning_checkpoint(ptuning_checkpoint, pre_seq_len) if ptuning_checkpoint is not None else None
+    if prefix is not None:
+        config = with_prefix_config(config, prefix)
+    lora = read_adapter(adapter) if adapter is not None else None
+    if lora is not None:
+        lora.check_fits(config)  # before any memory is taken
     tokenizer = load_tokenizer(folder, config)
     device = pick_device(device)
     dtype = pick_dtype(device, dtype)
@@ -43,10 +60,14 @@ def load_model(name_or_path: Union[str, Path], device: Union[str, torch.device] 
     bits = resolve_quantization(config, quantize)
     check_fits(config, device, dtype, bits)
     model = model_class(config).empty(config, device, dtype, quantize=bits, quant_backend=quant_backend)
-    load_weights(model, files)
-    if getattr(config, "pre_seq_len", None):
+    load_weights(model, files, adapter=lora, provided_elsewhere=(PREFIX,) if prefix is not None else ())
+    if prefix is not None:
+        load_prefix(model, prefix)
+    elif config.pre_seq_len:
         model.refresh_prefix()  # P-tuning v2: prefix keys and values from the loaded prefix encoder
+    model.fine_tunes = tuple(part.description for part in (lora, prefix) if part is not None)
     if quantize_lm_head:
         quantize_lm_head_of(model)
-    log.info("loaded %s on %s in %s%s", folder, device, dtype, f", INT{bits}" if bits else "")
+    log.info("loaded %s on %s in %s%s%s", folder, device, dtype, f", INT{bits}" if bits else "",
+             "".join(f", {part}" for part in model.fine_tunes))
     return tokenizer, model

@@ -8,6 +8,7 @@ import ctypes
 import functools
 import mmap
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -16,6 +17,7 @@ from ..models.config import CheckpointError
 from ..quant.convert import quantized_linears
 from ..quant.linear import QuantizedLinear
 from ..quant.memory import trim_heap
+from .adapters import Adapter
 from .checkpoint import read_shard
 
 IGNORED_TENSORS = ("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq",  # recomputed
@@ -55,11 +57,16 @@ def _libc():
     return ctypes.CDLL(None, use_errno=True)
 
 
-def load_weights(model: GLMModel, files: list[Path]) -> None:
-    """Copy every shard's tensors into the model, converting dtype on the way."""
+def load_weights(model: GLMModel, files: list[Path], adapter: Optional[Adapter] = None,
+                 provided_elsewhere: tuple[str, ...] = ()) -> None:
+    """Copy every shard's tensors into the model, converting dtype on the way.
+
+    adapter: a LoRA adapter merged into each tensor as it arrives (before it is quantized).
+    provided_elsewhere: name prefixes the files need not hold (a P-tuning checkpoint's prefix encoder)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     quantized = quantized_linears(model)  # filled through load_tensor: float weights quantized on arrival
-    expected = {name for name in params if name != "lm_head.weight"} | {f"{name}.weight" for name in quantized}
+    expected = {name for name in params if name != "lm_head.weight" and not name.startswith(provided_elsewhere)} \
+        | {f"{name}.weight" for name in quantized}
     seen: set[str] = set()
     release = hasattr(mmap, "MADV_DONTNEED")
     for path in files:
@@ -69,6 +76,9 @@ def load_weights(model: GLMModel, files: list[Path]) -> None:
                 continue
             if release and ranges is None:
                 ranges = _mapped_ranges(path)  # the shard is mapped by now (if it is at all)
+            stored = tensor
+            if adapter is not None:
+                tensor = adapter.merged(name, tensor, path)
             owner, _, leaf = name.rpartition(".")
             if owner in quantized and leaf in QuantizedLinear.STORED:
                 try:
@@ -77,7 +87,7 @@ def load_weights(model: GLMModel, files: list[Path]) -> None:
                     raise CheckpointError(f"{path.name}: tensor {name!r} {error}") from None
                 seen.add(name)
                 if ranges:
-                    _release_pages(tensor, ranges)
+                    _release_pages(stored, ranges)
                 trim_heap()  # quantizing/repacking temporaries leave heap holes glibc would keep
                 continue
             if name not in params:
@@ -90,7 +100,7 @@ def load_weights(model: GLMModel, files: list[Path]) -> None:
                 target.copy_(tensor)
             seen.add(name)
             if ranges:
-                _release_pages(tensor, ranges)
+                _release_pages(stored, ranges)
     missing = sorted(expected - seen) + [f"{name}.weight_scale" for name, module in quantized.items()
                                          if f"{name}.weight" in seen and not module.ready]
     if missing:

@@ -4,7 +4,8 @@ A family's network (glm6b.py, glm2.py) builds `self.transformer` with `word_embe
 `layers` and `final_layernorm`, a `self.rotary` whose `cos_sin(positions, dtype)` feeds its
 blocks, an `lm_head`, and says where a prompt's tokens go (`layout_for_prompt`). Everything else
 is here: allocation straight on the device (`empty`), quantization, the KV cache's size, the
-forward over a caller's cache, the logits, and the seed's `model.chat` / `model.stream_chat`.
+P-tuning v2 prefix (`set_prefix`, prefix.py), the forward over a caller's cache, the logits, and
+the seed's `model.chat` / `model.stream_chat`.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import nn
 from ..chat import stream
 from ..quant.convert import quantize_model, replace_linears
 from .kv_cache import KVCache
+from .prefix import prefix_layers
 
 
 class GLMModel(nn.Module):
@@ -27,6 +29,7 @@ class GLMModel(nn.Module):
     from before are then stale."""
 
     causal = False
+    fine_tunes: tuple[str, ...] = ()  # what the loader put on top of the base weights (adapter, prefix)
 
     def __init__(self, config):
         super().__init__()
@@ -64,6 +67,19 @@ class GLMModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.transformer.final_layernorm.weight.dtype
+
+    @torch.no_grad()
+    def refresh_prefix(self) -> None:
+        """Compute the P-tuning v2 prefix from `transformer.prefix_encoder` (see prefix.py)."""
+        self.set_prefix(prefix_layers(self.transformer.prefix_encoder(), self.config))
+
+    def set_prefix(self, kv: Optional[torch.Tensor]) -> None:
+        """P-tuning v2 prefix keys and values [num_layers * 2, kv_heads, P, head_dim] (layer i's
+        keys at 2i, its values at 2i + 1), or None for no prefix."""
+        for i, layer in enumerate(self.transformer.layers):
+            layer.attention.prefix_kv = None if kv is None else (
+                kv[2 * i][None].to(self.device, self.dtype), kv[2 * i + 1][None].to(self.device, self.dtype))
+        self.weights_version += 1
 
     def layout_for_prompt(self, prompt: list[int]):
         """Where the prompt's tokens go: `.prefix_len` and `.positions(start, end)`."""

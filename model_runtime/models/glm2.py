@@ -28,6 +28,7 @@ from torch import nn
 from .base import GLMModel
 from .config import CheckpointError, ModelConfig
 from .kv_cache import LayerCache
+from .prefix import PrefixEncoder
 
 FAMILIES = ("chatglm2", "chatglm3", "glm4")
 
@@ -246,15 +247,8 @@ class SelfAttention(nn.Module):
         q = apply_rotary_pairs(q.view(batch, length, self.heads, self.head_dim), cos, sin)
         k = apply_rotary_pairs(k.view(batch, length, self.kv_heads, self.head_dim), cos, sin)
         v = v.view(batch, length, self.kv_heads, self.head_dim)
-        keys, values = cache.update(slots, cache_positions, k, v, mask.shape[-1])
-        if self.prefix_kv is not None:
-            prefix_k, prefix_v = (t.expand(batch, -1, -1, -1) for t in self.prefix_kv)
-            keys, values = torch.cat([prefix_k, keys], dim=2), torch.cat([prefix_v, values], dim=2)
-            visible = mask.new_ones(mask.shape[:-1] + (prefix_k.shape[2],))
-            mask = torch.cat([visible, mask], dim=-1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                             enable_gqa=self.kv_heads != self.heads)
-        return self.dense(out.transpose(1, 2).reshape(batch, length, -1))
+        out = cache.attend(q, k, v, slots, cache_positions, mask, self.prefix_kv)
+        return self.dense(out.reshape(batch, length, -1))
 
 
 class MLP(nn.Module):
@@ -301,25 +295,6 @@ class Encoder(nn.Module):
         self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
 
 
-class PrefixEncoder(nn.Module):
-    """P-tuning v2: pre_seq_len learnt rows -> every layer's prefix keys and values."""
-
-    def __init__(self, config: GLM2Config):
-        super().__init__()
-        kv_size = config.num_layers * config.head_dim * config.kv_heads * 2
-        self.prefix_projection = config.prefix_projection
-        if config.prefix_projection:
-            self.embedding = nn.Embedding(config.pre_seq_len, kv_size)
-            self.trans = nn.Sequential(nn.Linear(kv_size, config.hidden_size), nn.Tanh(),
-                                       nn.Linear(config.hidden_size, kv_size))
-        else:
-            self.embedding = nn.Embedding(config.pre_seq_len, kv_size)
-
-    def forward(self) -> torch.Tensor:
-        rows = self.embedding.weight
-        return self.trans(rows) if self.prefix_projection else rows
-
-
 class Transformer(nn.Module):
     def __init__(self, config: GLM2Config):
         super().__init__()
@@ -362,19 +337,3 @@ class ChatGLM2Model(GLMModel):
 
     def layout_for_prompt(self, prompt: list[int]) -> CausalLayout:
         return CAUSAL
-
-    @torch.no_grad()
-    def refresh_prefix(self) -> None:
-        """Compute the P-tuning prefix keys and values from `transformer.prefix_encoder`."""
-        c = self.config
-        kv = self.transformer.prefix_encoder().to(self.dtype)  # [P, L * 2 * groups * d]
-        kv = kv.view(c.pre_seq_len, c.num_layers * 2, c.kv_heads, c.head_dim).permute(1, 2, 0, 3)
-        self.set_prefix(kv)
-
-    def set_prefix(self, kv: Optional[torch.Tensor]) -> None:
-        """Prefix keys and values [num_layers * 2, kv_heads, P, head_dim] (layer i's keys at 2i,
-        its values at 2i + 1), or None for no prefix."""
-        for i, layer in enumerate(self.transformer.encoder.layers):
-            layer.self_attention.prefix_kv = None if kv is None else (
-                kv[2 * i][None].to(self.device, self.dtype), kv[2 * i + 1][None].to(self.device, self.dtype))
-        self.weights_version += 1

@@ -6,7 +6,8 @@ of a batch lives in its own slot of a static, pre-allocated KV cache and says wh
 serving engine can add and drop rows at any step.
 
 The prompt, up to and including [gMASK], is a bidirectional prefix (`SequenceLayout.prefix_len`,
-see `kv_cache.attention_mask`); positions are GLM's 2D ones.
+see `kv_cache.attention_mask`); positions are GLM's 2D ones. A P-tuning v2 prefix (`pre_seq_len`,
+prefix.py) puts learnt keys and values in front of every attention call.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from torch import nn
 from .base import GLMModel
 from .config import CheckpointError, ModelConfig
 from .kv_cache import LayerCache
+from .prefix import PrefixEncoder
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,8 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        # P-tuning v2: keys and values [1, heads, pre_seq_len, head_dim] seen by every query.
+        self.prefix_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def forward(self, x, cos, sin, mask, slots, cache_positions, cache: LayerCache):
         batch, length, _ = x.shape
@@ -149,9 +153,8 @@ class Attention(nn.Module):
         q, k, v = self.query_key_value(x).view(batch, length, self.heads, 3 * self.head_dim).chunk(3, dim=-1)
         q = apply_rotary(q, cos, sin, self.head_dim // 2)
         k = apply_rotary(k, cos, sin, self.head_dim // 2)
-        keys, values = cache.update(slots, cache_positions, k, v, mask.shape[-1])
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
-        return self.dense(out.transpose(1, 2).reshape(batch, length, -1))
+        out = cache.attend(q, k, v, slots, cache_positions, mask, self.prefix_kv)
+        return self.dense(out.reshape(batch, length, -1))
 
 
 class MLP(nn.Module):
@@ -193,6 +196,8 @@ class Transformer(nn.Module):
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        if config.pre_seq_len:  # P-tuning v2; ChatGLM-6B's projection MLP takes hidden_size rows
+            self.prefix_encoder = PrefixEncoder(config, projected_width=config.hidden_size)
 
 
 class ChatGLMModel(GLMModel):

@@ -18,7 +18,8 @@ def scratch_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torc
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
         buffers.pop(key, None)  # free the old one before allocating the larger one
-        buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+            buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
     return buffer[:numel]
 
 
