@@ -7,9 +7,16 @@ import pytest
 
 from model_runtime.chat.answer_text import AnswerText
 from model_runtime.chat.formats import chat_format_for, process_response, round_prompt
+from model_runtime.chat.incremental import IncrementalDecoder
 from model_runtime.chat.planning import answer_reserve, pairs_from_messages, plan_prompt
 from model_runtime.chat.stream import CHAT_BATCHES, stream_answer
 from model_runtime.protocol import InvalidRequest, Message, SamplingParams
+from model_runtime.tiny.glm4 import write_tiny_tiktoken
+from model_runtime.tokenizers.glm2 import ChatGLM2Tokenizer
+from model_runtime.tokenizers.glm4 import GLM4Tokenizer
+from model_runtime.tokenizers.glm6b import ChatGLMTokenizer
+
+from .conftest import reference_file
 
 
 def test_round_prompt_format():
@@ -220,3 +227,35 @@ def test_chat_allocates_the_cache_its_max_length_needs(tiny_glm4):
     cache = CHAT_BATCHES[model].cache
     assert cache.max_len == 64 and cache.nbytes == 64 * model.kv_cache_bytes_per_token()
 
+
+
+class CountingTokenizer:
+    """A tokenizer that counts the tokens it is asked to decode."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.decoded = tokenizer, 0
+
+    def decode(self, tokens):
+        self.decoded += len(tokens)
+        return self.tokenizer.decode(tokens)
+
+
+@pytest.mark.parametrize("family", ["chatglm", "chatglm3", "glm4"])
+def test_incremental_decoding_equals_a_whole_decode_at_every_length(family, tmp_path):
+    tokenizer = {"chatglm": lambda: ChatGLMTokenizer(reference_file("tokenizers/chatglm-6b-ice_text.model")),
+                 "chatglm3": lambda: ChatGLM2Tokenizer(reference_file("tokenizers/chatglm2-3-tokenizer.model")),
+                 "glm4": lambda: GLM4Tokenizer(write_tiny_tiktoken(tmp_path))}[family]()
+    texts = ["你好！我是人工智能助手。 def main():\n    print('hello  world')\t# x\n\n$$x^2$$ 😀👍🏽 café  " * 6,
+             "   leading spaces\n\n\n and   many    blanks, 中文，标点。" * 8]
+    encode = (lambda t: tokenizer.encode(t, add_special_tokens=False)) if family == "chatglm" else tokenizer.encode
+    rng = random.Random(0)
+    sequences = [encode(text) for text in texts]
+    sequences += [[rng.randrange(min(tokenizer.vocab_size, 60000)) for _ in range(150)] for _ in range(4)]
+    for tokens in sequences:
+        counting = CountingTokenizer(tokenizer)
+        decoder = IncrementalDecoder(counting)
+        for length in range(1, len(tokens) + 1):
+            assert decoder.text(tokens[:length]) == tokenizer.decode(tokens[:length]).replace("\ufffd", "")
+        # constant work per token: far less than decoding the whole answer at every step
+        assert counting.decoded < 8 * (IncrementalDecoder.TAIL + IncrementalDecoder.CONTEXT) * len(tokens)
+        assert counting.decoded < len(tokens) ** 2 / 2 or len(tokens) < 200

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import re
-from typing import Sequence as Seq
+from typing import Optional, Sequence as Seq
 
+from ..protocol import ToolCall
 from .formats import chat_format_for
+from .incremental import IncrementalDecoder
+from .tool_calls import ToolReader
 
 
 class AnswerText:
@@ -13,23 +16,40 @@ class AnswerText:
     Text is held back while it could still change: a half UTF-8 character (U+FFFD), ASCII
     punctuation that a following CJK character would turn full-width, an unclosed "[[", or a
     tail that may be the start of a stop string. At a stop string the text ends (`stopped`).
+
+    With a `tool_reader` (the request offered tools) a possible call is held back: the whole
+    answer when its first line, the metadata, is not written yet or is not empty (a plain
+    answer's is) or when the prompt named the function; else what follows an <|assistant|> token
+    inside the answer (ChatGLM3 may write text, then a message with the call). At the end it is
+    read as a call (`tool_calls`), the text before it being the answer's text, or, if it is not
+    a well-formed call, shown as text too.
     """
 
     _UNSTABLE_TAIL = re.compile(r"(\ufffd+|[,!:;?]|\[\[[^\]]*\]?)$")
 
-    def __init__(self, tokenizer, stop: Seq[str] = ()):
+    def __init__(self, tokenizer, stop: Seq[str] = (), tool_reader: Optional[ToolReader] = None):
         self.tokenizer = tokenizer
+        self.tool_reader = tool_reader
+        self.tool_calls: tuple[ToolCall, ...] = ()
         self.process_response = chat_format_for(tokenizer).process_response
         self.stop = tuple(stop)
         self.stopped = False
         self.shown = ""
+        self._decoder = IncrementalDecoder(tokenizer)
+        if tool_reader is not None:
+            self._assistant = tokenizer.special_id("<|assistant|>")
+            self._cut: Optional[int] = None  # where an <|assistant|> token was found in the answer
+            self._searched = 0
 
     def update(self, answer_tokens: list[int]) -> str:
         """New stable text since the last call."""
         # Bytes that are not (yet) a whole UTF-8 character decode to U+FFFD: at the end they may
         # still complete, in the middle (byte-level BPE, e.g. GLM-4) they never will. Dropped
         # everywhere, as finish() does, so that the text is only ever appended to.
-        raw = self.tokenizer.decode(answer_tokens).replace("\ufffd", "")
+        text_tokens, _ = self._split(answer_tokens)
+        if not text_tokens:
+            return ""
+        raw = self._decoder.text(text_tokens)
         stable = self._cut_at_stop(self.process_response(self._UNSTABLE_TAIL.sub("", raw)), final=False)
         if not stable.startswith(self.shown):
             return ""
@@ -38,11 +58,32 @@ class AnswerText:
 
     def finish(self, answer_tokens: list[int]) -> str:
         """The rest of the text once the answer is complete (nothing is held back any more)."""
-        raw = self.tokenizer.decode(answer_tokens).replace("\ufffd", "")
+        text_tokens, call_tokens = self._split(answer_tokens)
+        call = None if call_tokens is None else self.tool_reader.read(self.tokenizer.decode(call_tokens))
+        if call is None:
+            text_tokens = answer_tokens
+        else:
+            self.tool_calls = (call,)
+        raw = self.tokenizer.decode(text_tokens).replace("\ufffd", "")
         final = self._cut_at_stop(self.process_response(raw), final=True)
         delta = final[len(self.shown):] if final.startswith(self.shown) else ""
         self.shown = final
         return delta
+
+    def _split(self, answer_tokens: list[int]) -> tuple[list[int], Optional[list[int]]]:
+        """(the tokens of text that may be shown, the tokens of a possible call or None)."""
+        if self.tool_reader is None:
+            return answer_tokens, None
+        if self._cut is None:
+            try:
+                self._cut = answer_tokens.index(self._assistant, self._searched)
+            except ValueError:
+                self._searched = len(answer_tokens)
+        text = answer_tokens if self._cut is None else answer_tokens[:self._cut]
+        metadata, newline, _ = self._decoder.text(text).partition("\n") if text else ("", "", "")
+        if self.tool_reader.forced or not newline or metadata.strip():
+            return [], answer_tokens
+        return text, None if self._cut is None else answer_tokens[self._cut + 1:]
 
     def _cut_at_stop(self, text: str, final: bool) -> str:
         hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]

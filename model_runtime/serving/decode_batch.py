@@ -195,6 +195,7 @@ class DecodeBatch:
         positions = torch.stack([s.layout.positions(s.cached, s.cached + length) for s in seqs])
         cache_positions = (starts[:, None] + torch.arange(length)).clamp_(max=self.max_len - 1)
         last = torch.tensor([len(s.prompt) - 1 - s.cached for s in seqs], device=device)
+        self.cache.set_decode_rows(None)
         hidden = self._forward(seqs, tokens, positions, cache_positions, int(cache_positions.max()) + 1)
         for seq in seqs:
             seq.kv_len = len(seq.prompt)
@@ -206,6 +207,7 @@ class DecodeBatch:
         index = torch.tensor([len(s.tokens) - 1 for s in seqs])
         tokens = torch.tensor([[s.tokens[-1]] for s in seqs])
         positions = torch.stack([s.layout.positions(i, i + 1) for s, i in zip(seqs, index.tolist())])
+        self.cache.set_decode_rows([(s.slot, len(s.tokens)) for s in seqs])  # attention reads each slot in place
         hidden = self._forward(seqs, tokens, positions, index[:, None], int(index.max()) + 1)
         for seq in seqs:
             seq.kv_len = len(seq.tokens)

@@ -34,6 +34,7 @@ import torch
 from ..chat.answer_text import AnswerText
 from ..chat.formats import chat_format_for
 from ..chat.planning import plan_messages
+from ..chat.tool_calls import ToolReader
 from ..protocol import ChatEvent, ChatRequest, EngineBusy, InvalidRequest, ModelInfo
 from .decode_batch import DecodeBatch, Sequence, new_sequence
 
@@ -55,6 +56,7 @@ class _Job:
     request: ChatRequest
     seq: Sequence
     dropped_turns: int
+    tool_reader: Optional[ToolReader] = None  # the request's tools, when the answer may be a call
     events: "queue.Queue[ChatEvent]" = field(default_factory=queue.Queue)
     text: Optional[AnswerText] = None
     submitted: float = field(default_factory=time.monotonic)
@@ -122,7 +124,8 @@ class Engine:
         chat_format = chat_format_for(tokenizer)
         self.info = ModelInfo(name=name, max_sequence_length=self.batch.max_len, random_weights=random_weights,
                               supports_system_prompt=chat_format.supports_system_prompt,
-                              default_sampling=chat_format.default_sampling)
+                              supports_tools=chat_format.tool_dialect is not None,
+                              default_sampling=chat_format.default_sampling, fine_tunes=model.fine_tunes)
         self._lock = threading.Condition()
         self._waiting: deque[_Job] = deque()
         self._running: list[_Job] = []
@@ -147,13 +150,13 @@ class Engine:
             raise EngineBusy(unavailable)
         request.sampling.validate()
         max_length = min(request.sampling.max_length, self.info.max_sequence_length)
-        plan = plan_messages(self.tokenizer, request.messages, max_length)
+        plan = plan_messages(self.tokenizer, request.messages, max_length, request.tools, request.tool_choice)
         try:
             seq = new_sequence(self.model, plan.tokens, request.sampling, stop_ids=plan.stop_ids,
                                cache_salt=request.cache_salt)
         except ValueError as error:
             raise InvalidRequest(str(error)) from None
-        job = _Job(request, seq, plan.dropped_turns)
+        job = _Job(request, seq, plan.dropped_turns, plan.tool_reader)
         if request.deadline_s is not None:
             job.deadline = job.submitted + request.deadline_s
         with self._lock:
@@ -289,7 +292,7 @@ class Engine:
             job = self._waiting.popleft()
             try:
                 self.batch.admit(job.seq)
-                job.text = AnswerText(self.tokenizer, job.request.sampling.stop)
+                job.text = AnswerText(self.tokenizer, job.request.sampling.stop, job.tool_reader)
             except Exception as error:
                 log.exception("could not admit request %s", job.request_id)
                 self._end(job, "error", error=f"could not start this answer: {type(error).__name__}: {error}")
@@ -326,19 +329,33 @@ class Engine:
 
     def _publish(self, jobs: list[_Job]) -> None:
         now = time.monotonic()
+        # The text work (decoding, post-processing, stop strings) runs before taking the lock,
+        # so that submit, cancel and stats never wait for it.
+        texts = {job: self._new_text(job) for job in jobs if not job.done and not job.seq.finished}
         with self._lock:
             for job in jobs:
                 if job.done:
                     continue
-                try:
-                    self._publish_one(job, now)
-                except Exception as error:
-                    log.exception("could not publish the text of request %s", job.request_id)
-                    self._end(job, "error", error=f"generation failed: {type(error).__name__}: {error}")
+                text = texts.get(job)
+                if isinstance(text, Exception):
+                    log.error("could not publish the text of request %s", job.request_id, exc_info=text)
+                    self._end(job, "error", error=f"generation failed: {type(text).__name__}: {text}")
+                    continue
+                self._publish_one(job, now, text)
             while self._token_times and now - self._token_times[0] > RATE_WINDOW_S:
                 self._token_times.popleft()
 
-    def _publish_one(self, job: _Job, now: float) -> None:
+    @staticmethod
+    def _new_text(job: _Job):
+        """The answer's new stable text, or the exception that decoding it raised."""
+        try:
+            return job.text.update(job.seq.generated)
+        except Exception as error:
+            return error
+
+    def _publish_one(self, job: _Job, now: float, delta: Optional[str]) -> None:
+        """Count the job's new token and send its text (caller holds the lock); delta is None
+        when the sequence has just finished (its last text goes with the final event)."""
         first_token = job.first_token_at is None
         if first_token:
             job.first_token_at = now
@@ -349,7 +366,6 @@ class Engine:
         if job.seq.finished:
             self._end(job, job.seq.finish_reason)
             return
-        delta = job.text.update(job.seq.generated)
         if delta or first_token:  # the first token always says "generating now"
             job.events.put(job.event("delta", delta=delta))
         if job.text.stopped:  # a stop string appeared
@@ -379,7 +395,9 @@ class Engine:
                 delta = job.text.finish(job.seq.generated)
             except Exception:  # the final event must go out whatever the decoder does
                 log.exception("could not decode the end of request %s", job.request_id)
-        job.events.put(job.event("done", delta=delta, finish_reason=reason, error=error))
+        tool_calls = job.text.tool_calls if job.text and reason == "stop" else ()
+        job.events.put(job.event("done", delta=delta, finish_reason="tool_calls" if tool_calls else reason,
+                                 error=error, tool_calls=tool_calls))
         self._jobs.pop(job.request_id, None)
         counter = {"cancelled": "requests_cancelled", "error": "requests_failed"}.get(reason, "requests_completed")
         self._counters[counter] += 1

@@ -28,11 +28,21 @@ def open_settings(page) -> None:
 
 
 def set_slider(page, elem_id: str, value) -> None:
+    """Type the value into the slider's box until the slider itself holds it (events read it
+    from there), also after a late answer of an earlier event (load, reset) wrote the old one."""
     open_settings(page)
     box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
-    box.blur()
+    slider = page.locator(f"#{elem_id} input[type=range]")
+    for _ in range(20):
+        box.fill(str(value))
+        box.press("Enter")
+        box.blur()
+        page.wait_for_timeout(150)
+        if float(slider.input_value()) == float(value):
+            page.wait_for_timeout(150)
+            if float(slider.input_value()) == float(value):
+                return
+    raise AssertionError(f"the {elem_id} slider did not keep {value}")
 
 
 def settle(page, max_length=48, temperature=0.0) -> None:

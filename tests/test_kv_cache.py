@@ -1,0 +1,29 @@
+"""Decode attention reads each row's slot in place: the same numbers as gathering the rows'
+caches under the visibility mask, for rows of different lengths beside slots full of other data."""
+import pytest
+import torch
+
+from model_runtime.models.kv_cache import KVCache, attention_mask
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 2)])  # ChatGLM-6B; grouped heads (ChatGLM2/3, GLM-4)
+def test_in_place_decode_equals_the_masked_gather(heads, kv_heads):
+    generator = torch.Generator().manual_seed(0)
+    cache = KVCache(layers=1, slots=4, heads=kv_heads, max_len=32, head_dim=16, dtype=torch.float32, device="cpu")
+    layer = cache.layers[0]
+    layer.k.normal_(generator=generator)  # every slot full of other data beyond each row's length
+    layer.v.normal_(generator=generator)
+    rows = [(2, 7), (0, 30), (3, 1)]  # (slot, length after this token), in batch order
+    slots = torch.tensor([slot for slot, _ in rows])
+    positions = torch.tensor([[length - 1] for _, length in rows])
+    q = torch.randn(3, 1, heads, 16, generator=generator)
+    k, v = torch.randn(3, 1, kv_heads, 16, generator=generator), torch.randn(3, 1, kv_heads, 16, generator=generator)
+    mask = attention_mask(torch.tensor([2, 0, 0]), positions, int(positions.max()) + 1)
+
+    cache.set_decode_rows(None)
+    gathered = layer.attend(q, k, v, slots, positions, mask)
+    cache.set_decode_rows(rows)
+    in_place = layer.attend(q, k, v, slots, positions, mask)
+    torch.testing.assert_close(in_place, gathered, rtol=1e-5, atol=1e-6)
+    for row, (slot, length) in enumerate(rows):  # and the new keys landed where they belong
+        assert torch.equal(layer.k[slot, :, length - 1], k[row, 0])
