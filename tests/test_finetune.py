@@ -22,7 +22,7 @@ from torch import nn
 import app
 from model_runtime.loading.loader import load_model
 from model_runtime.models.config import CheckpointError
-from model_runtime.models.glm6b import ChatGLMModel, GLMConfig, SequenceLayout
+from model_runtime.models.glm6b import ChatGLMModel, GLMConfig
 from model_runtime.models.kv_cache import attention_mask
 from model_runtime.quant.saving import save_quantized
 from model_runtime.tiny.checkpoint import write_tiny_checkpoint
@@ -30,6 +30,7 @@ from model_runtime.tiny.glm6b import TinySize
 
 from .browser.app_server import AppServer
 from .conftest import reference_arrays
+from .test_parity import REFERENCE_LAYOUT, replay_reference_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("chatglm", "chatglm3")
@@ -147,22 +148,11 @@ def test_glm6b_p_tuning_v2_prefix_matches_original_code():
     missing, unexpected = model.load_state_dict(weights, strict=False)
     assert set(missing) == {"lm_head.weight", "transformer.prefix_encoder.embedding.weight"} and not unexpected
     model.set_prefix(prefix_kv)
-    cache = model.new_kv_cache(slots=1, max_len=8)
-    layout = SequenceLayout(prefix_len=2, mask_pos=1)  # a two-token context, then causal, as in the file
-    start = 0
-    for tokens, expected in steps:
-        end = start + len(tokens)
-        cache_positions = torch.arange(start, end)[None]
-        mask = attention_mask(torch.tensor([layout.prefix_len]), cache_positions, end)
-        with torch.no_grad():
-            hidden = model(tokens.long()[None], layout.positions(start, end)[None], cache_positions, mask,
-                           torch.tensor([0]), cache)
-        torch.testing.assert_close(hidden[0], expected, rtol=1e-5, atol=1e-5)
-        start = end
+    replay_reference_steps(model, steps)
     model.set_prefix(None)  # the prefix matters: without it the first step is far off
     with torch.no_grad():
         cache_positions = torch.arange(3)[None]
-        hidden = model(steps[0][0].long()[None], layout.positions(0, 3)[None], cache_positions,
+        hidden = model(steps[0][0].long()[None], REFERENCE_LAYOUT.positions(0, 3)[None], cache_positions,
                        attention_mask(torch.tensor([2]), cache_positions, 3), torch.tensor([0]),
                        model.new_kv_cache(1, 8))
     assert (hidden[0] - steps[0][1]).abs().max() > 0.1

@@ -40,16 +40,24 @@ def test_glm6b_hidden_states_match_original_code():
     assert set(missing) == {"lm_head.weight"} and not unexpected  # tied to the embeddings
     # One layer deep, yet the original code scales residuals by sqrt(2 * 28) (model.RESIDUAL_SCALE):
     # with sqrt(2 * 1) every output would be off by ~1. Nothing is patched here.
+    replay_reference_steps(model, steps)
+
+
+REFERENCE_LAYOUT = SequenceLayout(prefix_len=2, mask_pos=1)  # a two-token bidirectional context, then causal
+
+
+def replay_reference_steps(model, steps) -> None:
+    """Run a ChatGLM-6B reference file's three calls on one KV cache, as the original did (the
+    three-token context, then one token, then one more), and compare each call's final hidden
+    states with the file's to 1e-5."""
     cache = model.new_kv_cache(slots=1, max_len=8)
-    # A two-token bidirectional context (mask_pos 1) then causal decoding, as in the reference.
-    layout = SequenceLayout(prefix_len=2, mask_pos=1)
     start = 0
     for tokens, expected in steps:
         end = start + len(tokens)
         cache_positions = torch.arange(start, end)[None]
-        mask = attention_mask(torch.tensor([layout.prefix_len]), cache_positions, end)
+        mask = attention_mask(torch.tensor([REFERENCE_LAYOUT.prefix_len]), cache_positions, end)
         with torch.no_grad():
-            hidden = model(tokens.long()[None], layout.positions(start, end)[None], cache_positions,
+            hidden = model(tokens.long()[None], REFERENCE_LAYOUT.positions(start, end)[None], cache_positions,
                            mask, torch.tensor([0]), cache)
         torch.testing.assert_close(hidden[0], expected, rtol=1e-5, atol=1e-5)
         start = end
