@@ -5,6 +5,7 @@ import json
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -82,20 +83,29 @@ class RecordingBackend:
         pass
 
 
+@contextmanager
+def recording_page(backend, limits: Limits = Limits()):
+    """The page on `backend` (a recording backend), served on 127.0.0.1: yields its URL."""
+    from webdemo.ui import build_page
+
+    page = build_page(backend, concurrency_limit=4, limits=limits, storage_secret="test-secret")
+    port = free_port()
+    page.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        page.close()
+
+
 LIMITS = Limits(max_messages=5, max_message_chars=50, max_conversation_chars=120, request_timeout_s=42.0)
 
 
 @pytest.fixture(scope="module")
 def recorded():
     """(backend, base URL) of a page on the recording backend, with small limits."""
-    from webdemo.ui import build_page
-
     backend = RecordingBackend()
-    page = build_page(backend, concurrency_limit=4, limits=LIMITS, storage_secret="test-secret")
-    port = free_port()
-    page.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
-    yield backend, f"http://127.0.0.1:{port}/"
-    page.close()
+    with recording_page(backend, LIMITS) as url:
+        yield backend, url
 
 
 def page_event(url: str, api_name: str, data: list, session: str) -> list:
@@ -205,15 +215,10 @@ def library(*chats: list[dict]) -> dict:
 @pytest.fixture(scope="module")
 def small_store():
     """(backend, URL) of a page whose body limit leaves its browsers a small store."""
-    from webdemo.ui import build_page
-
     backend = RecordingBackend()
     limits = Limits(max_body_bytes=140_000)  # store: 70 000 bytes; an answer starts below 70 000 - 65 536
-    page = build_page(backend, concurrency_limit=4, limits=limits, storage_secret="test-secret")
-    port = free_port()
-    page.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
-    yield backend, f"http://127.0.0.1:{port}/"
-    page.close()
+    with recording_page(backend, limits) as url:
+        yield backend, url
 
 
 def test_a_full_store_refuses_a_new_answer_and_changes_nothing(small_store):
@@ -272,15 +277,10 @@ def tool_page():
     """(backend, URL) of a page on a recording backend of a model that calls tools."""
     from dataclasses import replace
 
-    from webdemo.ui import build_page
-
     backend = RecordingBackend()
     backend.info = replace(RecordingBackend.info, supports_tools=True)
-    page = build_page(backend, concurrency_limit=4, storage_secret="test-secret")
-    port = free_port()
-    page.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
-    yield backend, f"http://127.0.0.1:{port}/"
-    page.close()
+    with recording_page(backend) as url:
+        yield backend, url
 
 
 def test_the_page_shows_tool_calls_collapsed_and_sends_them_back_as_they_are(tool_page):
