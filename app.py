@@ -14,11 +14,13 @@ import time
 
 from webdemo import limits
 from webdemo.access import AccessPolicy
-from webdemo.hf_spaces import running_on_spaces
+from webdemo.hf_spaces import ZEROGPU_API_MESSAGE, running_on_spaces, zero_gpu, zerogpu_call
 
 DEFAULT_MODEL = "THUDM/chatglm-6b"
 TRUE = ("1", "true", "yes", "on")
 TINY_FAMILIES = ("chatglm", "chatglm2", "chatglm3", "glm4")
+CONCURRENCY = {False: 64, True: 4}  # by ZeroGPU mode
+QUEUE_SIZE = {False: 100, True: 32}
 
 
 def env(name: str, default=None):
@@ -98,6 +100,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--context-length", type=positive_int, default=env("CHATGLM_CONTEXT_LENGTH"),
                        help="tokens per conversation, prompt plus answer (env CHATGLM_CONTEXT_LENGTH; default: the "
                             "model's own, at most 8192; with --backend openai the remote model's, default 8192)")
+    hosting = parser.add_argument_group("ZeroGPU (Hugging Face Spaces that lend a GPU per answer)")
+    hosting.add_argument("--zerogpu", choices=("auto", "on", "off"), default=env("CHATGLM_ZEROGPU", "auto"),
+                         help="run each answer as one spaces.GPU call on a model kept in CPU memory (no engine "
+                              "thread; /v1 chat answers 503); auto: on when the Space's hardware is ZeroGPU "
+                              "(SPACES_ZERO_GPU) (env CHATGLM_ZEROGPU; default %(default)s)")
+    hosting.add_argument("--gpu-duration", type=positive_int, default=int(env("CHATGLM_GPU_DURATION", 120)),
+                         metavar="SECONDS",
+                         help="ZeroGPU: the longest GPU time one answer may reserve; each answer asks for what its "
+                              "maximum length needs at the measured speed, at most this (env CHATGLM_GPU_DURATION; "
+                              "default %(default)s)")
     remote = parser.add_argument_group("remote model (the page in front of an OpenAI-compatible server)")
     remote.add_argument("--backend", choices=("local", "openai"), default=env("CHATGLM_BACKEND", "local"),
                         help="local: load the model in this process; openai: stream from --api-base instead "
@@ -142,12 +154,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="every route but /health (the page, its API, /v1, /metrics) needs a login with this "
                              "user name and password (or the API key); with --share or a host other than "
                              "loopback, --require-api-key is needed too (env CHATGLM_AUTH)")
-    server.add_argument("--queue-size", type=positive_int, default=int(env("CHATGLM_QUEUE_SIZE", 100)),
+    server.add_argument("--queue-size", type=positive_int, default=env("CHATGLM_QUEUE_SIZE"),
                         help="requests that may wait, in the page's queue and in the model's for /v1; more are "
-                             "refused as busy (429) (env CHATGLM_QUEUE_SIZE; default %(default)s)")
-    server.add_argument("--concurrency", type=positive_int, default=int(env("CHATGLM_CONCURRENCY", 64)),
+                             f"refused as busy (429) (env CHATGLM_QUEUE_SIZE; default {QUEUE_SIZE[False]}, "
+                             f"{QUEUE_SIZE[True]} on ZeroGPU)")
+    server.add_argument("--concurrency", type=positive_int, default=env("CHATGLM_CONCURRENCY"),
                         help="answers streaming at once; the model batches them, the rest wait in the queue "
-                             "(env CHATGLM_CONCURRENCY; default %(default)s)")
+                             f"(env CHATGLM_CONCURRENCY; default {CONCURRENCY[False]}; {CONCURRENCY[True]} on "
+                             "ZeroGPU, where each one holds a GPU of its own)")
     server.add_argument("--step-delay", type=float, default=float(env("CHATGLM_STEP_DELAY", 0)), metavar="SECONDS",
                         help="sleep this long after every decode step; for tests and for watching Stop work "
                              "(env CHATGLM_STEP_DELAY; default 0)")
@@ -166,6 +180,16 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"CHATGLM_QUANTIZE: expected 4 or 8, got {args.quantize!r}")
     if args.tiny_random not in (None, *TINY_FAMILIES):
         parser.error(f"CHATGLM_TINY_RANDOM: expected 1 or one of {', '.join(TINY_FAMILIES)}, got {args.tiny_random!r}")
+    if args.zerogpu == "on" and args.backend == "openai":
+        parser.error("--zerogpu on runs the model here; --backend openai uses a remote one: choose one")
+    args.zerogpu = args.zerogpu == "on" or (args.zerogpu == "auto" and args.backend == "local" and zero_gpu())
+    for name, defaults in (("concurrency", CONCURRENCY), ("queue_size", QUEUE_SIZE)):
+        value = getattr(args, name)
+        value = defaults[args.zerogpu] if value is None else value
+        try:
+            setattr(args, name, positive_int(str(value)))
+        except (ValueError, argparse.ArgumentTypeError):
+            parser.error(f"CHATGLM_{name.upper()}: expected a whole number >= 1, got {value!r}")
     if args.slots is not None:
         args.slots = int(args.slots)
     if args.context_length is not None:
@@ -203,27 +227,35 @@ def load_backend(args: argparse.Namespace):
         except ConnectionError as error:
             print(f"error: {error}", file=sys.stderr)
             raise SystemExit(1)
+    gpu_call = host_gpu_call() if args.zerogpu else None  # before torch is set up
     # Imported here, not at the top: the runtime brings torch, which --backend openai never needs.
-    import inspect
-
-    from model_runtime.loading.loader import load_model
     from model_runtime.models.config import CheckpointError
-    from model_runtime.serving.launch import start_engine
+    from model_runtime.serving.launch import start_engine, start_per_call
 
-    options = dict(device=args.device, dtype=args.dtype, tiny_random=args.tiny_random or False, slots=args.slots,
-                   step_delay=args.step_delay, context_length=args.context_length, max_queue=args.queue_size)
-    options.update(adapter=args.adapter, ptuning_checkpoint=args.ptuning_checkpoint, pre_seq_len=args.pre_seq_len)
+    options = dict(device=args.device, dtype=args.dtype, tiny_random=args.tiny_random or False,
+                   step_delay=args.step_delay, context_length=args.context_length, adapter=args.adapter,
+                   ptuning_checkpoint=args.ptuning_checkpoint, pre_seq_len=args.pre_seq_len)
     if args.quantize:
-        if "quantize" not in inspect.signature(load_model).parameters:
-            fail(args, f"--quantize {args.quantize} is not supported by this version of model_runtime yet")
-        options["quantize"] = args.quantize
-        options["quantize_lm_head"] = args.int8_lm_head
+        options.update(quantize=args.quantize, quantize_lm_head=args.int8_lm_head)
     try:
-        return start_engine(args.model, **options)
+        if gpu_call is not None:
+            return start_per_call(args.model, gpu_call=gpu_call, max_gpu_s=args.gpu_duration,
+                                  max_active=args.concurrency, **options)
+        return start_engine(args.model, slots=args.slots, max_queue=args.queue_size, **options)
     except (CheckpointError, OSError, ValueError) as error:
         fail(args, str(error))
     except Exception as error:  # out of memory, a broken install...: advice, not a traceback
         fail(args, f"{type(error).__name__}: {error}")
+
+
+def host_gpu_call():
+    """ZeroGPU's `spaces.GPU`, imported before the model loads (it must patch torch first)."""
+    try:
+        return zerogpu_call()
+    except ImportError as error:
+        print(f"error: ZeroGPU mode needs the `spaces` package ({error}): pip install spaces, or run with "
+              "--zerogpu off", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def fail(args: argparse.Namespace, reason: str) -> None:
@@ -267,7 +299,8 @@ def main(argv=None) -> int:
     page = build_page(backend, concurrency_limit=args.concurrency, limits=request_limits)  # storage key: storage_key.py
     server = start_server(page, backend, policy=access_policy(args), limits=request_limits,
                           concurrency=args.concurrency, queue_size=args.queue_size, host=args.host, port=args.port,
-                          share=args.share and not running_on_spaces())
+                          share=args.share and not running_on_spaces(),
+                          chat_api_unavailable=ZEROGPU_API_MESSAGE if args.zerogpu else None)
     try:
         stop.wait()
         print(f"stopping: new requests get 503; answers running get up to {args.drain_seconds:g} s to finish",

@@ -93,22 +93,41 @@ def test_on_spaces_the_app_binds_all_interfaces(monkeypatch):
     assert hf_spaces.running_on_spaces()
 
 
-def test_gpu_task_uses_the_spaces_package_on_zero_gpu_only(monkeypatch):
-    def answer():
-        yield "x"
-
-    calls = []
-    spaces = types.ModuleType("spaces")
-    spaces.GPU = lambda duration: (lambda fn: calls.append(duration) or fn)
-    monkeypatch.setitem(sys.modules, "spaces", spaces)
-    assert hf_spaces.gpu_task(answer) is answer and calls == []  # not on Spaces
-    monkeypatch.setenv("SPACE_ID", "someone/chatglm")
-    assert hf_spaces.gpu_task(answer) is answer and calls == []  # on Spaces, but no ZeroGPU
+def test_zerogpu_mode_is_chosen_on_zerogpu_hardware_with_its_own_limits(monkeypatch):
+    args = app.parse_args([])
+    assert not args.zerogpu and (args.concurrency, args.queue_size) == (app.CONCURRENCY[False], app.QUEUE_SIZE[False])
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
-    hf_spaces.gpu_task(answer)
-    assert calls == [hf_spaces.GPU_DURATION_S]
-    monkeypatch.setitem(sys.modules, "spaces", None)  # ZeroGPU without the package: still runs
-    assert hf_spaces.gpu_task(answer) is answer
+    assert not app.parse_args([]).zerogpu  # not on Spaces
+    monkeypatch.setenv("SPACE_ID", "someone/chatglm")
+    args = app.parse_args([])
+    assert args.zerogpu and (args.concurrency, args.queue_size) == (app.CONCURRENCY[True], app.QUEUE_SIZE[True])
+    assert not app.parse_args(["--zerogpu", "off"]).zerogpu
+    assert app.parse_args(["--concurrency", "2"]).concurrency == 2
+    assert not app.parse_args(["--backend", "openai", "--api-base", "http://x/v1"]).zerogpu  # no model here
+
+
+def test_zerogpu_on_with_a_remote_backend_is_refused():
+    result = subprocess.run([sys.executable, "app.py", "--zerogpu", "on", "--backend", "openai", "--api-base",
+                             "http://127.0.0.1:9/v1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "choose one" in result.stderr
+
+
+def test_zerogpu_call_wraps_each_answer_in_spaces_gpu_with_its_duration(monkeypatch):
+    asked = []
+    spaces = types.ModuleType("spaces")
+    spaces.GPU = lambda duration: (lambda fn: asked.append(duration) or fn)
+    monkeypatch.setitem(sys.modules, "spaces", spaces)
+
+    def run(job):
+        yield job
+
+    def duration(job):
+        return 42
+
+    assert hf_spaces.zerogpu_call()(run, duration) is run and asked == [duration]
+    monkeypatch.setitem(sys.modules, "spaces", None)  # not installed: a clear ImportError
+    with pytest.raises(ImportError):
+        hf_spaces.zerogpu_call()
 
 
 def test_a_model_that_cannot_load_gives_one_clear_message(tmp_path):

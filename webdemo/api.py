@@ -214,10 +214,11 @@ def stats_as_prometheus(stats: dict, prefix: str = "chatglm_") -> str:
 
 
 def add_api_routes(app: FastAPI, backend: ChatBackend, *, limits: Limits = Limits(), cache_salt: Optional[str] = None,
-                   concurrency: int = 64, max_streams: int = 256) -> None:
+                   concurrency: int = 64, max_streams: int = 256, chat_unavailable: Optional[str] = None) -> None:
     """Mount the OpenAI routes, /metrics and /health on `app` (access is the gate's business).
     concurrency: requests parsed and tokenized at once; max_streams: /v1 answers waited on at
-    once (each waits in a thread of its own pool)."""
+    once (each waits in a thread of its own pool); chat_unavailable: why this server answers no
+    /v1 chat completions (503 with that message; ZeroGPU), None when it does."""
     work = anyio.CapacityLimiter(concurrency)
     waits = anyio.CapacityLimiter(max_streams)
 
@@ -250,6 +251,8 @@ def add_api_routes(app: FastAPI, backend: ChatBackend, *, limits: Limits = Limit
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        if chat_unavailable:
+            return APIError(503, chat_unavailable, kind="server_error", code="unavailable").response()
         content_type = request.headers.get("content-type", "application/json").lower()
         if "json" not in content_type:
             return APIError(415, f"the body must be application/json, not {_shown(content_type)}").response()

@@ -1,15 +1,20 @@
 """Hugging Face Spaces: where the app runs, and ZeroGPU through the `spaces` package.
 
 Spaces sets SPACE_ID (and SYSTEM=spaces) and expects the app on 0.0.0.0:7860. On ZeroGPU
-hardware (SPACES_ZERO_GPU is set) a GPU is attached only while a function decorated with
-`spaces.GPU` runs; `gpu_task` applies that decorator there and is a no-op everywhere else,
-including when the package is not installed.
+hardware (SPACES_ZERO_GPU is set, which is what `spaces` reads) a GPU is attached only while a
+function decorated with `spaces.GPU` runs, in a forked worker process. The app then serves with
+model_runtime's per-call backend, and `zerogpu_call` is its host wrapper: each answer becomes one
+`spaces.GPU` generator call with the duration the backend computed for it.
 """
 from __future__ import annotations
 
 import os
 
-GPU_DURATION_S = int(os.environ.get("CHATGLM_GPU_DURATION", "120"))
+# Why /v1/chat/completions answers 503 on ZeroGPU (README "Deploy on Hugging Face Spaces").
+ZEROGPU_API_MESSAGE = (
+    "this server runs on ZeroGPU, which lends a GPU per visitor of the page through Gradio's queue and "
+    "charges it to that visitor's quota; the OpenAI API has no such visitor, so it serves no answers here. "
+    "Use the page, or its Gradio API with gradio_client (endpoint /chat), which ZeroGPU meters per caller")
 
 
 def running_on_spaces() -> bool:
@@ -17,15 +22,18 @@ def running_on_spaces() -> bool:
 
 
 def zero_gpu() -> bool:
-    return running_on_spaces() and os.environ.get("SPACES_ZERO_GPU", "0").lower() not in ("0", "false", "no")
+    return running_on_spaces() and os.environ.get("SPACES_ZERO_GPU", "0").lower() not in ("", "0", "false", "no")
 
 
-def gpu_task(fn):
-    """`spaces.GPU(duration=...)(fn)` on ZeroGPU, else `fn` unchanged."""
-    if not zero_gpu():
-        return fn
-    try:
-        import spaces
-    except ImportError:
-        return fn
-    return spaces.GPU(duration=GPU_DURATION_S)(fn)
+def zerogpu_call():
+    """The host wrapper for model_runtime's PerCallBackend: `spaces.GPU(duration=...)`.
+
+    `spaces` is imported only here, at start-up, before the model loads: on ZeroGPU it patches
+    torch so that the main process never initialises CUDA. It comes with every Space; elsewhere
+    an ImportError says to install it."""
+    import spaces  # optional dependency: only ZeroGPU mode needs it
+
+    def wrap(run, duration):
+        return spaces.GPU(duration=duration)(run)
+
+    return wrap

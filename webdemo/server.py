@@ -94,16 +94,18 @@ class RunningServer:
 
 def start_server(page: ChatPage, backend: ChatBackend, *, policy: AccessPolicy = AccessPolicy(),
                  limits: Limits = Limits(), concurrency: int = 64, queue_size: int = 100, host: str = "127.0.0.1",
-                 port: Optional[int] = None, share: bool = False, quiet: bool = False) -> RunningServer:
+                 port: Optional[int] = None, share: bool = False, quiet: bool = False,
+                 chat_api_unavailable: Optional[str] = None) -> RunningServer:
     """Serve `page` and the API on host:port and return at once (the server runs in a thread).
-    concurrency bounds the blocking work (parsing, tokenizing) done for requests at once."""
+    concurrency bounds the blocking work (parsing, tokenizing) done for requests at once;
+    chat_api_unavailable: why /v1/chat/completions answers 503 here (None: it serves)."""
     problem = policy.startup_problem(host, share)
     if problem is not None:
         raise ValueError(problem)
     limiter = anyio.CapacityLimiter(concurrency)
     api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     add_api_routes(api, backend, limits=limits, cache_salt=policy.cache_salt(), concurrency=concurrency,
-                   max_streams=concurrency + queue_size)
+                   max_streams=concurrency + queue_size, chat_unavailable=chat_api_unavailable)
     app = GuardedApp(api, policy=policy, limits=limits, limiter=limiter)
     login_hint = "Log in with your user name and password" if policy.login else None
     if policy.api_key:

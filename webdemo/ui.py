@@ -31,7 +31,6 @@ import gradio as gr
 
 from model_runtime.protocol import ChatBackend, EngineBusy, InvalidRequest
 
-from . import hf_spaces
 from .conversation import (ActiveStreams, Progress, check_message, check_settings, clean_history, failure,
                            fit_history, has_tool_messages, message_text, readout, stream_answer)
 from .exports import SessionExports
@@ -350,7 +349,6 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
             gr.Warning(str(error))
             return None
 
-    @hf_spaces.gpu_task
     def respond(message: str, stored: Any, max_length: float, top_p: float, temperature: float, system: str,
                 request: gr.Request):
         if not isinstance(message, str) or not message.strip() or checked_message(message, _language(request)) is None:
@@ -359,7 +357,6 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
         yield from answer(library, library.current.messages, message, max_length, top_p, temperature, system,
                           request, restore=message)
 
-    @hf_spaces.gpu_task
     def example(stored: Any, max_length: float, top_p: float, temperature: float, system: str,
                 event: gr.EventData, request: gr.Request):
         """An example prompt (one of EXAMPLES, picked by index: the text is the server's own)."""
@@ -370,7 +367,6 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
         yield from answer(library, library.current.messages, EXAMPLES[index]["text"], max_length, top_p,
                           temperature, system, request, restore="")
 
-    @hf_spaces.gpu_task
     def retry(stored: Any, max_length: float, top_p: float, temperature: float, system: str,
               event: gr.EventData, request: gr.Request):
         """The Chatbot's retry: answer the turn's question again (later turns are dropped)."""
@@ -383,7 +379,6 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
         yield from answer(library, messages[:start], messages[start]["content"], max_length, top_p, temperature,
                           system, request, restore="")
 
-    @hf_spaces.gpu_task
     def edit(stored: Any, max_length: float, top_p: float, temperature: float, system: str,
              event: gr.EventData, request: gr.Request):
         """The Chatbot's edit of a user message: the turns after it are dropped and it is answered."""
@@ -498,7 +493,6 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
         active.forget(session)
         files.forget(session)
 
-    @hf_spaces.gpu_task
     def chat(message: str, history: list, max_length: int = default_length, top_p: float = defaults.top_p,
              temperature: float = defaults.temperature, system: str = "", request: gr.Request = None) -> str:
         """Stream an answer to `message`. history: [[user, answer], ...] pairs or

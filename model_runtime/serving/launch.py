@@ -1,4 +1,5 @@
-"""One call from a checkpoint name (or "a tiny random model") to a running `Engine`."""
+"""One call from a checkpoint name (or "a tiny random model") to a running backend: the
+continuous-batching `Engine`, or `PerCallBackend` for hosts that lend a GPU per call."""
 from __future__ import annotations
 
 import tempfile
@@ -8,39 +9,58 @@ from ..loading.device import free_memory
 from ..loading.loader import load_model
 from ..tiny.checkpoint import write_tiny_checkpoint
 from .engine import Engine
+from .per_call import GpuCall, PerCallBackend, no_host
 
 DEFAULT_CONTEXT = 8192
+TINY_NAMES = {"chatglm": "chatglm-6b", "chatglm2": "chatglm2-6b", "chatglm3": "chatglm3-6b", "glm4": "glm-4-9b-chat"}
+
+
+def load_for_serving(model: str = "THUDM/chatglm-6b", *, device: str = "auto", dtype=None,
+                     tiny_random: Union[bool, str] = False, **load_kwargs):
+    """(tokenizer, model, served name): a checkpoint, or with tiny_random the tiny random
+    ChatGLM-6B (True) or family "chatglm2", "chatglm3", "glm4" (tiny/); `model` is then ignored."""
+    if not tiny_random:
+        tokenizer, net = load_model(model, device=device, dtype=dtype, **load_kwargs)
+        return tokenizer, net, str(model).rstrip("/").split("/")[-1]
+    family = tiny_random if isinstance(tiny_random, str) else "chatglm"
+    # Tiny models cost nothing in float32, and only float32 keeps greedy answers identical
+    # alone and batched: half-precision kernels round differently for one row than for many.
+    with tempfile.TemporaryDirectory(prefix=f"{family}-tiny-") as folder:  # everything is in memory after loading
+        tokenizer, net = load_model(write_tiny_checkpoint(folder, family=family), device=device,
+                                    dtype=dtype or "float32", **load_kwargs)
+    return tokenizer, net, f"{TINY_NAMES[family]}-tiny-random"
 
 
 def start_engine(model: str = "THUDM/chatglm-6b", *, device: str = "auto", dtype=None,
                  tiny_random: Union[bool, str] = False, slots: Optional[int] = None, max_queue: int = 64,
                  step_delay: float = 0.0, context_length: Optional[int] = None, **load_kwargs) -> Engine:
-    """Load a checkpoint (or build the tiny random one) and start an engine on it.
-
-    tiny_random: True builds a tiny random ChatGLM-6B; "chatglm2", "chatglm3" or "glm4" one of
-    those (tiny/); `model` is then ignored.
+    """Load a checkpoint (or build a tiny random one, see load_for_serving) and start an engine on it.
 
     slots: concurrent sequences; by default as many as fit (up to 16) in a quarter of the memory
     left after loading the model.
     context_length: tokens per sequence (prompt plus answer); by default the model's own, at most
     DEFAULT_CONTEXT (GLM-4's 128k tokens would take 5 GiB of KV cache per slot)."""
-    if tiny_random:
-        family = tiny_random if isinstance(tiny_random, str) else "chatglm"
-        # Tiny models cost nothing in float32, and only float32 keeps greedy answers identical
-        # alone and batched: half-precision kernels round differently for one row than for many.
-        dtype = dtype or "float32"
-        with tempfile.TemporaryDirectory(prefix=f"{family}-tiny-") as folder:  # everything is in memory after loading
-            tokenizer, net = load_model(write_tiny_checkpoint(folder, family=family), device=device, dtype=dtype,
-                                        **load_kwargs)
-    else:
-        tokenizer, net = load_model(model, device=device, dtype=dtype, **load_kwargs)
+    tokenizer, net, name = load_for_serving(model, device=device, dtype=dtype, tiny_random=tiny_random, **load_kwargs)
     context_length = context_length or min(net.config.max_sequence_length, DEFAULT_CONTEXT)
     if slots is None:
         slots = default_slots(net, context_length=context_length)
-    tiny_names = {"chatglm": "chatglm-6b", "chatglm2": "chatglm2-6b", "chatglm3": "chatglm3-6b", "glm4": "glm-4-9b-chat"}
-    name = f"{tiny_names[family]}-tiny-random" if tiny_random else str(model).rstrip("/").split("/")[-1]
     return Engine(tokenizer, net, slots=slots, max_queue=max_queue, name=name, random_weights=bool(tiny_random),
                   step_delay=step_delay, context_length=context_length)
+
+
+def start_per_call(model: str = "THUDM/chatglm-6b", *, gpu_call: GpuCall = no_host, device: str = "auto",
+                   dtype=None, tiny_random: Union[bool, str] = False, context_length: Optional[int] = None,
+                   max_gpu_s: int = 120, max_active: int = 8, step_delay: float = 0.0,
+                   **load_kwargs) -> PerCallBackend:
+    """Load the model into this process's memory (CPU: the GPU exists only inside calls) and
+    serve each answer as one `gpu_call` (per_call.py); `device` is where calls compute ("auto":
+    CUDA when the call has it). dtype defaults to bfloat16 (every GPU ZeroGPU lends computes in it)."""
+    tokenizer, net, name = load_for_serving(model, device="cpu", dtype=dtype or (None if tiny_random else "bfloat16"),
+                                            tiny_random=tiny_random, **load_kwargs)
+    return PerCallBackend(tokenizer, net, gpu_call=gpu_call, device=device, name=name,
+                          random_weights=bool(tiny_random), max_gpu_s=max_gpu_s, max_active=max_active,
+                          context_length=context_length or min(net.config.max_sequence_length, DEFAULT_CONTEXT),
+                          step_delay=step_delay)
 
 
 def default_slots(model, limit: int = 16, context_length: Optional[int] = None) -> int:
