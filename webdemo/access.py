@@ -75,7 +75,8 @@ SESSION_HASH = re.compile(r"[A-Za-z0-9_-]{1,64}")
 HEARTBEAT_PREFIX = "/gradio_api/heartbeat/"
 DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*+"?', re.DOTALL)  # possessive: linear even if unterminated
+# Unrolled loop (Python 3.10's re has no possessive *+): linear, even if the string is unterminated
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _DEPTH_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 

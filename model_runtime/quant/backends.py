@@ -9,8 +9,10 @@ Backends (`KERNELS`):
   cpu-fbgemm-dynamic  CPU, opt-in only (never chosen by "auto"): fbgemm int8 x int8, which also
                       quantizes the ACTIVATIONS on every call and so changes the model's numbers.
   cuda-torch          CUDA: torch's fused `_weight_int8pack_mm` (INT8) / `_weight_int4pack_mm`
-                      (INT4, bfloat16 on sm80+). NOT TESTED ON A GPU HERE: a self-check on small
-                      random shapes runs before first use and falls back to dequant on mismatch.
+                      (INT4, bfloat16 on sm80+).
+These private aten ops change between torch releases (requirements.txt allows 2.8-2.13): a kernel
+says why it cannot run (op missing, unknown layout), and each one also passes a self-check on small
+random shapes before first use; "auto" falls back to dequant with a logged reason otherwise.
 The CPU kernels switch to "dequantize the layer into a reused scratch buffer, then one bf16 GEMM"
 for inputs of more than `gemm_above` rows (prompt prefill), which is several times faster there.
 """
@@ -60,16 +62,14 @@ def choose_kernel(device: Union[str, torch.device], bits: int, dtype: torch.dtyp
 def _choose_kernel(device: torch.device, bits: int, dtype: torch.dtype, backend: str) -> type[LinearKernel]:
     """The backend for quantized Linear layers on this device, chosen once at load time.
 
-    backend "auto": the fused kernel for the device where it is available (and, on CUDA, passes
-    a self-check), else "dequant" with a logged reason. A named backend that cannot run here
+    backend "auto": the fused kernel for the device where it is available and passes its
+    self-check, else "dequant" with a logged reason. A named backend that cannot run here
     raises QuantizationError saying why and what to use instead."""
     if backend != "auto":
         if backend not in KERNELS:
             raise QuantizationError(f"unknown quantization backend {backend!r}: use 'auto' or one of "
                                     f"{', '.join(KERNELS)}")
-        reason = KERNELS[backend].unavailable(device, bits, dtype)
-        if reason is None and device.type == "cuda":
-            reason = _self_check(backend, str(device), bits, dtype)
+        reason = KERNELS[backend].unavailable(device, bits, dtype) or _self_check(backend, str(device), bits, dtype)
         if reason:
             raise QuantizationError(f"quantization backend {backend!r} {reason}; use backend='auto' (picks "
                                     "what runs here) or 'dequant' (runs everywhere)")
@@ -77,9 +77,7 @@ def _choose_kernel(device: torch.device, bits: int, dtype: torch.dtype, backend:
     for name in _AUTO.get(device.type, ()):
         if bits not in KERNELS[name].bit_widths:
             continue
-        reason = KERNELS[name].unavailable(device, bits, dtype)
-        if reason is None and device.type == "cuda":
-            reason = _self_check(name, str(device), bits, dtype)
+        reason = KERNELS[name].unavailable(device, bits, dtype) or _self_check(name, str(device), bits, dtype)
         if reason is None:
             return KERNELS[name]
         log.warning("INT%d on %s: %s %s; using dequantize-then-matmul instead", bits, device, name, reason)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .format import QUANTIZE_ROWS, pack_int4, unpack_int4
-from .kernel import DequantKernel, LinearKernel, scale_output, unit_scales_and_zeros
+from .kernel import DequantKernel, LinearKernel, aten_op_missing, scale_output, unit_scales_and_zeros
 from .memory import scratch_buffer
 
 
@@ -35,9 +35,7 @@ class CpuInt8PackKernel(LinearKernel):
     def unavailable(cls, device, bits, dtype):
         if bits != 8:
             return "is INT8 only"
-        if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-            return f"needs torch.ops.aten._weight_int8pack_mm (torch >= 2.4; this is {torch.__version__})"
-        return _cpu_bf16_only(device, dtype)
+        return _cpu_bf16_only(device, dtype) or aten_op_missing("_weight_int8pack_mm", "cpu")
 
     def __init__(self, weight, scale, bits):
         super().__init__(weight, scale, bits)
@@ -60,7 +58,7 @@ class CpuInt8PackKernel(LinearKernel):
 def int4pack_block_rows() -> Optional[int]:
     """Rows per block of torch's CPU int4 layout on this CPU (64 with AVX-512, 32 with AVX2), found
     by packing probes and comparing with the layout we can unpack; None if it is neither."""
-    if not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+    if aten_op_missing("_convert_weight_to_int4pack_for_cpu", "cpu"):
         return None
     generator = torch.Generator().manual_seed(0)
     probes = [torch.randint(0, 16, shape, dtype=torch.int32, generator=generator) for shape in ((128, 64), (64, 256))]
@@ -94,11 +92,10 @@ class CpuInt4PackKernel(LinearKernel):
     def unavailable(cls, device, bits, dtype):
         if bits != 4:
             return "is INT4 only"
-        if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-            return f"needs torch.ops.aten._weight_int4pack_mm_for_cpu (torch >= 2.5; this is {torch.__version__})"
-        if int4pack_block_rows() is None:
-            return "does not recognise torch's int4 weight layout on this CPU"
-        return _cpu_bf16_only(device, dtype)
+        reason = _cpu_bf16_only(device, dtype) or aten_op_missing("_weight_int4pack_mm_for_cpu", "cpu")
+        if reason is None and int4pack_block_rows() is None:
+            return f"does not recognise the int4 weight layout of torch {torch.__version__} on this CPU"
+        return reason
 
     @classmethod
     def prepare(cls, weight, scale, bits):

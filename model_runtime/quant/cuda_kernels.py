@@ -4,14 +4,15 @@ from __future__ import annotations
 import torch
 
 from .format import pack_int4
-from .kernel import DequantKernel, LinearKernel, scale_output, unit_scales_and_zeros
+from .kernel import DequantKernel, LinearKernel, aten_op_missing, scale_output, unit_scales_and_zeros
 
 
 class CudaTorchKernel(LinearKernel):
     """CUDA (UNTESTED ON A GPU HERE: this project's machines have none; `choose_kernel` runs a
     self-check against dequant first and falls back with a warning). INT8: torch's fused
-    `_weight_int8pack_mm`. INT4: torch's tinygemm `_weight_int4pack_mm` (bfloat16, sm80+), weights
-    converted once (nibble order is the published one; signed -> unsigned is XOR 0x88)."""
+    `_weight_int8pack_mm` (CUDA kernel from torch 2.9 on; torch 2.8 falls back to dequant). INT4:
+    torch's tinygemm `_weight_int4pack_mm` (bfloat16, sm80+), weights converted once (nibble order
+    is the published one; signed -> unsigned is XOR 0x88)."""
 
     name = "cuda-torch"
 
@@ -20,16 +21,13 @@ class CudaTorchKernel(LinearKernel):
         if device.type != "cuda":
             return "runs on CUDA only"
         if bits == 8:
-            if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-                return f"needs torch.ops.aten._weight_int8pack_mm (this is torch {torch.__version__})"
-            return None
+            return aten_op_missing("_weight_int8pack_mm", "cuda")  # torch 2.9+
         if dtype != torch.bfloat16:
             return "INT4 needs bfloat16 activations (torch's tinygemm kernel); load with dtype=bfloat16"
         if torch.cuda.get_device_capability(device) < (8, 0):
             return "INT4 needs an sm80+ GPU (torch's tinygemm kernel)"
-        if not hasattr(torch.ops.aten, "_weight_int4pack_mm"):
-            return f"needs torch.ops.aten._weight_int4pack_mm (this is torch {torch.__version__})"
-        return None
+        return (aten_op_missing("_convert_weight_to_int4pack", "cuda")
+                or aten_op_missing("_weight_int4pack_mm", "cuda"))
 
     @classmethod
     def prepare(cls, weight, scale, bits):

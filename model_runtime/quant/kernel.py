@@ -30,6 +30,17 @@ def scale_output(y: torch.Tensor, scale32: torch.Tensor, bias: Optional[torch.Te
     return torch.addcmul(bias.float(), y.float(), scale32).to(dtype)
 
 
+def aten_op_missing(op: str, device_type: str) -> Optional[str]:
+    """Why `torch.ops.aten.<op>` cannot run on this device type with this torch, None if it can.
+    These private ops come and go, and gain backends, between releases: `_weight_int8pack_mm`
+    has a CUDA kernel only from torch 2.9 on, for example."""
+    if not hasattr(torch.ops.aten, op):
+        return f"needs torch.ops.aten.{op}, which torch {torch.__version__} does not have"
+    if not torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"aten::{op}", device_type.upper()):
+        return f"needs torch.ops.aten.{op} on {device_type}, which torch {torch.__version__} does not have"
+    return None
+
+
 class LinearKernel:
     """One quantized Linear's matmul: y = x @ (q * scale)^T + bias.
 
