@@ -185,3 +185,27 @@ def test_request_timeout_reaches_the_page_and_the_api():
         assert response.status_code == 500 and "time limit of 1 s" in response.json()["error"]["message"]
     finally:
         server.stop()
+
+
+# Hugging Face's Spaces configuration reference (the README front matter), the keys this README uses.
+SPACE_KEYS = {"title", "emoji", "colorFrom", "colorTo", "sdk", "sdk_version", "python_version", "app_file",
+              "suggested_hardware", "startup_duration_timeout", "models", "preload_from_hub",
+              "short_description", "pinned", "license", "tags"}
+SPACE_COLORS = {"red", "yellow", "green", "blue", "indigo", "purple", "pink", "gray"}
+ZEROGPU_PYTHONS = {"3.10", "3.12"}
+
+
+def test_the_readme_front_matter_configures_a_zerogpu_space():
+    import yaml
+    from importlib.metadata import version
+
+    text = (ROOT / "README.md").read_text()
+    assert text.startswith("---\n")
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert set(front) <= SPACE_KEYS, set(front) - SPACE_KEYS
+    assert front["sdk"] == "gradio" and front["sdk_version"] == version("gradio")  # the version tested here
+    assert front["python_version"] in ZEROGPU_PYTHONS and front["suggested_hardware"].startswith("zero-")
+    assert (ROOT / front["app_file"]).is_file()
+    assert {front["colorFrom"], front["colorTo"]} <= SPACE_COLORS
+    assert len(front["short_description"]) <= 60
+    assert front["preload_from_hub"] == front["models"] == [app.DEFAULT_MODEL]
