@@ -79,10 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--pre-seq-len", type=positive_int, default=env("CHATGLM_PRE_SEQ_LEN"), metavar="N",
                        help="the prefix length of --ptuning-checkpoint (env CHATGLM_PRE_SEQ_LEN; default: read from "
                             "the checkpoint, which it must match)")
-    model.add_argument("--int8-lm-head", action="store_true", default=env_flag("CHATGLM_INT8_LM_HEAD"),
-                       help="with --quantize on CPU: compute the output layer from an int8 copy of the "
-                            "embeddings (about 25%% faster INT4 decode, +0.5 GB, logits within ~1%%) "
-                            "(env CHATGLM_INT8_LM_HEAD=1)")
+    model.add_argument("--lm-head", choices=("auto", "int8", "float"), default=env("CHATGLM_LM_HEAD", "auto"),
+                       help="the output layer's weights: auto is int8 whenever the blocks are quantized and a fused "
+                            "int8 kernel runs (CPU in bfloat16, CUDA): a decode step reads half the bytes there, "
+                            "logits within ~1%%; float keeps it exact (env CHATGLM_LM_HEAD; default %(default)s)")
     model.add_argument("--device", default=env("CHATGLM_DEVICE", "auto"),
                        help="auto, cuda, cpu or mps (env CHATGLM_DEVICE; default %(default)s: CUDA, then MPS, then CPU)")
     model.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=env("CHATGLM_DTYPE"),
@@ -178,6 +178,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"CHATGLM_QUANTIZE: expected 4 or 8, got {args.quantize!r}")
         if args.quantize not in (4, 8):
             parser.error(f"CHATGLM_QUANTIZE: expected 4 or 8, got {args.quantize!r}")
+    if args.lm_head not in ("auto", "int8", "float"):
+        parser.error(f"CHATGLM_LM_HEAD: expected auto, int8 or float, got {args.lm_head!r}")
     if args.tiny_random not in (None, *TINY_FAMILIES):
         parser.error(f"CHATGLM_TINY_RANDOM: expected 1 or one of {', '.join(TINY_FAMILIES)}, got {args.tiny_random!r}")
     if args.zerogpu == "on" and args.backend == "openai":
@@ -234,9 +236,8 @@ def load_backend(args: argparse.Namespace):
 
     options = dict(device=args.device, dtype=args.dtype, tiny_random=args.tiny_random or False,
                    step_delay=args.step_delay, context_length=args.context_length, adapter=args.adapter,
-                   ptuning_checkpoint=args.ptuning_checkpoint, pre_seq_len=args.pre_seq_len)
-    if args.quantize:
-        options.update(quantize=args.quantize, quantize_lm_head=args.int8_lm_head)
+                   ptuning_checkpoint=args.ptuning_checkpoint, pre_seq_len=args.pre_seq_len, lm_head=args.lm_head,
+                   quantize=args.quantize)
     try:
         if gpu_call is not None:
             return start_per_call(args.model, gpu_call=gpu_call, max_gpu_s=args.gpu_duration,

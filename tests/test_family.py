@@ -403,7 +403,7 @@ def test_on_the_fly_quantization(family_dirs, family_models, family, bits):
     _, model = load_model(family_dirs[family], device="cpu", dtype="bfloat16", quantize=bits)
     assert model.config.quantization_bit == bits
     from model_runtime.quant.convert import quantized_linears
-    assert len(quantized_linears(model)) == 4 * model.config.num_layers
+    assert len(quantized_linears(model)) == 4 * model.config.num_layers + 1  # the blocks', and the INT8 output layer
     prompt = chat_format_for(tokenizer).encode(tokenizer, "你好", [])
     answer = generate(model, [prompt], GREEDY, vocab_size=tokenizer.vocab_size)[0]
     assert len(answer) > 0 and max(answer) < tokenizer.vocab_size

@@ -14,10 +14,10 @@ from model_runtime.models.config import CheckpointError
 from model_runtime.models.glm6b import GLMConfig
 from model_runtime.models.kv_cache import attention_mask
 from model_runtime.quant.backends import KERNELS, choose_kernel
-from model_runtime.quant.convert import quantize_lm_head, quantized_linears, resolve_quantization
+from model_runtime.quant.convert import quantized_linears, resolve_quantization
 from model_runtime.quant.format import (QuantizationError, check_bits, dequantize, pack_int4, quantize_weight,
                                         reference_linear, unpack_int4)
-from model_runtime.quant.linear import QuantizedLinear, QuantizedOutputLayer
+from model_runtime.quant.linear import QuantizedLinear
 from model_runtime.quant.saving import save_quantized
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def test_quantized_tiny_model_stays_close_to_the_float_model(tiny_checkpoint, fl
     x = torch.randn(8, 256, generator=torch.Generator().manual_seed(0))
     errors = {}
     for bits, layer_bound in ((8, 0.01), (4, 0.15)):
-        _, model = load_model(tiny_checkpoint, device="cpu", dtype=dtype, quantize=bits)
+        _, model = load_model(tiny_checkpoint, device="cpu", dtype=dtype, quantize=bits, lm_head="float")
         # Each quantized layer: the per-row rounding error alone (about 0.6% for INT8, 10% for INT4).
         for name, module in quantized_linears(model).items():
             linear = float_layers[name]
@@ -215,40 +215,8 @@ def test_quantized_tiny_model_stays_close_to_the_float_model(tiny_checkpoint, fl
     assert errors[8] < errors[4] / 4
 
 
-def test_int8_output_layer_agrees_with_the_float_lm_head():
-    # ChatGLM-6B's embedding scale (std 1/sqrt(hidden)) and hidden states of unit scale; 1..20 rows
-    # (decode batches: the fused kernel at every size).
-    generator = torch.Generator().manual_seed(0)
-    embedding = torch.nn.Embedding(1024, 512, dtype=torch.bfloat16)
-    with torch.no_grad():
-        embedding.weight.copy_(torch.randn(1024, 512, generator=generator) / 512 ** 0.5)
-    head = QuantizedOutputLayer(embedding)
-    assert head.kernel.name == "cpu-int8pack" and head.state_dict() == {}
-    for rows in (1, 20):
-        hidden = torch.randn(rows, 512, generator=generator).to(torch.bfloat16)
-        plain = F.linear(hidden.double(), embedding.weight.double())
-        exact = reference_linear(hidden.double(), *quantize_weight(embedding.weight, 8), 8)
-        assert relative_error(head(hidden), exact) < TOLERANCE[torch.bfloat16]  # the kernel itself
-        assert relative_error(head(hidden), plain) < 0.012  # measured about 0.009: the INT8 weight error
-
-
-def test_quantize_lm_head_changes_only_the_logits_and_is_never_saved(tiny_checkpoint, tmp_path):
-    tokenizer, plain = load_model(tiny_checkpoint, device="cpu", dtype="bfloat16", quantize=4)
-    _, model = load_model(tiny_checkpoint, device="cpu", dtype="bfloat16", quantize=4, quantize_lm_head=True)
-    assert isinstance(model.lm_head, QuantizedOutputLayer) and quantize_lm_head(model) is model
-    assert torch.equal(model.transformer.word_embeddings.weight, plain.transformer.word_embeddings.weight)
-    assert relative_error(logits_of(model, tokenizer), logits_of(plain, tokenizer).double()) < 0.02
-    assert set(model.state_dict()) == set(plain.state_dict()) - {"lm_head.weight"}
-    save_quantized(model, tokenizer, tmp_path / "saved", float_dtype=torch.bfloat16)
-    _, reloaded = load_model(tmp_path / "saved", device="cpu")
-    assert isinstance(reloaded.lm_head, torch.nn.Linear)
-    assert torch.equal(logits_of(reloaded, tokenizer), logits_of(plain, tokenizer))
-    with pytest.raises(QuantizationError, match="fused int8 kernel"):
-        load_model(tiny_checkpoint, device="cpu", dtype="float32", quantize_lm_head=True)
-
-
 def test_quantized_loading_never_allocates_float_block_weights(tiny_checkpoint):
-    _, model = load_model(tiny_checkpoint, device="cpu", dtype="bfloat16", quantize=4)
+    _, model = load_model(tiny_checkpoint, device="cpu", dtype="bfloat16", quantize=4, lm_head="float")
     config = model.config
     assert config.quantization_bit == 4
     float_matrices = [name for name, p in model.named_parameters() if p.dim() == 2]

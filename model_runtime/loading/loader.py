@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 import torch
 
 from ..models.base import GLMModel
-from ..quant.convert import quantize_lm_head as quantize_lm_head_of  # the name load_model's flag would shadow
-from ..quant.convert import resolve_quantization
+from ..quant.convert import output_layer_in_int8, quantize_lm_head, resolve_quantization
 from .checkpoint import resolve_checkpoint, weight_files
 from .device import check_fits, pick_device, pick_dtype
 from .family import AnyTokenizer, load_tokenizer, model_class, read_config
@@ -23,7 +22,7 @@ log = logging.getLogger(__name__)
 def load_model(name_or_path: Union[str, Path], device: Union[str, torch.device] = "auto",
                dtype: Union[None, str, torch.dtype] = None, weight_format: Optional[str] = None,
                revision: Optional[str] = None, quantize: Optional[int] = None,
-               quant_backend: str = "auto", quantize_lm_head: bool = False,
+               quant_backend: str = "auto", lm_head: Literal["auto", "int8", "float"] = "auto",
                ptuning_checkpoint: Union[None, str, Path] = None, pre_seq_len: Optional[int] = None,
                adapter: Union[None, str, Path] = None) -> tuple[AnyTokenizer, GLMModel]:
     """Load a GLM checkpoint (local directory or Hugging Face id) for inference: ChatGLM-6B,
@@ -34,8 +33,11 @@ def load_model(name_or_path: Union[str, Path], device: Union[str, torch.device] 
     quantize: 4 or 8 quantizes the blocks' Linear layers while loading, shard by shard (the float
     model never sits in memory whole); checkpoints with config quantization_bit load as stored.
     quant_backend: "auto" or a name from quant.backends.KERNELS (the matmul kernel of quantized layers).
-    quantize_lm_head: opt-in, ChatGLM-6B only: compute the logits from an INT8 copy of the tied
-    embedding (quant.linear.QuantizedOutputLayer): faster decode, +0.5 GiB, logits off by the INT8 error.
+    lm_head: the output layer's weights. "auto": INT8 when the blocks are quantized and a fused int8
+    kernel runs here (CPU in bfloat16, CUDA), else float; "int8" / "float" force it. INT8 halves
+    what a decode step reads there; the logits move by ~0.9% (quant.linear.QuantizedOutputLayer).
+    ChatGLM-6B keeps its float embedding beside the INT8 copy (+0.5 GiB); the later models'
+    untied output layer is quantized while it loads (less memory).
     ptuning_checkpoint: a P-tuning v2 checkpoint folder (transformer.prefix_encoder.* only) to put in
     front of every attention call (ptuning.py); pre_seq_len, if given, must match its prefix length.
     adapter: a PEFT LoRA adapter (folder or Hugging Face id) merged into the float weights while
@@ -59,15 +61,17 @@ def load_model(name_or_path: Union[str, Path], device: Union[str, torch.device] 
     files = weight_files(folder, weight_format)
     bits = resolve_quantization(config, quantize)
     check_fits(config, device, dtype, bits)
-    model = model_class(config).empty(config, device, dtype, quantize=bits, quant_backend=quant_backend)
+    int8_head = output_layer_in_int8(lm_head, config, bits, device, dtype)
+    model = model_class(config).empty(config, device, dtype, quantize=bits, quant_backend=quant_backend,
+                                      int8_output_layer=int8_head)
     load_weights(model, files, adapter=lora, provided_elsewhere=(PREFIX,) if prefix is not None else ())
     if prefix is not None:
         load_prefix(model, prefix)
     elif config.pre_seq_len:
         model.refresh_prefix()  # P-tuning v2: prefix keys and values from the loaded prefix encoder
     model.fine_tunes = tuple(part.description for part in (lora, prefix) if part is not None)
-    if quantize_lm_head:
-        quantize_lm_head_of(model)
-    log.info("loaded %s on %s in %s%s%s", folder, device, dtype, f", INT{bits}" if bits else "",
-             "".join(f", {part}" for part in model.fine_tunes))
+    if int8_head and model.tied_lm_head:
+        quantize_lm_head(model)
+    log.info("loaded %s on %s in %s%s%s%s", folder, device, dtype, f", INT{bits}" if bits else "",
+             ", INT8 output layer" if int8_head else "", "".join(f", {part}" for part in model.fine_tunes))
     return tokenizer, model

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..chat import stream
-from ..quant.convert import quantize_model, replace_linears
+from ..quant.convert import quantize_model, replace_linears, replace_output_layer
 from .kv_cache import KVCache
 from .prefix import prefix_layers
 
@@ -29,6 +29,7 @@ class GLMModel(nn.Module):
     from before are then stale."""
 
     causal = False
+    tied_lm_head = False  # True: lm_head shares the word embeddings' matrix (ChatGLM-6B)
     fine_tunes: tuple[str, ...] = ()  # what the loader put on top of the base weights (adapter, prefix)
 
     def __init__(self, config):
@@ -38,14 +39,18 @@ class GLMModel(nn.Module):
 
     @classmethod
     def empty(cls, config, device: torch.device, dtype: torch.dtype, quantize: Optional[int] = None,
-              quant_backend: str = "auto") -> "GLMModel":
+              quant_backend: str = "auto", int8_output_layer: bool = False) -> "GLMModel":
         """An uninitialised model allocated straight in dtype on device (no float32 detour), for
         the loader to fill tensor by tensor. With quantize=4|8 the blocks' Linear layers are empty
-        QuantizedLinear modules (see quant/) that quantize float weights as they arrive."""
+        QuantizedLinear modules (see quant/) that quantize float weights as they arrive; with
+        int8_output_layer an untied output layer is an INT8 `QuantizedOutputLayer` filled the same
+        way (a tied one is derived from the loaded embedding: `quant.convert.quantize_lm_head`)."""
         with torch.device("meta"):
             model = cls(config).to(dtype)
         if quantize:
             replace_linears(model, quantize, device, quant_backend)
+        if int8_output_layer and not cls.tied_lm_head:
+            replace_output_layer(model)
         model.to_empty(device=device)
         model._after_to_empty(device)
         return model.eval()
@@ -90,7 +95,8 @@ class GLMModel(nn.Module):
         maximum sequence length; only the key/value heads are stored), for the caller to pass to
         `forward`."""
         return KVCache(self.config.num_layers, slots, self.config.kv_heads,
-                       min(max_len, self.config.max_sequence_length), self.config.head_dim, self.dtype, self.device)
+                       min(max_len, self.config.max_sequence_length), self.config.head_dim, self.dtype, self.device,
+                       query_heads=self.config.num_attention_heads)
 
     def kv_cache_bytes_per_token(self) -> int:
         element = torch.empty((), dtype=self.dtype).element_size()

@@ -69,6 +69,7 @@ class GLM2Config(ModelConfig):
     torch_dtype: str = "float16"
     quantization_bit: int = 0
     quantization_embeddings: bool = False  # a ChatGLM-6B variant; never set by these checkpoints
+    output_layer_bit: int = 0  # 8: output_layer stored INT8 (this runtime's save_quantized; quant.convert)
     pre_seq_len: Optional[int] = None
     prefix_projection: bool = False
     family: str = field(default="chatglm3", compare=True)
@@ -155,6 +156,8 @@ class GLM2Config(ModelConfig):
             if getattr(self, name) != wanted:
                 raise CheckpointError(f"{source}: {name}={getattr(self, name)!r} is not supported "
                                       f"(the published ChatGLM2/3 and GLM-4 checkpoints have {wanted})")
+        if self.output_layer_bit not in (0, 8):
+            raise CheckpointError(f"{source}: output_layer_bit must be 0 or 8, got {self.output_layer_bit!r}")
         if self.rope_ratio <= 0:
             raise CheckpointError(f"{source}: rope_ratio must be positive, got {self.rope_ratio!r}")
 
@@ -324,6 +327,7 @@ class ChatGLM2Model(GLMModel):
     batches reuse a conversation's keys and values for the next turn."""
 
     causal = True
+    tied_lm_head = False
 
     def __init__(self, config: GLM2Config):
         super().__init__(config)

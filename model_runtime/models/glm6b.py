@@ -204,6 +204,7 @@ class ChatGLMModel(GLMModel):
     """ChatGLM-6B. Parameter names match the official checkpoint (`transformer.*`, `lm_head`)."""
 
     causal = False  # the prompt is a bidirectional prefix: no KV reuse across turns
+    tied_lm_head = True
 
     def __init__(self, config: GLMConfig):
         super().__init__(config)

@@ -1,8 +1,8 @@
 """Quantizing whole models: in place after loading, or empty ones the loader fills.
 
-Only the four Linear layers of every block are quantized (`QUANTIZED_LAYERS`); embeddings, lm_head
-and LayerNorms stay in floating point. Opt-in, `quantize_lm_head` computes ChatGLM-6B's logits from
-an INT8 copy of the tied embedding (`QuantizedOutputLayer`; the embedding itself stays float).
+The four Linear layers of every block are quantized to the requested width (`QUANTIZED_LAYERS`);
+embeddings and norms stay in floating point. The output layer (logits) goes INT8 by default with
+quantized blocks where a fused int8 kernel runs (`output_layer_in_int8`, `QuantizedOutputLayer`).
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from torch import nn
 
 from ..models.config import CheckpointError
 from .backends import choose_kernel
+from .cpu_kernels import CpuInt8PackKernel
+from .cuda_kernels import CudaTorchKernel
 from .format import QuantizationError, check_bits
 from .linear import QuantizedLinear, QuantizedOutputLayer
 from .memory import trim_heap
@@ -21,18 +23,55 @@ from .memory import trim_heap
 QUANTIZED_LAYERS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
 
+LM_HEADS = ("auto", "int8", "float")
+FUSED_INT8 = (CpuInt8PackKernel, CudaTorchKernel)  # where an INT8 output layer is faster than a float one
+
+
+def output_layer_in_int8(lm_head: str, config, bits: Optional[int], device: Union[str, torch.device],
+                         dtype: torch.dtype) -> bool:
+    """Whether the output layer computes the logits in INT8 (`QuantizedOutputLayer`).
+
+    lm_head "auto": when the blocks are quantized (bits) and a fused int8 kernel runs on this
+    device and dtype (CPU in bfloat16, CUDA); "int8": always (raises where no fused kernel runs);
+    "float": never. A checkpoint whose output layer is stored in INT8 (config.json
+    `output_layer_bit: 8`, saved by `save_quantized`) is INT8 whatever the kernel."""
+    if lm_head not in LM_HEADS:
+        raise ValueError(f"lm_head must be one of {', '.join(LM_HEADS)}, got {lm_head!r}")
+    stored = getattr(config, "output_layer_bit", 0) == 8
+    if stored and lm_head == "float":
+        raise QuantizationError("this checkpoint stores its output layer in INT8 (config.json output_layer_bit 8): "
+                                "load it with lm_head='auto' or 'int8', or load the float checkpoint")
+    fused = choose_kernel(device, 8, dtype) in FUSED_INT8
+    if lm_head == "int8" and not fused and not stored:
+        raise QuantizationError(
+            f"an INT8 output layer needs a fused int8 kernel (CPU with bfloat16, or CUDA); on {torch.device(device)} "
+            f"in {str(dtype).removeprefix('torch.')} it would be slower than the float one: use lm_head='float'")
+    return stored or lm_head == "int8" or (lm_head == "auto" and bool(bits) and fused)
+
+
 def quantize_lm_head(model: nn.Module) -> nn.Module:
-    """Make a loaded ChatGLM-6B compute its logits with `QuantizedOutputLayer` (opt-in: the logits
-    change by the INT8 weight error; the embedding lookup stays exact). Returns the model."""
+    """Make a loaded ChatGLM-6B compute its logits with an INT8 copy of the tied embedding
+    (`QuantizedOutputLayer.tied_to`; the embedding lookup stays exact). Returns the model."""
     lm_head = getattr(model, "lm_head", None)
     embedding = model.transformer.word_embeddings
     if isinstance(lm_head, QuantizedOutputLayer):
         return model
     if not isinstance(lm_head, nn.Linear) or lm_head.weight is not embedding.weight:
         raise QuantizationError("quantize_lm_head is for ChatGLM-6B, whose lm_head is tied to the word "
-                                "embeddings; this model's output layer is not")
-    model.lm_head = QuantizedOutputLayer(embedding)
+                                "embeddings; give an untied output layer to replace_output_layer")
+    model.lm_head = QuantizedOutputLayer.tied_to(embedding)
     return model
+
+
+def replace_output_layer(model: nn.Module) -> None:
+    """Put an empty `QuantizedOutputLayer` in place of the untied output layer of a model built
+    on the meta device (ChatGLM2/3, GLM-4), for the loader to fill: a float weight is quantized
+    as it arrives, a stored INT8 one taken as is."""
+    transformer = model.transformer
+    linear = transformer.output_layer
+    transformer.output_layer = QuantizedOutputLayer(linear.in_features, linear.out_features, device="meta",
+                                                    dtype=linear.weight.dtype)
+    model.config = replace(model.config, output_layer_bit=8)
 
 
 def quantized_linears(model: nn.Module) -> dict[str, QuantizedLinear]:
