@@ -1,13 +1,11 @@
 """INT8 / INT4 ChatGLM-6B at full size with random weights, on CPU: the matmul kernels, then memory
-while loading and generating, and prefill / decode speed against the memory-read ceiling
-measured in the same run.
+while loading and serving, and decode speed after a short and a long prompt against the
+memory-read ceiling measured in the same run.
 
-    python -m benchmarks.quant                    # everything: about 10-15 minutes on 2 cores
-    python -m benchmarks.quant --bits 4           # one width
-    python -m benchmarks.quant --layers 4         # a quick look with fewer layers
+    python -m benchmarks.quant                    # everything: about 15 minutes on 2 cores
+    python -m benchmarks.quant --bits 8 --layers 4 --skip-kernels   # a quick look
     python -m benchmarks.quant --kernels-only     # the kernel table alone (about 2 minutes)
-    python -m benchmarks.quant --skip-kernels     # only loading and serving
-    python -m benchmarks.quant --lm-head both     # serving with the float and the opt-in INT8 lm_head
+    python -m benchmarks.quant --lm-head both     # serving with the INT8 and the float output layer
 
 1. Kernels: every CPU backend of model_runtime/quant/ on the four Linear shapes of one block
    (12288x4096, 4096x4096, 16384x4096, 4096x16384), 1 row (a decode step) and 512 rows (a
@@ -19,16 +17,16 @@ measured in the same run.
    decode.py, cached in benchmarks/.cache; about 12 GB for 28 layers).
 3. Per width, each step in a fresh process so that peaks do not mix:
    a. on the fly: load_model(fp16 checkpoint, quantize=N) -> peak RSS and time; save_quantized;
-   b. serving: load_model(saved checkpoint) -> peak RSS; prefill a 32-token prompt and decode 16
-      tokens (after one warm-up step) -> peak RSS and tok/s; then a 512-token prefill -> tok/s.
-Peak RSS is the kernel's high-water mark (VmHWM, reset per phase) where Linux allows it. The
-KV cache is sized for each run's context (bfloat16: 0.44 GiB more per 1024 tokens at full size).
-   With --lm-head int8 (or both), serving also runs with load_model(..., quantize_lm_head=True):
-   the opt-in INT8 output layer (model_runtime/quant/linear.py QuantizedOutputLayer).
-Ceiling: every decode step reads the quantized block weights, the lm_head (tied embedding, or its
-INT8 copy), norms and biases, and the KV cache once; tok/s cannot exceed bandwidth / those bytes.
-The chatglm.cpp / original-implementation figures of issue 8 (same model, their machine) are
-printed beside ours for reference.
+   b. serving: load_model(saved checkpoint) (its default lm_head: INT8 with quantized blocks) ->
+      peak RSS; then per context (--prompt 16 and --long-prompt 512 tokens), --repeats 5 times:
+      prefill, one warm-up step, decode --tokens 16 -> tok/s; median, min and min/median.
+Peak RSS is the kernel's high-water mark (VmHWM, reset per phase) where Linux allows it.
+Ceiling: every decode step reads the quantized block weights, the output layer (its INT8 copy,
+or the float tied embedding), norms and biases, and the context's KV cache once; tok/s cannot
+exceed bandwidth / those bytes ("vs ceiling"). "@512 / @16" is decode speed after the long
+prompt over decode speed after the short one. On a shared machine the figures are noisy: the
+load average is printed beside each phase. The chatglm.cpp / original-implementation figures of
+issue 8 (same model, their machine) are printed beside ours for reference.
 """
 from __future__ import annotations
 
@@ -180,66 +178,85 @@ def onthefly_worker(args) -> dict:
 
 
 def serve_worker(args) -> dict:
+    import statistics
+
     import torch
 
     from model_runtime.loading.loader import load_model
     from model_runtime.protocol import SamplingParams
     from model_runtime.quant.convert import quantized_linears
+    from model_runtime.quant.linear import QuantizedOutputLayer
     from model_runtime.serving.decode_batch import DecodeBatch, new_sequence
 
     peak = PhasePeak()
-    int8_head = args.lm_head == "int8"
-    row = {"mode": f"int{args.bits[0]} pre-quantized" + (", int8 lm_head" if int8_head else ""),
-           "rss_before_gib": peak.current_gib()}
+    row = {"mode": f"int{args.bits[0]}", "rss_before_gib": peak.current_gib()}
     with peak.phase(row, "load_peak_rss_gib"):
         start = time.perf_counter()
-        tokenizer, model = load_model(args.checkpoint, device="cpu", quantize_lm_head=int8_head)
+        tokenizer, model = load_model(args.checkpoint, device="cpu", lm_head=args.lm_head)
         row["load_s"] = round(time.perf_counter() - start, 1)
+    row["lm_head"] = "int8" if isinstance(model.lm_head, QuantizedOutputLayer) else "float"
     row["kernel"] = quantized_linears(model)["transformer.layers.0.mlp.dense_h_to_4h"].kernel.name
     row["rss_loaded_gib"] = peak.current_gib()
     generator = torch.Generator().manual_seed(0)
+    contexts = (args.prompt, args.long_prompt) if args.long_prompt else (args.prompt,)
+    batch = DecodeBatch(model, slots=1, max_len=max(contexts) + args.tokens + 2, vocab_size=tokenizer.vocab_size)
 
-    def sequence(length, new_tokens):
+    def prefilled(length):
         ids = torch.randint(5, tokenizer.mask_token_id, (length - 2,), generator=generator).tolist()
         prompt = ids + [tokenizer.gmask_token_id, tokenizer.bos_token_id]
-        seq = new_sequence(model, prompt, SamplingParams(max_length=length + new_tokens + 1, temperature=0))
+        seq = new_sequence(model, prompt, SamplingParams(max_length=length + args.tokens + 2, temperature=0))
         seq.stop_ids = frozenset()  # random weights: always decode the full count
-        batch = DecodeBatch(model, slots=1, max_len=length + new_tokens + 1, vocab_size=tokenizer.vocab_size)
         batch.admit(seq)
-        return seq, batch
-
-    with peak.phase(row, "generate_peak_rss_gib"):
-        seq, batch = sequence(args.prompt, args.tokens + 1)
         start = time.perf_counter()
         batch.prefill([seq])
-        row[f"prefill{args.prompt}_tok_s"] = round(args.prompt / (time.perf_counter() - start), 2)
-        batch.step([seq])  # warm-up step
-        steps = []
-        for _ in range(args.tokens):
-            start = time.perf_counter()
-            batch.step([seq])
-            steps.append(time.perf_counter() - start)
-        row["decode_tok_s"] = round(args.tokens / sum(steps), 2)
-        # The median step is less sensitive to other processes on a shared machine.
-        row["decode_tok_s_median_step"] = round(1 / sorted(steps)[len(steps) // 2], 2)
-        row["load_average"] = round(os.getloadavg()[0], 1)
-    row["gb_read_per_token"] = round(bytes_read_per_token(model, len(seq.tokens)) / 1e9, 2)
-    if args.long_prompt:
-        with peak.phase(row, f"prefill{args.long_prompt}_peak_rss_gib"):
-            seq, batch = sequence(args.long_prompt, 1)
-            start = time.perf_counter()
-            batch.prefill([seq])
-            row[f"prefill{args.long_prompt}_tok_s"] = round(args.long_prompt / (time.perf_counter() - start), 2)
+        return seq, time.perf_counter() - start
+
+    with peak.phase(row, "serve_peak_rss_gib"):
+        for context in contexts:
+            rates, prefill_s = [], []
+            for _ in range(args.repeats):
+                seq, seconds = prefilled(context)
+                prefill_s.append(seconds)
+                batch.step([seq])  # warm-up step
+                start = time.perf_counter()
+                for _ in range(args.tokens):
+                    batch.step([seq])
+                rates.append(args.tokens / (time.perf_counter() - start))
+                batch.release(seq)
+            median = statistics.median(rates)
+            row[f"decode{context}_tok_s"] = round(median, 2)
+            row[f"decode{context}_min"] = round(min(rates), 2)
+            row[f"decode{context}_min/median"] = round(min(rates) / median, 2)
+            # Bytes of one step at the middle of the decoded stretch (weights, output layer, KV).
+            row[f"gb_read{context}"] = round(bytes_read_per_token(model, context + 1 + args.tokens // 2) / 1e9, 3)
+            row[f"prefill{context}_tok_s"] = round(context / statistics.median(prefill_s), 1)
+    row["load_average"] = round(os.getloadavg()[0], 1)
     return row
 
 
 # ---------------------------------------------------------------------------------------------
 
 
+def summary(row: dict, args) -> dict:
+    """The issue's "what must show" view of one serving row."""
+    out = {"mode": f"{row['mode']}, {row['lm_head']} lm_head", "load/serve peak RSS GiB":
+           f"{row['load_peak_rss_gib']} / {row['serve_peak_rss_gib']}"}
+    for context in (args.prompt, args.long_prompt) if args.long_prompt else (args.prompt,):
+        out[f"decode@{context} tok/s"] = (f"{row[f'decode{context}_tok_s']} [{row[f'decode{context}_min']}] "
+                                          f"{row[f'decode{context}_min/median']}")
+        out[f"vs ceiling@{context}"] = row[f"decode{context}_vs_ceiling"]
+    if args.long_prompt:
+        key = f"decode{args.long_prompt}/decode{args.prompt}"
+        out[f"@{args.long_prompt} / @{args.prompt}"] = row[key]
+        out[f"prefill@{args.long_prompt} tok/s"] = row[f"prefill{args.long_prompt}_tok_s"]
+    return out
+
+
 def measure(kind: str, args, **extra) -> dict:
     """One of this benchmark's workers (kernels, onthefly, serve), timed; exits if it fails."""
     command = [sys.executable, "-m", __spec__.name, "--worker", kind, "--bits", *map(str, args.bits), "--prompt",
-               str(args.prompt), "--tokens", str(args.tokens), "--long-prompt", str(args.long_prompt)]
+               str(args.prompt), "--tokens", str(args.tokens), "--long-prompt", str(args.long_prompt),
+               "--repeats", str(args.repeats)]
     for key, value in extra.items():
         command += [f"--{key}", str(value)]
     start = time.perf_counter()
@@ -256,13 +273,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4])
     parser.add_argument("--layers", type=int, default=CHATGLM_6B["num_layers"], help="fewer for a quick look")
-    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens before decoding")
-    parser.add_argument("--tokens", type=int, default=16, help="tokens to decode (after one warm-up step)")
-    parser.add_argument("--long-prompt", type=int, default=512, help="a separate long prefill (0: skip)")
+    parser.add_argument("--prompt", type=int, default=16, help="short context: prompt tokens before decoding")
+    parser.add_argument("--long-prompt", type=int, default=512, help="long context: prompt tokens (0: skip)")
+    parser.add_argument("--tokens", type=int, default=16, help="tokens decoded per repeat (after one warm-up step)")
+    parser.add_argument("--repeats", type=int, default=5, help="prefill + decode repeats per context")
     parser.add_argument("--kernels-only", action="store_true")
     parser.add_argument("--skip-kernels", action="store_true", help="only the loading/serving runs")
-    parser.add_argument("--lm-head", choices=("float", "int8", "both"), default="float",
-                        help="serve with the float lm_head, the opt-in INT8 one, or each in turn")
+    parser.add_argument("--lm-head", choices=("auto", "float", "int8", "both"), default="auto",
+                        help="load_model's lm_head (auto: INT8 with quantized blocks), or float and int8 in turn")
     parser.add_argument("--skip-onthefly", action="store_true", help="reuse the saved quantized checkpoints")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
@@ -293,11 +311,16 @@ def main() -> None:
             saved = CACHE / f"chatglm-6b-random-{args.layers}l-int{bits}"
             if not (args.skip_onthefly and (saved / "config.json").exists()):
                 rows.append(measure("onthefly", one, checkpoint=checkpoint, out=saved))
-            for lm_head in (("float", "int8") if args.lm_head == "both" else (args.lm_head,)):
+            for lm_head in (("int8", "float") if args.lm_head == "both" else (args.lm_head,)):
                 row = measure("serve", one, checkpoint=saved, **{"lm-head": lm_head})
-                ceiling = bandwidth / row["gb_read_per_token"]
-                row["ceiling_tok_s"] = round(ceiling, 2)
-                row["decode_vs_ceiling"] = round(row["decode_tok_s"] / ceiling, 2)
+                contexts = (args.prompt, args.long_prompt) if args.long_prompt else (args.prompt,)
+                for context in contexts:
+                    ceiling = bandwidth / row[f"gb_read{context}"]
+                    row[f"ceiling{context}_tok_s"] = round(ceiling, 2)
+                    row[f"decode{context}_vs_ceiling"] = round(row[f"decode{context}_tok_s"] / ceiling, 2)
+                if args.long_prompt:
+                    row[f"decode{args.long_prompt}/decode{args.prompt}"] = round(
+                        row[f"decode{args.long_prompt}_tok_s"] / row[f"decode{args.prompt}_tok_s"], 2)
                 rows.append(row)
         extra["bandwidth_gbs_end"] = round(memory_bandwidth_gbs(), 1)
     extra["load_average_end"] = round(os.getloadavg()[0], 1)
@@ -305,6 +328,11 @@ def main() -> None:
     print(f"\nChatGLM-6B shapes, {args.layers} layers, random weights, CPU bfloat16 activations. Same-run "
           f"memory read ceiling {bandwidth:.1f} GB/s (end of run: {extra.get('bandwidth_gbs_end', '-')}).\n")
     report("quant", rows or [{"note": "kernels only"}], extra)
+    serve_rows = [summary(row, args) for row in rows if "lm_head" in row]
+    if serve_rows:
+        print(f"\nDecode over {args.repeats} repeats of {args.tokens} tokens (median tok/s [min], min/median), "
+              "and its ratio to the memory-read ceiling (block weights + output layer + KV read per step):")
+        print_table(serve_rows)
     print("\nFor reference, issue 8's table (their machine, not measured here):")
     print_table(REFERENCE)
 

@@ -2,14 +2,18 @@
 caches under the visibility mask, for rows of different lengths beside slots full of other data."""
 import pytest
 import torch
+import torch.nn.functional as F
 
+from model_runtime.models import kv_cache
 from model_runtime.models.kv_cache import KVCache, attention_mask
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 2)])  # ChatGLM-6B; grouped heads (ChatGLM2/3, GLM-4)
 def test_in_place_decode_equals_the_masked_gather(heads, kv_heads):
     generator = torch.Generator().manual_seed(0)
-    cache = KVCache(layers=1, slots=4, heads=kv_heads, max_len=32, head_dim=16, dtype=torch.float32, device="cpu")
+    cache = KVCache(layers=1, slots=4, heads=kv_heads, max_len=32, head_dim=16, dtype=torch.float32, device="cpu",
+                    query_heads=heads)
+    assert (cache.layers[0].scratch is not None) == (kv_heads < heads and not kv_cache.amx_attention())
     layer = cache.layers[0]
     layer.k.normal_(generator=generator)  # every slot full of other data beyond each row's length
     layer.v.normal_(generator=generator)
@@ -27,3 +31,25 @@ def test_in_place_decode_equals_the_masked_gather(heads, kv_heads):
     torch.testing.assert_close(in_place, gathered, rtol=1e-5, atol=1e-6)
     for row, (slot, length) in enumerate(rows):  # and the new keys landed where they belong
         assert torch.equal(layer.k[slot, :, length - 1], k[row, 0])
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 2)])
+def test_single_query_attention_in_chunks_is_as_accurate_as_sdpa(monkeypatch, heads, kv_heads):
+    """bfloat16 cache, peaky scores: float32 scores in chunks of 16 keys (7 chunks, the last one
+    partial) against float64, no worse than SDPA's flash kernel (bfloat16 scores would be ~5x)."""
+    monkeypatch.setattr(kv_cache, "SCORE_CHUNK_ELEMENTS", 16 * kv_heads * 32)
+    assert kv_cache.score_chunk(kv_heads, 32, 100) == 16
+    generator = torch.Generator().manual_seed(0)
+    k = torch.randn(1, kv_heads, 128, 32, generator=generator).to(torch.bfloat16)[:, :, :100]  # a slot's view
+    v = torch.randn(1, kv_heads, 128, 32, generator=generator).to(torch.bfloat16)[:, :, :100]
+    q = (3 * torch.randn(1, 1, heads, 32, generator=generator)).to(torch.bfloat16)
+    group = heads // kv_heads
+    expected = F.scaled_dot_product_attention(q.double().transpose(1, 2), k.double().repeat_interleave(group, 1),
+                                              v.double().repeat_interleave(group, 1)).transpose(1, 2)
+    sdpa = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, enable_gqa=group > 1).transpose(1, 2)
+    ours = kv_cache.single_query_attention(q, k, v, torch.empty(16 * kv_heads * 32))
+
+    def error(got):
+        return ((got.double() - expected).norm() / expected.norm()).item()
+
+    assert ours.dtype == torch.bfloat16 and error(ours) <= 1.1 * error(sdpa) and error(ours) < 4e-3
