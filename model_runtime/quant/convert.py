@@ -41,12 +41,14 @@ def output_layer_in_int8(lm_head: str, config, bits: Optional[int], device: Unio
     if stored and lm_head == "float":
         raise QuantizationError("this checkpoint stores its output layer in INT8 (config.json output_layer_bit 8): "
                                 "load it with lm_head='auto' or 'int8', or load the float checkpoint")
+    if stored or lm_head == "float" or (lm_head == "auto" and not bits):
+        return stored  # no kernel to ask about (asking logs why a fused one cannot run)
     fused = choose_kernel(device, 8, dtype) in FUSED_INT8
-    if lm_head == "int8" and not fused and not stored:
+    if lm_head == "int8" and not fused:
         raise QuantizationError(
             f"an INT8 output layer needs a fused int8 kernel (CPU with bfloat16, or CUDA); on {torch.device(device)} "
             f"in {str(dtype).removeprefix('torch.')} it would be slower than the float one: use lm_head='float'")
-    return stored or lm_head == "int8" or (lm_head == "auto" and bool(bits) and fused)
+    return lm_head == "int8" or fused
 
 
 def quantize_lm_head(model: nn.Module) -> nn.Module:
