@@ -219,6 +219,19 @@ def test_p_tuning_prefix_on_quantized_weights(checkpoints, tmp_path, family, bit
     torch.testing.assert_close(logits(tuned, tokenizer), logits(base, tokenizer), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_moved_model_takes_its_prefix_along(checkpoints, tmp_path, family):
+    """model.to() (how a ZeroGPU call puts the model on its GPU) converts the P-tuning prefix
+    with the weights: after a dtype round trip the logits are the ones before."""
+    tokenizer, base = load_model(checkpoints[family], device="cpu", dtype="float32")
+    write_ptuning_checkpoint(tmp_path / "ckpt", base)
+    _, tuned = load_model(checkpoints[family], device="cpu", dtype="float32", ptuning_checkpoint=tmp_path / "ckpt")
+    before = logits(tuned, tokenizer)
+    tuned.to(torch.float64)
+    assert all(t.dtype == torch.float64 for layer in tuned.transformer.layers for t in layer.attention.prefix_kv)
+    torch.testing.assert_close(logits(tuned.to(torch.float32), tokenizer), before)
+
+
 def test_p_tuning_refusals(checkpoints, tmp_path):
     folder = checkpoints["chatglm"]
     _, base = load_model(folder, device="cpu", dtype="float32")

@@ -86,6 +86,15 @@ class GLMModel(nn.Module):
                 kv[2 * i][None].to(self.device, self.dtype), kv[2 * i + 1][None].to(self.device, self.dtype))
         self.weights_version += 1
 
+    def _apply(self, fn, recurse=True):
+        """`.to(device / dtype)` moves the P-tuning prefix too: it is no parameter (it is computed
+        from one), and a model moved into a GPU call (ZeroGPU) must take it along."""
+        super()._apply(fn, recurse)
+        for layer in self.transformer.layers:
+            if layer.attention.prefix_kv is not None:
+                layer.attention.prefix_kv = tuple(fn(t) for t in layer.attention.prefix_kv)
+        return self
+
     def layout_for_prompt(self, prompt: list[int]):
         """Where the prompt's tokens go: `.prefix_len` and `.positions(start, end)`."""
         raise NotImplementedError
