@@ -94,6 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="use a built-in tiny random model instead of --model: no download, answers are random "
                             "text, for trying the page offline; FAMILY is one of %(choices)s (default chatglm, "
                             "i.e. ChatGLM-6B) (env CHATGLM_TINY_RANDOM=1 or a family)")
+    model.add_argument("--cuda-graphs", action="store_true", default=env_flag("CHATGLM_CUDA_GRAPHS"),
+                       help="on a CUDA GPU: run each decode step over every slot with fixed shapes, compiled into "
+                            "CUDA graphs by torch.compile (slower start-up while it compiles) (env "
+                            "CHATGLM_CUDA_GRAPHS=1; default off)")
     model.add_argument("--slots", type=positive_int, default=env("CHATGLM_SLOTS"),
                        help="answers decoded together in one batch (env CHATGLM_SLOTS; default: as many as "
                             "fit in memory, at most 16)")
@@ -182,6 +186,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"CHATGLM_LM_HEAD: expected auto, int8 or float, got {args.lm_head!r}")
     if args.tiny_random not in (None, *TINY_FAMILIES):
         parser.error(f"CHATGLM_TINY_RANDOM: expected 1 or one of {', '.join(TINY_FAMILIES)}, got {args.tiny_random!r}")
+    if args.cuda_graphs and args.zerogpu == "on":
+        parser.error("--cuda-graphs is for the engine; --zerogpu on runs one answer per GPU call without it")
     if args.zerogpu == "on" and args.backend == "openai":
         parser.error("--zerogpu on runs the model here; --backend openai uses a remote one: choose one")
     args.zerogpu = args.zerogpu == "on" or (args.zerogpu == "auto" and args.backend == "local" and zero_gpu())
@@ -242,7 +248,8 @@ def load_backend(args: argparse.Namespace):
         if gpu_call is not None:
             return start_per_call(args.model, gpu_call=gpu_call, max_gpu_s=args.gpu_duration,
                                   max_active=args.concurrency, **options)
-        return start_engine(args.model, slots=args.slots, max_queue=args.queue_size, **options)
+        return start_engine(args.model, slots=args.slots, max_queue=args.queue_size, cuda_graphs=args.cuda_graphs,
+                            **options)
     except (CheckpointError, OSError, ValueError) as error:
         fail(args, str(error))
     except Exception as error:  # out of memory, a broken install...: advice, not a traceback

@@ -86,6 +86,7 @@ class LayerCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.decode_rows: Optional[Sequence[tuple[int, int]]] = None
+        self.whole = False  # row i of the forward is slot i, for every slot: read the whole cache in place
         self.scratch = scratch  # CPU: float32 chunk buffer of `single_query_attention`, shared by the layers
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
@@ -98,6 +99,10 @@ class LayerCache:
         self.v[rows, :, cache_positions] = v
         if self.decode_rows is not None and prefix_kv is None:
             return self._attend_in_place(q, self.decode_rows)
+        if self.whole:  # fixed shapes, no copy, no per-row loop: what a CUDA graph can capture
+            keys, values, mask = with_prefix(prefix_kv, self.k[:q.shape[0]], self.v[:q.shape[0]], mask)
+            return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                                  enable_gqa=keys.shape[1] != q.shape[2]).transpose(1, 2)
         # index_select on the kv_len-column view copies only what attention reads (plain
         # advanced indexing is several times slower on CPU).
         kv_len = mask.shape[-1]
@@ -137,11 +142,20 @@ class KVCache:
             if grouped and torch.device(device).type == "cpu" and not amx_attention() else None
         self.layers = [LayerCache((slots, heads, max_len, head_dim), dtype, device, scratch) for _ in range(layers)]
 
-    def set_decode_rows(self, rows: Optional[Sequence[tuple[int, int]]]) -> None:
+    def set_decode_rows(self, rows: Optional[Sequence[tuple[int, int]]], whole: bool = False) -> None:
         """(slot, length) of each row of the next forward when it decodes one token per row (its
-        attention then reads each slot in place); None for any other forward."""
+        attention then reads each slot in place); None for any other forward. whole: the next
+        forward has one row per slot, row i being slot i (the mask says what each row sees), and
+        attends to the whole cache without copying it: fixed shapes for a compiled decode step."""
         for layer in self.layers:
             layer.decode_rows = rows
+            layer.whole = whole
+
+    def mark_static_addresses(self) -> None:
+        """Tell torch.compile that the cache tensors never move, so a CUDA graph may write them."""
+        for layer in self.layers:
+            torch._dynamo.mark_static_address(layer.k)
+            torch._dynamo.mark_static_address(layer.v)
 
     @property
     def nbytes(self) -> int:

@@ -140,16 +140,35 @@ def shared_prefix(a: Seq[int], b: Seq[int], limit: int) -> int:
     return n
 
 
-class DecodeBatch:
-    """A KV cache of `slots` rows and the batched forward passes over them."""
+CUDA_GRAPHS = {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False}  # torch.compile's options
 
-    def __init__(self, model: DecodableModel, slots: int, max_len: int, vocab_size: Optional[int] = None):
+
+class DecodeBatch:
+    """A KV cache of `slots` rows and the batched forward passes over them.
+
+    A decode step normally runs only the live sequences, each attending to its own slot in place
+    (shapes change every step). With `whole_decode` it runs every slot at once instead, with
+    fixed shapes: row i is slot i, the mask says which columns each row sees, and rows of free
+    slots write into one spare slot, so nothing cached for reuse is touched. That is the form
+    a CUDA graph can capture: `compile_options` (e.g. CUDA_GRAPHS) compiles the model's forward
+    for it with torch.compile. It attends to the whole cache, so it pays when one step's launch
+    overhead outweighs reading the unused columns (GPUs, short contexts, few slots)."""
+
+    def __init__(self, model: DecodableModel, slots: int, max_len: int, vocab_size: Optional[int] = None, *,
+                 whole_decode: bool = False, compile_options: Optional[dict] = None):
         """vocab_size: the tokenizer's; the model's output layer may be padded beyond it
-        (130528 vs 130344 for ChatGLM-6B) and those ids must never be sampled."""
+        (130528 vs 130344 for ChatGLM-6B) and those ids must never be sampled.
+        compile_options: torch.compile arguments for the decode step; implies whole_decode."""
         self.model = model
         self.vocab_size = vocab_size
-        self.cache = model.new_kv_cache(slots, max_len)
+        self.whole_decode = whole_decode or compile_options is not None
+        self.slots = slots
+        self.cache = model.new_kv_cache(slots + 1 if self.whole_decode else slots, max_len)  # + the spare slot
         self.max_len = self.cache.max_len
+        self._decode_forward = model
+        if compile_options is not None:
+            self.cache.mark_static_addresses()
+            self._decode_forward = torch.compile(model, **compile_options)
         self.free_slots = list(range(slots))
         self.reuse = model.causal
         # Free slot -> (salt, tokens whose keys/values it holds); least recently released first.
@@ -240,6 +259,9 @@ class DecodeBatch:
     @torch.inference_mode()
     def step(self, seqs: list[Sequence]) -> None:
         """Feed every sequence's newest token, all in one forward, and sample the next."""
+        if self.whole_decode:
+            self._step_whole(seqs)
+            return
         index = torch.tensor([len(s.tokens) - 1 for s in seqs])
         tokens = torch.tensor([[s.tokens[-1]] for s in seqs])
         positions = torch.stack([s.layout.positions(i, i + 1) for s, i in zip(seqs, index.tolist())])
@@ -248,6 +270,31 @@ class DecodeBatch:
         for seq in seqs:
             seq.kv_len = len(seq.tokens)
         self._sample(seqs, hidden[:, -1])
+
+    def _step_whole(self, seqs: list[Sequence]) -> None:
+        """The decode step over every slot, with fixed shapes (see the class docstring)."""
+        spare = self.slots
+        template = seqs[0].layout.positions(0, 1)
+        tokens = torch.full((self.slots, 1), self.model.config.pad_token_id, dtype=torch.long)
+        positions = torch.zeros((self.slots, *template.shape), dtype=template.dtype)
+        cache_positions = torch.zeros((self.slots, 1), dtype=torch.long)
+        writes = torch.full((self.slots,), spare, dtype=torch.long)  # free slots' rows write to the spare
+        for seq in seqs:
+            index = len(seq.tokens) - 1
+            tokens[seq.slot, 0] = seq.tokens[-1]
+            positions[seq.slot] = seq.layout.positions(index, index + 1)
+            cache_positions[seq.slot, 0] = index
+            writes[seq.slot] = seq.slot
+        # A new token sees every column up to its own (a bidirectional prefix lies before it).
+        mask = (torch.arange(self.max_len) <= cache_positions[:, :, None])[:, None]
+        self.cache.set_decode_rows(None, whole=True)
+        device = self.model.device
+        hidden = self._decode_forward(tokens.to(device), positions.to(device), cache_positions.to(device),
+                                      mask.to(device), writes.to(device), self.cache)
+        self.cache.set_decode_rows(None)
+        for seq in seqs:
+            seq.kv_len = len(seq.tokens)
+        self._sample(seqs, hidden[torch.tensor([s.slot for s in seqs], device=device), -1])
 
     def _forward(self, seqs, tokens, positions, cache_positions, kv_len):
         device = self.model.device

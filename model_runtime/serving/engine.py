@@ -36,7 +36,7 @@ from ..chat.formats import chat_format_for
 from ..chat.planning import plan_messages
 from ..chat.tool_calls import ToolReader
 from ..protocol import ChatEvent, ChatRequest, EngineBusy, InvalidRequest, ModelInfo
-from .decode_batch import DecodeBatch, Sequence, new_sequence
+from .decode_batch import CUDA_GRAPHS, DecodeBatch, Sequence, new_sequence
 
 log = logging.getLogger(__name__)
 
@@ -108,19 +108,23 @@ class Engine:
 
     slots: sequences decoded together at most (KV-cache rows, each of `context_length` tokens);
     max_queue: requests allowed to wait beyond those; step_delay: seconds to sleep per step
-    (a debugging aid that makes streams slow enough to watch)."""
+    (a debugging aid that makes streams slow enough to watch); cuda_graphs: decode steps over
+    every slot with fixed shapes, compiled into CUDA graphs (decode_batch.DecodeBatch)."""
 
     def __init__(self, tokenizer, model, *, slots: int = 8, max_queue: int = 64, context_length: Optional[int] = None,
-                 name: str = "chatglm-6b", random_weights: bool = False, step_delay: float = 0.0):
+                 name: str = "chatglm-6b", random_weights: bool = False, step_delay: float = 0.0,
+                 cuda_graphs: bool = False):
         if slots < 1 or max_queue < 0:
             raise ValueError("slots must be >= 1 and max_queue >= 0")
+        if cuda_graphs and model.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA GPU, not on {model.device.type}")
         self.tokenizer = tokenizer
         self.model = model
         self.max_queue = max_queue
         self.slots = slots
         self.step_delay = step_delay
         self.batch = DecodeBatch(model, slots, context_length or model.config.max_sequence_length,
-                                 vocab_size=tokenizer.vocab_size)
+                                 vocab_size=tokenizer.vocab_size, compile_options=CUDA_GRAPHS if cuda_graphs else None)
         chat_format = chat_format_for(tokenizer)
         self.info = ModelInfo(name=name, max_sequence_length=self.batch.max_len, random_weights=random_weights,
                               supports_system_prompt=chat_format.supports_system_prompt,

@@ -33,7 +33,8 @@ def load_for_serving(model: str = "THUDM/chatglm-6b", *, device: str = "auto", d
 
 def start_engine(model: str = "THUDM/chatglm-6b", *, device: str = "auto", dtype=None,
                  tiny_random: Union[bool, str] = False, slots: Optional[int] = None, max_queue: int = 64,
-                 step_delay: float = 0.0, context_length: Optional[int] = None, **load_kwargs) -> Engine:
+                 step_delay: float = 0.0, context_length: Optional[int] = None, cuda_graphs: bool = False,
+                 **load_kwargs) -> Engine:
     """Load a checkpoint (or build a tiny random one, see load_for_serving) and start an engine on it.
 
     slots: concurrent sequences; by default as many as fit (up to 16) in a quarter of the memory
@@ -45,7 +46,7 @@ def start_engine(model: str = "THUDM/chatglm-6b", *, device: str = "auto", dtype
     if slots is None:
         slots = default_slots(net, context_length=context_length)
     return Engine(tokenizer, net, slots=slots, max_queue=max_queue, name=name, random_weights=bool(tiny_random),
-                  step_delay=step_delay, context_length=context_length)
+                  step_delay=step_delay, context_length=context_length, cuda_graphs=cuda_graphs)
 
 
 def start_per_call(model: str = "THUDM/chatglm-6b", *, gpu_call: GpuCall = no_host, device: str = "auto",

@@ -1,0 +1,90 @@
+"""The fixed-shape decode step (`DecodeBatch(whole_decode=True)`, what CUDA graphs capture):
+the same greedy tokens as the per-row step, a forward torch.compile traces whole (no graph
+break, no recompilation as sequences come and go), and free slots' cached turns left intact."""
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from model_runtime.protocol import SamplingParams
+from model_runtime.serving.decode_batch import DecodeBatch, new_sequence
+
+GREEDY = SamplingParams(max_length=44, temperature=0)
+TRACE_ONLY = {"backend": "eager", "fullgraph": True, "dynamic": False}  # dynamo's graph capture, no codegen
+
+
+def prompts_for(tokenizer, family):
+    prompts = [[5, 6, 7, 8, 9] * 3, [10, 11, 12] * 7, [13, 14] * 2]
+    if family == "chatglm":  # ChatGLM-6B's prompts end with [gMASK] <sop>: a bidirectional prefix
+        prompts = [p + [tokenizer.gmask_token_id, tokenizer.bos_token_id] for p in prompts]
+    return prompts
+
+
+def run(tokenizer, model, prompts, **batch_options):
+    """Greedy answers, the third prompt joining once the first two have run 5 steps."""
+    seqs = [new_sequence(model, p, GREEDY) for p in prompts]
+    for seq in seqs:
+        seq.stop_ids = frozenset()  # random weights: always run to the length limit
+    batch = DecodeBatch(model, 4, 48, vocab_size=tokenizer.vocab_size, **batch_options)
+    for seq in seqs[:2]:
+        batch.admit(seq)
+    batch.prefill(seqs[:2])
+    for _ in range(5):
+        batch.step(seqs[:2])
+    batch.admit(seqs[2])
+    batch.prefill(seqs[2:])
+    live = seqs
+    while live:
+        batch.step(live)
+        live = [s for s in live if not s.finished]
+    return [s.generated for s in seqs]
+
+
+@pytest.fixture(params=["chatglm", "glm4"])
+def family_model(request, tiny_model, tiny_glm4):
+    return request.param, *(tiny_model if request.param == "chatglm" else tiny_glm4)
+
+
+def test_whole_decode_gives_the_per_row_answers(family_model):
+    family, tokenizer, model = family_model
+    prompts = prompts_for(tokenizer, family)
+    assert run(tokenizer, model, prompts, whole_decode=True) == run(tokenizer, model, prompts)
+
+
+def test_the_compiled_step_is_one_graph_for_every_step(family_model):
+    family, tokenizer, model = family_model
+    prompts = prompts_for(tokenizer, family)
+    torch._dynamo.reset()
+    counters.clear()
+    assert run(tokenizer, model, prompts, compile_options=TRACE_ONLY) == run(tokenizer, model, prompts)
+    assert counters["stats"]["unique_graphs"] == 1  # one capture, reused as sequences join and finish
+    assert not counters["graph_break"]
+
+
+def test_free_slots_keep_their_cached_turns(tiny_glm4):
+    """Rows of free slots write into the spare slot: a turn cached for reuse survives other
+    sequences' steps, and the next turn reusing it answers as a full prefill would."""
+    tokenizer, model = tiny_glm4
+    first, other = [5, 6, 7, 8, 9] * 4, [10, 11, 12] * 5
+
+    def second_turn(**options):
+        batch = DecodeBatch(model, 2, 64, vocab_size=tokenizer.vocab_size, **options)
+        turn = new_sequence(model, first, GREEDY, cache_salt="a")
+        batch.admit(turn)
+        batch.prefill([turn])
+        for _ in range(4):
+            batch.step([turn])
+        batch.release(turn)  # its keys and values stay in the slot for the salt "a"
+        busy = new_sequence(model, other, GREEDY, cache_salt="b")
+        batch.admit(busy)
+        batch.prefill([busy])
+        for _ in range(6):
+            batch.step([busy])  # the free slot's row runs too, in whole_decode
+        follow_up = new_sequence(model, turn.tokens + [13, 14, 15], GREEDY, cache_salt="a")
+        batch.admit(follow_up)
+        assert follow_up.cached == turn.kv_len  # reused, not re-prefilled
+        batch.prefill([follow_up])
+        for _ in range(8):
+            batch.step([busy, follow_up])
+        return follow_up.generated
+
+    assert second_turn(whole_decode=True) == second_turn()
