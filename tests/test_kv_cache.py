@@ -8,21 +8,30 @@ from model_runtime.models import kv_cache
 from model_runtime.models.kv_cache import KVCache, attention_mask
 
 
+# (slot, length after this token), in batch order: fewer than MANY_ROWS rows (SDPA for ungrouped
+# heads), and more (the float32 kernel for all, on CPUs without AMX).
+FEW_ROWS = [(2, 7), (0, 30), (3, 1)]
+MANY = FEW_ROWS + [(5, 12), (4, 2)]
+
+
+@pytest.mark.parametrize("rows", [FEW_ROWS, MANY], ids=["few-rows", "many-rows"])
 @pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 2)])  # ChatGLM-6B; grouped heads (ChatGLM2/3, GLM-4)
-def test_in_place_decode_equals_the_masked_gather(heads, kv_heads):
+def test_in_place_decode_equals_the_masked_gather(monkeypatch, heads, kv_heads, rows):
+    assert len(FEW_ROWS) < kv_cache.MANY_ROWS <= len(MANY)
+    monkeypatch.setattr(kv_cache, "LONG_ROW", 8)  # rows of 12 and 30 keys count as long
     generator = torch.Generator().manual_seed(0)
-    cache = KVCache(layers=1, slots=4, heads=kv_heads, max_len=32, head_dim=16, dtype=torch.float32, device="cpu",
+    cache = KVCache(layers=1, slots=6, heads=kv_heads, max_len=32, head_dim=16, dtype=torch.float32, device="cpu",
                     query_heads=heads)
-    assert (cache.layers[0].scratch is not None) == (kv_heads < heads and not kv_cache.amx_attention())
+    assert (cache.layers[0].scratch is not None) == (not kv_cache.amx_attention())
     layer = cache.layers[0]
     layer.k.normal_(generator=generator)  # every slot full of other data beyond each row's length
     layer.v.normal_(generator=generator)
-    rows = [(2, 7), (0, 30), (3, 1)]  # (slot, length after this token), in batch order
     slots = torch.tensor([slot for slot, _ in rows])
     positions = torch.tensor([[length - 1] for _, length in rows])
-    q = torch.randn(3, 1, heads, 16, generator=generator)
-    k, v = torch.randn(3, 1, kv_heads, 16, generator=generator), torch.randn(3, 1, kv_heads, 16, generator=generator)
-    mask = attention_mask(torch.tensor([2, 0, 0]), positions, int(positions.max()) + 1)
+    n = len(rows)
+    q = torch.randn(n, 1, heads, 16, generator=generator)
+    k, v = torch.randn(n, 1, kv_heads, 16, generator=generator), torch.randn(n, 1, kv_heads, 16, generator=generator)
+    mask = attention_mask(torch.tensor([2] + [0] * (n - 1)), positions, int(positions.max()) + 1)
 
     cache.set_decode_rows(None)
     gathered = layer.attend(q, k, v, slots, positions, mask)
