@@ -24,9 +24,11 @@ def attention_mask(prefix_lens: torch.Tensor, cache_positions: torch.Tensor, kv_
 
 
 # Ungrouped heads (ChatGLM-6B) on CPUs without AMX: SDPA per row is faster in a step of one row
-# (full size, INT4, 512 keys: 4.06 against 3.56 tok/s) and for short rows (its one call against
-# the float32 kernel's ten), the float32 kernel for long rows in steps of a few (mid-size model,
-# 1024 keys: 68 against 50-58 tok/s at 4 rows, 123 against 80-86 at 16).
+# (full size, INT4, 512 keys: 4.06 against 3.56 tok/s), for short rows (its one call against the
+# float32 kernel's ten) and for rows longer than one widened chunk (full size, 2048 keys: 7.8
+# against 11.2 ms per layer, benchmarks/attention.py); the float32 kernel for the rows between, in
+# steps of a few (mid-size model, 1024 keys: 68 against 50-58 tok/s at 4 rows, 123 against 80-86
+# at 16; full size, 512 keys: 0.66 against 1.94 ms per layer).
 MANY_ROWS = 4
 LONG_ROW = 512
 SCORE_CHUNK_ELEMENTS = 2**21  # keys (or values) widened to float32 at a time: 8 MiB, reused
@@ -85,7 +87,8 @@ class LayerCache:
     batch: each row's slot and length) every row attends to views of its own slot, so a step
     reads the keys and values its rows hold and copies nothing, whatever the other slots hold
     (one query row: on CPUs without AMX `single_query_attention` for grouped heads, and for
-    ungrouped ones' rows of LONG_ROW keys or more in steps of MANY_ROWS rows or more; else SDPA).
+    ungrouped ones' rows from LONG_ROW keys to one widened chunk in steps of MANY_ROWS rows or
+    more; else SDPA).
     Otherwise (a prefill, or a P-tuning prefix in front) the rows' first kv_len columns are
     gathered and attended to under the visibility mask."""
 
@@ -126,9 +129,10 @@ class LayerCache:
         bidirectional prefix lies before it too), so no mask is needed."""
         out = torch.empty_like(q)
         many = len(rows) >= MANY_ROWS
+        one_chunk = SCORE_CHUNK_ELEMENTS // (self.k.shape[1] * self.k.shape[3])  # keys widened in one go
         for row, (slot, kv_len) in enumerate(rows):
             keys, values = self.k[slot:slot + 1, :, :kv_len], self.v[slot:slot + 1, :, :kv_len]
-            if self.scratch is not None and (self.grouped or (many and kv_len >= LONG_ROW)):
+            if self.scratch is not None and (self.grouped or (many and LONG_ROW <= kv_len <= one_chunk)):
                 out[row] = single_query_attention(q[row:row + 1], keys, values, self.scratch)[0]
             else:
                 out[row] = F.scaled_dot_product_attention(q[row:row + 1].transpose(1, 2), keys, values,
