@@ -15,6 +15,8 @@ from typing import Optional
 import psutil
 import torch
 
+from model_runtime.quant.convert import quantized_linears
+
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(os.environ.get("BENCH_CACHE", Path(__file__).resolve().parent / ".cache"))
 
@@ -159,3 +161,21 @@ def report(name: str, rows: list[dict], extra: dict) -> Path:
     path.write_text(json.dumps({"machine": machine(), **extra, "rows": rows}, indent=2) + "\n")
     print(f"\nwritten {path}")
     return path
+
+
+def randomize(model, device) -> None:
+    """Fill a model built with `empty` with random weights in place, on its device: norms 1,
+    biases N(0, 0.02), matrices N(0, 1/fan_in); quantized layers quantize a random float weight."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                param.fill_(1.0)
+            elif param.dim() == 1:
+                param.normal_(0.0, 0.02)
+            else:
+                param.normal_(0.0, param.shape[-1] ** -0.5)
+        for module in quantized_linears(model).values():
+            module.load_tensor("weight", torch.randn(module.out_features, module.in_features, device=device)
+                               * module.in_features ** -0.5)
+

@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from benchmarks.common import CHATGLM_6B, report
+from benchmarks.common import CHATGLM_6B, randomize, report
 from model_runtime.models.glm6b import ChatGLMModel, GLMConfig
 from model_runtime.protocol import ChatRequest, Message, SamplingParams
 from model_runtime.quant.convert import quantized_linears
@@ -65,18 +65,7 @@ def glm6b_config(layers: int) -> GLMConfig:
 def build(layers: int, device: str, dtype, bits):
     """Random ChatGLM-6B weights made straight on the device (quantized layers quantize theirs)."""
     model = ChatGLMModel.empty(glm6b_config(layers), torch.device(device), dtype, quantize=bits)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("layernorm.weight"):
-                param.fill_(1.0)
-            elif param.dim() == 1:
-                param.normal_(0.0, 0.02)
-            else:
-                param.normal_(0.0, param.shape[-1] ** -0.5)
-        for module in quantized_linears(model).values():
-            module.load_tensor("weight", torch.randn(module.out_features, module.in_features, device=device)
-                               * module.in_features ** -0.5)
+    randomize(model, device)
     return model.eval()
 
 

@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 
-from benchmarks.common import PeakRSS, memory_bandwidth_gbs, report, run_worker
+from benchmarks.common import PeakRSS, memory_bandwidth_gbs, randomize, report, run_worker
 
 # The published config.json sizes (shared/docs/glm-family-spec.md).
 COMMON = {"hidden_size": 4096, "ffn_hidden_size": 13696, "kv_channels": 128, "num_attention_heads": 32,
@@ -50,23 +50,10 @@ def build(family: str, layers: int, device: str, dtype, bits):
     import torch
 
     from model_runtime.models.glm2 import ChatGLM2Model, GLM2Config
-    from model_runtime.quant.convert import quantized_linears
 
     config = GLM2Config(**dict(FULL[family], num_layers=layers), family=family)
     model = ChatGLM2Model.empty(config, torch.device(device), dtype, quantize=bits)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("layernorm.weight"):
-                param.fill_(1.0)
-            elif param.dim() == 1:
-                param.normal_(0.0, 0.02)
-            else:
-                param.normal_(0.0, param.shape[-1] ** -0.5)
-        for module in quantized_linears(model).values():
-            weight = torch.randn(module.out_features, module.in_features, device=device) * module.in_features ** -0.5
-            module.load_tensor("weight", weight)
-            del weight
+    randomize(model, device)
     return model.eval()
 
 

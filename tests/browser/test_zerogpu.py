@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from .app_server import ROOT, AppServer
-from .conftest import LOADED, _chromium_or_skip
+from .conftest import _chromium_or_skip
 from .test_chat_page import BOT, answers, chat, send, settle, wait_done
 
 expect = pytest.importorskip("playwright.sync_api").expect
@@ -34,7 +34,8 @@ class GpuCalls:
 
 
 @pytest.fixture(scope="module")
-def zerogpu(tmp_path_factory):
+def app_server(tmp_path_factory):
+    """This module's server (conftest's `new_page` opens its page): ZeroGPU mode, stand-in spaces."""
     log = tmp_path_factory.mktemp("zerogpu") / "gpu-calls.jsonl"
     server = AppServer("--zerogpu", "on", "--step-delay", "0.01", "--gpu-duration", str(GPU_DURATION),
                        env={"PYTHONPATH": STAND_INS, "CHATGLM_STANDIN_SPACES_LOG": str(log)})
@@ -43,24 +44,6 @@ def zerogpu(tmp_path_factory):
     server.stop()
     assert "Traceback" not in server.log(tail=10**7), server.log()
     assert server.process.returncode == 0, server.log()
-
-
-@pytest.fixture
-def page_on(browser, zerogpu):
-    contexts = []
-
-    def open_page():
-        context = browser.new_context(locale="en-US", viewport={"width": 1280, "height": 860})
-        context.set_default_timeout(20_000)
-        contexts.append(context)
-        page = context.new_page()
-        page.goto(zerogpu.url)
-        page.wait_for_selector(LOADED)
-        return page
-
-    yield open_page
-    for context in contexts:
-        context.close()
 
 
 def alive(pid: int) -> bool:
@@ -78,10 +61,10 @@ def wait_until(condition, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def test_the_page_streams_an_answer_made_in_a_gpu_call(page_on, zerogpu):
-    page = page_on()
+def test_the_page_streams_an_answer_made_in_a_gpu_call(new_page, app_server):
+    page = new_page()
     settle(page, max_length=160)
-    calls = len(zerogpu.calls.all())
+    calls = len(app_server.calls.all())
     send(page, "你好")
     seen = []
     deadline = time.monotonic() + 30
@@ -92,22 +75,22 @@ def test_the_page_streams_an_answer_made_in_a_gpu_call(page_on, zerogpu):
         time.sleep(0.03)
     final = wait_done(page, 1)
     assert len(seen) >= 3 and final.startswith(seen[0][:5]), seen
-    new = zerogpu.calls.all()[calls:]
-    assert len(new) == 1 and new[0]["pid"] != zerogpu.process.pid  # one call, in a child process
+    new = app_server.calls.all()[calls:]
+    assert len(new) == 1 and new[0]["pid"] != app_server.process.pid  # one call, in a child process
     assert 10 <= new[0]["duration"] <= GPU_DURATION
 
 
-def test_stop_ends_the_gpu_call(page_on, zerogpu):
-    page = page_on()
+def test_stop_ends_the_gpu_call(new_page, app_server):
+    page = new_page()
     settle(page, max_length=2048)
-    cancelled = zerogpu.stats()["requests_cancelled"]
+    cancelled = app_server.stats()["requests_cancelled"]
     send(page, "你好")
     expect(page.locator(BOT)).to_have_text(re.compile(r".{12,}"))
-    child = zerogpu.calls.all()[-1]["pid"]
+    child = app_server.calls.all()[-1]["pid"]
     assert alive(child)
     page.click("#stop")
     wait_until(lambda: not alive(child), 5, "the GPU call's process still runs after Stop")
-    stats = zerogpu.wait_idle(timeout=2)
+    stats = app_server.wait_idle(timeout=2)
     assert stats["requests_cancelled"] == cancelled + 1
     frozen = wait_done(page, 1)
     time.sleep(0.5)
@@ -118,23 +101,23 @@ def test_stop_ends_the_gpu_call(page_on, zerogpu):
     assert chat(page, "早上好") not in ("", "…")  # the next message is answered normally
 
 
-def test_regenerate_makes_a_new_gpu_call(page_on, zerogpu):
-    page = page_on()
+def test_regenerate_makes_a_new_gpu_call(new_page, app_server):
+    page = new_page()
     settle(page, max_length=48, temperature=0)
     first = chat(page, "你好")
-    calls = len(zerogpu.calls.all())
+    calls = len(app_server.calls.all())
     page.click('#chatbot button[aria-label="Retry"]')
-    wait_until(lambda: len(zerogpu.calls.all()) == calls + 1, 10, "Retry made no GPU call")
+    wait_until(lambda: len(app_server.calls.all()) == calls + 1, 10, "Retry made no GPU call")
     again = wait_done(page, 1)
     assert again == first  # greedy: the same answer again, in place of the old one
     assert len(page.locator(BOT).all_inner_texts()) == 1
 
 
-def test_two_users_at_once_both_get_their_answers(zerogpu):
+def test_two_users_at_once_both_get_their_answers(app_server):
     from gradio_client import Client
 
     def ask(query, into):
-        client = Client(zerogpu.url, verbose=False)
+        client = Client(app_server.url, verbose=False)
         try:
             into[query] = client.predict(query, [], 200, 0.7, 0.0, "", api_name="/chat")
         finally:
@@ -148,16 +131,16 @@ def test_two_users_at_once_both_get_their_answers(zerogpu):
     for thread in threads:
         thread.start()
     while any(t.is_alive() for t in threads):
-        most_at_once = max(most_at_once, zerogpu.stats()["active_sequences"])
+        most_at_once = max(most_at_once, app_server.stats()["active_sequences"])
         time.sleep(0.05)
     assert together == alone and all(alone.values())
     assert most_at_once == 2  # the two calls ran side by side
 
 
-def test_the_openai_api_says_why_it_does_not_answer(zerogpu):
+def test_the_openai_api_says_why_it_does_not_answer(app_server):
     import openai
 
-    client = openai.OpenAI(base_url=zerogpu.url + "v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=app_server.url + "v1", api_key="unused", max_retries=0)
     assert [m.id for m in client.models.list()] == ["chatglm-6b-tiny-random"]
     with pytest.raises(openai.APIStatusError) as refused:
         client.chat.completions.create(model="chatglm-6b-tiny-random", messages=[{"role": "user", "content": "hi"}])
