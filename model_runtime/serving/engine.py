@@ -32,11 +32,10 @@ from typing import Iterator, Optional
 import torch
 
 from ..chat.answer_text import AnswerText
-from ..chat.formats import chat_format_for
-from ..chat.planning import plan_messages
 from ..chat.tool_calls import ToolReader
-from ..protocol import ChatEvent, ChatRequest, EngineBusy, InvalidRequest, ModelInfo
-from .decode_batch import CUDA_GRAPHS, DecodeBatch, Sequence, new_sequence
+from ..protocol import ChatEvent, ChatRequest, EngineBusy, InvalidRequest
+from .admission import model_info, prepare
+from .decode_batch import CUDA_GRAPHS, DecodeBatch, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +124,8 @@ class Engine:
         self.step_delay = step_delay
         self.batch = DecodeBatch(model, slots, context_length or model.config.max_sequence_length,
                                  vocab_size=tokenizer.vocab_size, compile_options=CUDA_GRAPHS if cuda_graphs else None)
-        chat_format = chat_format_for(tokenizer)
-        self.info = ModelInfo(name=name, max_sequence_length=self.batch.max_len, random_weights=random_weights,
-                              supports_system_prompt=chat_format.supports_system_prompt,
-                              supports_tools=chat_format.tool_dialect is not None,
-                              default_sampling=chat_format.default_sampling, fine_tunes=model.fine_tunes)
+        self.info = model_info(tokenizer, model, name=name, context_length=self.batch.max_len,
+                               random_weights=random_weights)
         self._lock = threading.Condition()
         self._waiting: deque[_Job] = deque()
         self._running: list[_Job] = []
@@ -152,14 +148,7 @@ class Engine:
         unavailable = self.health()
         if unavailable:  # refuse before any tokenizing
             raise EngineBusy(unavailable)
-        request.sampling.validate()
-        max_length = min(request.sampling.max_length, self.info.max_sequence_length)
-        plan = plan_messages(self.tokenizer, request.messages, max_length, request.tools, request.tool_choice)
-        try:
-            seq = new_sequence(self.model, plan.tokens, request.sampling, stop_ids=plan.stop_ids,
-                               cache_salt=request.cache_salt)
-        except ValueError as error:
-            raise InvalidRequest(str(error)) from None
+        seq, plan = prepare(self.tokenizer, self.model, request, self.info.max_sequence_length)
         job = _Job(request, seq, plan.dropped_turns, plan.tool_reader)
         if request.deadline_s is not None:
             job.deadline = job.submitted + request.deadline_s

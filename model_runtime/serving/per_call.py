@@ -27,10 +27,9 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from ..chat.answer_text import AnswerText
-from ..chat.formats import chat_format_for
-from ..chat.planning import plan_messages
 from ..chat.tool_calls import ToolReader
-from ..protocol import ChatEvent, ChatRequest, EngineBusy, InvalidRequest, ModelInfo
+from ..protocol import ChatEvent, ChatRequest, EngineBusy, InvalidRequest
+from .admission import model_info, prepare
 from .decode_batch import DecodeBatch, new_sequence
 
 log = logging.getLogger(__name__)
@@ -203,13 +202,9 @@ class PerCallBackend:
         self.runner = AnswerRunner(tokenizer, model, device, step_delay)
         self.max_gpu_s = max_gpu_s
         self.max_active = max_active
-        chat_format = chat_format_for(tokenizer)
-        self.info = ModelInfo(name=name, random_weights=random_weights,
-                              max_sequence_length=min(context_length or model.config.max_sequence_length,
-                                                      model.config.max_sequence_length),
-                              supports_system_prompt=chat_format.supports_system_prompt,
-                              supports_tools=chat_format.tool_dialect is not None,
-                              default_sampling=chat_format.default_sampling, fine_tunes=model.fine_tunes)
+        self.info = model_info(tokenizer, model, name=name, random_weights=random_weights,
+                               context_length=min(context_length or model.config.max_sequence_length,
+                                                  model.config.max_sequence_length))
         self.gpu_run = gpu_call(self.runner.run, self.gpu_seconds)
         self._lock = threading.Lock()
         self._active: dict[str, CallStream] = {}
@@ -227,18 +222,9 @@ class PerCallBackend:
         unavailable = self.health()
         if unavailable:
             raise EngineBusy(unavailable)
-        request.sampling.validate()
-        max_length = min(request.sampling.max_length, self.info.max_sequence_length)
-        plan = plan_messages(self.tokenizer, request.messages, max_length, request.tools, request.tool_choice)
-        try:
-            limit = min(new_sequence(self.model, plan.tokens, request.sampling).max_length, max_length)
-        except ValueError as error:
-            raise InvalidRequest(str(error)) from None
-        if len(plan.tokens) >= limit:
-            raise InvalidRequest(f"the prompt has {len(plan.tokens)} tokens, which leaves no room for an answer "
-                                 f"within max_length={limit}")
-        job = AnswerJob(request, tuple(plan.tokens), frozenset(plan.stop_ids), limit, plan.dropped_turns,
-                        plan.tool_reader, self._estimate_seconds(limit - len(plan.tokens)),
+        seq, plan = prepare(self.tokenizer, self.model, request, self.info.max_sequence_length)
+        job = AnswerJob(request, tuple(plan.tokens), frozenset(plan.stop_ids), seq.max_length, plan.dropped_turns,
+                        plan.tool_reader, self._estimate_seconds(seq.max_length - len(plan.tokens)),
                         time.time() + request.deadline_s if request.deadline_s is not None else None)
         stream = CallStream(self, job)
         with self._lock:
