@@ -1,5 +1,7 @@
 """Decode attention for one query row (one sequence, one new token) against a slot of the KV cache,
-as `models.kv_cache.LayerCache` runs it per row: SDPA's choices beside plain matmul paths.
+as `models.kv_cache.LayerCache` runs it: our kernel (native/decode_attention.cpp, ungrouped heads,
+what ChatGLM-6B uses on AVX-512 CPUs), the float32 chunked path (grouped heads), SDPA's choices and
+plain matmul paths.
 
     python -m benchmarks.attention                 # 16 / 512 / 2048 keys, ChatGLM-6B and GLM-4 heads
     python -m benchmarks.attention --layers 1      # one cache, hot in the CPU caches (flatters widening)
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.common import report
+from model_runtime import native
 from model_runtime.models.kv_cache import score_chunk, single_query_attention
 
 SHAPES = {"chatglm-6b": (32, 32, 128), "glm-4 / chatglm2-3": (32, 2, 128)}  # query heads, kv heads, head dim
@@ -50,7 +53,7 @@ def fp32_bmm(q, k, v):
     return torch.bmm(scores, v[0].float()).view(1, 1, heads, d).to(q.dtype)
 
 
-VARIANTS = {"sdpa-flash (before)": sdpa_flash, "sdpa-math": sdpa_math, "bf16-bmm": bf16_bmm, "fp32-bmm": fp32_bmm}
+VARIANTS = {"sdpa-flash": sdpa_flash, "sdpa-math": sdpa_math, "bf16-bmm": bf16_bmm, "fp32-bmm": fp32_bmm}
 
 
 def reference(q, k, v):
@@ -71,6 +74,11 @@ def measure(fn, q, caches, repeats: int) -> tuple[float, float]:
             fn(q, k, v)
         times.append((time.perf_counter() - start) / len(caches))
     return statistics.median(times) * 1e6, min(times) * 1e6
+
+
+def in_place_kernel(q, k, v):
+    """Our kernel on the slot view's whole cache tensor (slot 0, the view's length), as LayerCache calls it."""
+    return native.decode_attention(q[:, 0], k._base, v._base, torch.tensor([0]), torch.tensor([k.shape[2]]))[:, None]
 
 
 def main() -> None:
@@ -94,8 +102,10 @@ def main() -> None:
             q = (args.score_scale * torch.randn(1, 1, heads, d, generator=generator)).to(torch.bfloat16)
             expected = reference(q, k, v)
             scratch = torch.empty(score_chunk(kv_heads, d, keys) * kv_heads * d)  # as KVCache holds it
-            variants = dict(VARIANTS, **{"single_query_attention (now)": lambda q, k, v: single_query_attention(
+            variants = dict(VARIANTS, **{"single_query_attention": lambda q, k, v: single_query_attention(
                 q, k, v, scratch)})
+            if heads == kv_heads and native.decode_attention_unavailable() is None:
+                variants["native decode_attention"] = in_place_kernel
             for name, fn in variants.items():
                 with torch.inference_mode():
                     out = fn(q, k, v)

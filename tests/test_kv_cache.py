@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from model_runtime.models import kv_cache
 from model_runtime.models.kv_cache import KVCache, attention_mask
+from tests.test_quant import cpu_has_avx512
 
 
 # (slot, length after this token), in batch order: fewer than MANY_ROWS rows (SDPA for ungrouped
@@ -62,3 +63,40 @@ def test_single_query_attention_in_chunks_is_as_accurate_as_sdpa(monkeypatch, he
         return ((got.double() - expected).norm() / expected.norm()).item()
 
     assert ours.dtype == torch.bfloat16 and error(ours) <= 1.1 * error(sdpa) and error(ours) < 4e-3
+
+
+@pytest.mark.parametrize("head_dim", [16, 128])  # the tiny models' and the GLM family's
+def test_our_decode_kernel_reads_each_slot_in_place_as_accurately_as_sdpa(head_dim):
+    """ChatGLM-6B's decode path on AVX-512 CPUs (native/decode_attention.cpp): a bfloat16 cache,
+    rows of different lengths (1 to 300 keys) in slots full of other data, peaky scores; against
+    float64 attention over each row's own keys, no worse than SDPA's flash kernel."""
+    if not cpu_has_avx512(8):
+        pytest.skip("this CPU lacks AVX-512")
+    cache = KVCache(layers=1, slots=6, heads=8, max_len=320, head_dim=head_dim, dtype=torch.bfloat16, device="cpu")
+    layer = cache.layers[0]
+    assert layer.native_decode  # on this CPU, where the build must work
+    assert not KVCache(1, 6, 2, 320, head_dim, torch.bfloat16, "cpu", query_heads=8).layers[0].native_decode
+    assert not KVCache(1, 6, 8, 320, head_dim, torch.float32, "cpu").layers[0].native_decode
+    generator = torch.Generator().manual_seed(0)
+    layer.k.normal_(generator=generator)
+    layer.v.normal_(generator=generator)
+    rows = [(2, 7), (0, 300), (3, 1), (5, 64)]
+    n = len(rows)
+    slots = torch.tensor([slot for slot, _ in rows])
+    positions = torch.tensor([[length - 1] for _, length in rows])
+    q = (3 * torch.randn(n, 1, 8, head_dim, generator=generator)).to(torch.bfloat16)
+    k, v = (torch.randn(n, 1, 8, head_dim, generator=generator).to(torch.bfloat16) for _ in range(2))
+    cache.set_decode_rows(rows)
+    ours = layer.attend(q, k, v, slots, positions, attention_mask(torch.zeros(n), positions, 300))
+    assert ours.shape == q.shape and ours.dtype == torch.bfloat16
+    for row, (slot, length) in enumerate(rows):
+        keys, values = layer.k[slot:slot + 1, :, :length], layer.v[slot:slot + 1, :, :length]
+        assert torch.equal(keys[0, :, -1], k[row, 0])  # the new key landed before attention read it
+        query = q[row:row + 1].transpose(1, 2)
+        expected = F.scaled_dot_product_attention(query.double(), keys.double(), values.double()).transpose(1, 2)
+        sdpa = F.scaled_dot_product_attention(query, keys, values).transpose(1, 2)
+
+        def error(got):
+            return ((got.double() - expected).norm() / expected.norm()).item()
+
+        assert error(ours[row:row + 1]) <= 1.1 * error(sdpa) + 1e-7 and error(ours[row:row + 1]) < 4e-3, (row, length)

@@ -104,6 +104,14 @@ def shipped_kernels(bits, dtype):
             if bits in kernel.bit_widths and kernel.unavailable(torch.device("cpu"), bits, dtype) is None]
 
 
+def cpu_has_avx512(bits):
+    """Whether this CPU has what our own kernel (cpu-avx512) needs, read from /proc/cpuinfo (not
+    from the kernel's own check): where it does, a kernel that fails to build fails the tests."""
+    with open("/proc/cpuinfo") as cpuinfo:
+        flags = next(line for line in cpuinfo if line.startswith("flags")).split()
+    return {"avx512f", "avx512bw"} <= set(flags) and (bits == 8 or "avx512_bf16" in flags)
+
+
 def relative_error(got, expected):
     return ((got.double() - expected).norm() / expected.norm()).item()
 
@@ -121,13 +129,14 @@ def test_every_backend_matches_the_reference(bits, dtype):
     bias = torch.randn(192, generator=generator).to(dtype)
     names = [name for name in shipped_kernels(bits, dtype) if not KERNELS[name].opt_in]
     assert "dequant" in names
-    if dtype == torch.bfloat16:  # the fused CPU kernel for this width must be among them here
+    if dtype == torch.bfloat16:  # the fused CPU kernels for this width must be among them here
         assert ("cpu-int8pack" if bits == 8 else "cpu-int4pack") in names
+        assert ("cpu-avx512" in names) == cpu_has_avx512(bits)
     for name in names:
         kernel = KERNELS[name].prepare(weight, scale, bits)
         published = kernel.published()
         assert torch.equal(published[0], weight) and torch.equal(published[1], scale), name
-        switch = getattr(KERNELS[name], "gemm_above", 4)
+        switch = getattr(kernel, "gemm_above", 4)
         for rows in (1, switch, switch + 3):  # the weight-only kernel, and the GEMM path beyond it
             x = torch.randn(2, rows, 256, generator=generator).to(dtype)
             expected = reference_linear(x, weight, scale, bits, bias)
@@ -159,8 +168,9 @@ def test_int4pack_shapes_it_cannot_hold_fall_back_to_dequant():
 
 
 def test_kernel_choice_and_its_errors():
-    assert choose_kernel("cpu", 8, torch.bfloat16).name == "cpu-int8pack"
-    assert choose_kernel("cpu", 4, torch.bfloat16).name == "cpu-int4pack"
+    for bits in (8, 4):
+        ours = cpu_has_avx512(bits)
+        assert choose_kernel("cpu", bits, torch.bfloat16).name == ("cpu-avx512" if ours else f"cpu-int{bits}pack")
     assert choose_kernel("cpu", 8, torch.float32).name == "dequant"  # the fused ops are slow in fp32
     with pytest.raises(QuantizationError, match="'cpu-int8pack' is INT8 only.*'dequant'"):
         choose_kernel("cpu", 4, torch.bfloat16, backend="cpu-int8pack")
@@ -341,7 +351,7 @@ def test_moving_a_quantized_model_to_another_dtype_reprepares_its_kernels(tiny_c
     tokenizer, model = load_model(tiny_checkpoint, device="cpu", dtype="bfloat16", quantize=8)
     before = model.state_dict()
     layer = quantized_linears(model)["transformer.layers.0.attention.dense"]
-    assert layer.kernel.name == "cpu-int8pack"
+    assert layer.kernel.name == choose_kernel("cpu", 8, torch.bfloat16).name != "dequant"
     model.float()
     assert layer.kernel.name == "dequant" and layer.bias.dtype == torch.float32
     after = model.state_dict()

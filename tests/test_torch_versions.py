@@ -14,6 +14,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
+from model_runtime import native
 from model_runtime.quant import backends, cpu_kernels
 from model_runtime.quant.backends import choose_kernel
 from model_runtime.quant.format import QuantizationError
@@ -41,13 +42,15 @@ class _AtenAsIn:
 @pytest.fixture
 def aten_as_in(monkeypatch):
     """Installs an `_AtenAsIn`, with the kernel choice (cached once per process) recomputed under
-    it and again after it is gone."""
+    it and again after it is gone. Our own CPU kernel (cpu-avx512, first in the "auto" order, no
+    aten op involved) is switched off meanwhile: these tests are about torch's kernels behind it."""
     caches = (backends._choose_kernel, backends._self_check, cpu_kernels.int4pack_block_rows)
 
     def install(**changes):
         for cache in caches:
             cache.cache_clear()
         monkeypatch.setattr(torch.ops, "aten", _AtenAsIn(changes))
+        monkeypatch.setattr(native, "quant_linear_unavailable", lambda bits: "is switched off by this test")
 
     yield install
     monkeypatch.undo()

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import native
 from .prefix import with_prefix
 
 
@@ -23,7 +24,8 @@ def attention_mask(prefix_lens: torch.Tensor, cache_positions: torch.Tensor, kv_
     return (causal | prefix)[:, None]
 
 
-# Ungrouped heads (ChatGLM-6B) on CPUs without AMX: SDPA per row is faster in a step of one row
+# Where our decode kernel cannot run (no AVX-512, no compiler): ungrouped heads (ChatGLM-6B) on
+# CPUs without AMX: SDPA per row is faster in a step of one row
 # (full size, INT4, 512 keys: 4.06 against 3.56 tok/s), for short rows (its one call against the
 # float32 kernel's ten) and for rows longer than one widened chunk (full size, 2048 keys: 7.8
 # against 11.2 ms per layer, benchmarks/attention.py); the float32 kernel for the rows between, in
@@ -80,22 +82,31 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.view(1, 1, heads, d).to(q.dtype)
 
 
+def native_decode_attention(device, dtype, grouped: bool, head_dim: int) -> bool:
+    """Whether decode steps use our kernel (native/decode_attention.cpp): CPU, a bfloat16 cache,
+    ungrouped heads (ChatGLM-6B), AVX-512 and a build. Per ChatGLM-6B layer at 512 / 2048 keys,
+    2 threads: 0.11 / 0.74 ms against SDPA's 2.0 / 8.0 ms (benchmarks/attention.py)."""
+    return (torch.device(device).type == "cpu" and dtype == torch.bfloat16 and not grouped
+            and head_dim in native.ATTENTION_HEAD_DIMS and native.decode_attention_unavailable() is None)
+
+
 class LayerCache:
     """One layer's keys and values of every slot: [slots, kv_heads, max_len, head_dim] each.
 
     Attention reads it in place where it can. In a decode step (`decode_rows` set by the decode
-    batch: each row's slot and length) every row attends to views of its own slot, so a step
-    reads the keys and values its rows hold and copies nothing, whatever the other slots hold
-    (one query row: on CPUs without AMX `single_query_attention` for grouped heads, and for
-    ungrouped ones' rows from LONG_ROW keys to one widened chunk in steps of MANY_ROWS rows or
-    more; else SDPA).
+    batch: each row's slot and length) every row attends to its own slot, so a step reads the
+    keys and values its rows hold and copies nothing, whatever the other slots hold: all rows
+    in one call of our CPU kernel where `native_decode` (ChatGLM-6B on AVX-512), else row by row
+    (on CPUs without AMX `single_query_attention` for grouped heads, and for ungrouped ones' rows
+    from LONG_ROW keys to one widened chunk in steps of MANY_ROWS rows or more; else SDPA).
     Otherwise (a prefill, or a P-tuning prefix in front) the rows' first kv_len columns are
     gathered and attended to under the visibility mask."""
 
     def __init__(self, shape: tuple[int, ...], dtype, device, scratch: Optional[torch.Tensor] = None,
-                 grouped: bool = False):
+                 grouped: bool = False, native_decode: bool = False):
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.native_decode = native_decode
         self.decode_rows: Optional[Sequence[tuple[int, int]]] = None
         self.whole = False  # row i of the forward is slot i, for every slot: read the whole cache in place
         self.scratch = scratch  # CPU: float32 chunk buffer of `single_query_attention`, shared by the layers
@@ -127,6 +138,10 @@ class LayerCache:
     def _attend_in_place(self, q: torch.Tensor, rows: Sequence[tuple[int, int]]) -> torch.Tensor:
         """One new token per row: it sees every cached column of its slot up to its own (GLM's
         bidirectional prefix lies before it too), so no mask is needed."""
+        if self.native_decode:
+            slots = torch.tensor([slot for slot, _ in rows])
+            lengths = torch.tensor([kv_len for _, kv_len in rows])
+            return native.decode_attention(q[:, 0], self.k, self.v, slots, lengths)[:, None]
         out = torch.empty_like(q)
         many = len(rows) >= MANY_ROWS
         one_chunk = SCORE_CHUNK_ELEMENTS // (self.k.shape[1] * self.k.shape[3])  # keys widened in one go
@@ -154,7 +169,8 @@ class KVCache:
         grouped = query_heads is not None and query_heads > heads
         scratch = torch.empty(score_chunk(heads, head_dim, max_len) * heads * head_dim, dtype=torch.float32) \
             if torch.device(device).type == "cpu" and not amx_attention() else None
-        self.layers = [LayerCache((slots, heads, max_len, head_dim), dtype, device, scratch, grouped)
+        in_kernel = native_decode_attention(device, dtype, grouped, head_dim)
+        self.layers = [LayerCache((slots, heads, max_len, head_dim), dtype, device, scratch, grouped, in_kernel)
                        for _ in range(layers)]
 
     def set_decode_rows(self, rows: Optional[Sequence[tuple[int, int]]], whole: bool = False) -> None:

@@ -2,6 +2,9 @@
 
 Backends (`KERNELS`):
   dequant             any device, and MPS's path: dequantize per call, then a float matmul.
+  cpu-avx512          CPU with AVX-512 (INT4: and AVX512-BF16), bfloat16 activations: our own
+                      kernel (native/quant_matmul.cpp, built with g++ on first use), on the published
+                      layout as is; the first choice where it builds and the CPU has it.
   cpu-int8pack        CPU, INT8, bfloat16 activations: torch's fused `_weight_int8pack_mm`, on the
                       published int8 layout as is (no second copy).
   cpu-int4pack        CPU, INT4, bfloat16 activations: torch's `_weight_int4pack_mm_for_cpu`, the
@@ -10,9 +13,10 @@ Backends (`KERNELS`):
                       quantizes the ACTIVATIONS on every call and so changes the model's numbers.
   cuda-torch          CUDA: torch's fused `_weight_int8pack_mm` (INT8) / `_weight_int4pack_mm`
                       (INT4, bfloat16 on sm80+).
-These private aten ops change between torch releases (requirements.txt allows 2.8-2.13): a kernel
-says why it cannot run (op missing, unknown layout), and each one also passes a self-check on small
-random shapes before first use; "auto" falls back to dequant with a logged reason otherwise.
+torch's kernels are the fallback where ours cannot build or run. Their private aten ops change
+between torch releases (requirements.txt allows 2.8-2.13). Every kernel says why it cannot run
+(no compiler, op missing, unknown layout) and passes a self-check on small random shapes before
+first use; "auto" takes the next one, and finally dequant, logging the reason.
 The CPU kernels switch to "dequantize the layer into a reused scratch buffer, then one bf16 GEMM"
 for inputs of more than `gemm_above` rows (prompt prefill), which is several times faster there.
 """
@@ -24,7 +28,7 @@ from typing import Optional, Union
 
 import torch
 
-from .cpu_kernels import CpuFbgemmDynamicKernel, CpuInt4PackKernel, CpuInt8PackKernel
+from .cpu_kernels import CpuAvx512Kernel, CpuFbgemmDynamicKernel, CpuInt4PackKernel, CpuInt8PackKernel
 from .cuda_kernels import CudaTorchKernel
 from .format import QuantizationError, check_bits, quantize_weight, reference_linear
 from .kernel import DequantKernel, LinearKernel
@@ -32,8 +36,9 @@ from .kernel import DequantKernel, LinearKernel
 log = logging.getLogger(__name__)
 
 KERNELS = {kernel.name: kernel for kernel in
-           (DequantKernel, CpuInt8PackKernel, CpuInt4PackKernel, CpuFbgemmDynamicKernel, CudaTorchKernel)}
-_AUTO = {"cpu": ("cpu-int8pack", "cpu-int4pack"), "cuda": ("cuda-torch",)}
+           (DequantKernel, CpuAvx512Kernel, CpuInt8PackKernel, CpuInt4PackKernel, CpuFbgemmDynamicKernel,
+            CudaTorchKernel)}
+_AUTO = {"cpu": ("cpu-avx512", "cpu-int8pack", "cpu-int4pack"), "cuda": ("cuda-torch",)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,11 +79,16 @@ def _choose_kernel(device: torch.device, bits: int, dtype: torch.dtype, backend:
             raise QuantizationError(f"quantization backend {backend!r} {reason}; use backend='auto' (picks "
                                     "what runs here) or 'dequant' (runs everywhere)")
         return KERNELS[backend]
+    passed_over = []
     for name in _AUTO.get(device.type, ()):
         if bits not in KERNELS[name].bit_widths:
             continue
         reason = KERNELS[name].unavailable(device, bits, dtype) or _self_check(name, str(device), bits, dtype)
         if reason is None:
+            if passed_over:
+                log.info("INT%d on %s: using %s (%s)", bits, device, name, "; ".join(passed_over))
             return KERNELS[name]
-        log.warning("INT%d on %s: %s %s; using dequantize-then-matmul instead", bits, device, name, reason)
+        passed_over.append(f"{name} {reason}")
+    if passed_over:
+        log.warning("INT%d on %s: %s; using dequantize-then-matmul instead", bits, device, "; ".join(passed_over))
     return DequantKernel

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..models.config import CheckpointError
 from .backends import choose_kernel
-from .cpu_kernels import CpuInt8PackKernel
+from .cpu_kernels import CpuAvx512Kernel, CpuInt8PackKernel
 from .cuda_kernels import CudaTorchKernel
 from .format import QuantizationError, check_bits
 from .linear import QuantizedLinear, QuantizedOutputLayer
@@ -24,7 +24,7 @@ QUANTIZED_LAYERS = ("attention.query_key_value", "attention.dense", "mlp.dense_h
 
 
 LM_HEADS = ("auto", "int8", "float")
-FUSED_INT8 = (CpuInt8PackKernel, CudaTorchKernel)  # where an INT8 output layer is faster than a float one
+FUSED_INT8 = (CpuAvx512Kernel, CpuInt8PackKernel, CudaTorchKernel)  # where an INT8 output layer is faster than a float one
 
 
 def output_layer_in_int8(lm_head: str, config, bits: Optional[int], device: Union[str, torch.device],

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .. import native
 from .format import QUANTIZE_ROWS, pack_int4, unpack_int4
 from .kernel import DequantKernel, LinearKernel, aten_op_missing, scale_output, unit_scales_and_zeros
 from .memory import scratch_buffer
@@ -20,6 +21,39 @@ def _cpu_bf16_only(device, dtype) -> Optional[str]:
         return (f"needs bfloat16 activations (its {str(dtype).removeprefix('torch.')} path is 10-20x slower "
                 "than dequantize-then-matmul); load with dtype=bfloat16")
     return None
+
+
+class CpuAvx512Kernel(DequantKernel):
+    """INT8 and INT4 on CPUs with AVX-512 (INT4 also needs AVX512-BF16): our own fused kernel
+    (native/quant_matmul.cpp, built on first use) on the published layout as is, with no
+    second copy. Decode-sized inputs read each weight byte once at close to the memory bandwidth
+    (torch's int8pack / int4pack kernels are compute-bound there: benchmarks/quant.py). Many rows:
+    DequantKernel's path (dequantize into the scratch buffer, one bf16 GEMM)."""
+
+    name = "cpu-avx512"
+
+    @classmethod
+    def unavailable(cls, device, bits, dtype):
+        return _cpu_bf16_only(device, dtype) or native.quant_linear_unavailable(bits)
+
+    @classmethod
+    def prepare(cls, weight, scale, bits):
+        if (weight.shape[1] * 8 // bits) % native.QUANT_IN_FEATURES_MULTIPLE[bits]:
+            return DequantKernel(weight, scale, bits)  # shapes the kernel does not cover: tiny models only
+        return cls(weight, scale, bits)
+
+    def __init__(self, weight, scale, bits):
+        super().__init__(weight, scale, bits)
+        reason = native.quant_linear_unavailable(bits)
+        if reason:
+            raise RuntimeError(f"{self.name} {reason}")
+        # rows above which dequantize + GEMM is faster (measured at 1-64 rows, full-size shapes)
+        self.gemm_above = 32 if bits == 8 else 128
+
+    def matmul(self, x, bias):
+        if x.shape[0] <= self.gemm_above:
+            return native.quant_linear(x, self.weight, self.scale32, bias, self.bits)
+        return super().matmul(x, bias)
 
 
 class CpuInt8PackKernel(LinearKernel):

@@ -1,0 +1,82 @@
+"""Our own quantized matmul for AVX-512 CPUs (model_runtime/native/quant_matmul.cpp): its
+arithmetic against the float64 reference at every row count and awkward shape, that it reads
+the published weight in place, and that a machine where it cannot be built falls back to torch's
+kernels and says why."""
+import logging
+
+import pytest
+import torch
+
+from model_runtime.loading.loader import load_model
+from model_runtime import native
+from model_runtime.quant import backends
+from model_runtime.quant.backends import KERNELS, choose_kernel
+from model_runtime.quant.convert import quantized_linears
+from model_runtime.quant.format import quantize_weight, reference_linear
+from tests.test_quant import cpu_has_avx512, relative_error
+
+pytestmark = pytest.mark.skipif(not cpu_has_avx512(4), reason="this CPU lacks AVX-512 / AVX512-BF16")
+
+# (out, in) shapes: a row count that is not a whole block of 4, in_features with a half chunk left
+# over (INT4 reads 128 inputs per 64-byte load, INT8 16 per load), and full-size ChatGLM-6B rows.
+SHAPES = {8: [(4097, 48), (13, 16), (512, 4096)], 4: [(4097, 64), (13, 192), (512, 4096)]}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_matches_the_reference_at_every_row_count_and_shape(bits):
+    assert native.quant_linear_unavailable(bits) is None  # builds (g++ and ninja are requirements) and runs here
+    generator = torch.Generator().manual_seed(bits)
+    for out_features, in_features in SHAPES[bits]:
+        weight, scale = quantize_weight(torch.randn(out_features, in_features, generator=generator), bits)
+        bias = torch.randn(out_features, generator=generator)
+        for rows in (1, 2, 3, 4, 5, 8, 9):  # activation rows go in groups of up to 4
+            # bfloat16 values (INT4 multiplies in bfloat16), given in float32 to see the float32 sums:
+            # the products are exact, only the order of the float32 sums differs from the reference
+            x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16).float()
+            assert relative_error(native.quant_linear(x, weight, scale, bias, bits),
+                                  reference_linear(x, weight, scale, bits, bias)) < 1e-6, (out_features, rows)
+            # bfloat16 activations (the model's): only the output is rounded to bfloat16
+            xb = x.to(torch.bfloat16)
+            got = native.quant_linear(xb, weight, scale, bias.to(torch.bfloat16), bits)
+            assert got.dtype == torch.bfloat16
+            assert relative_error(got, reference_linear(xb, weight, scale, bits, bias.to(torch.bfloat16))) < 4e-3
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_reads_the_published_weight_in_place_and_switches_to_a_gemm_for_prefill(bits):
+    weight, scale = quantize_weight(torch.randn(256, 512), bits)
+    kernel = KERNELS["cpu-avx512"].prepare(weight, scale, bits)
+    assert kernel.name == "cpu-avx512"
+    assert kernel.weight.data_ptr() == weight.data_ptr()  # no second copy of the weights
+    assert kernel.nbytes() == weight.numel() + scale.numel() * (2 + 4)  # + float16 and float32 scales
+    assert all(torch.equal(a, b) for a, b in zip(kernel.published(), (weight, scale)))
+    for rows in (kernel.gemm_above, kernel.gemm_above + 1):  # the last fused call and the first GEMM
+        x = torch.randn(rows, 512, dtype=torch.bfloat16)
+        assert relative_error(kernel(x), reference_linear(x, weight, scale, bits)) < 6e-3
+
+
+def test_a_quantized_model_runs_on_it(tiny_checkpoint):
+    for bits in (8, 4):
+        _, model = load_model(tiny_checkpoint, device="cpu", dtype="bfloat16", quantize=bits)
+        assert {layer.kernel.name for layer in quantized_linears(model).values()} == {"cpu-avx512"}
+
+
+def test_a_machine_that_cannot_build_it_gets_torchs_kernels_and_the_reason(monkeypatch, caplog):
+    def no_compiler(**kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    caches = (native.build_error, native.decode_attention_unavailable, backends._choose_kernel, backends._self_check)
+    for cache in caches:
+        cache.cache_clear()
+    monkeypatch.setattr(native.cpp_extension, "load", no_compiler)
+    try:
+        with caplog.at_level(logging.INFO, logger=backends.__name__):
+            assert choose_kernel("cpu", 8, torch.bfloat16).name == "cpu-int8pack"
+        assert "could not be built (RuntimeError: Ninja is required" in caplog.text
+        with pytest.raises(RuntimeError, match="cpu-avx512 could not be built"):
+            KERNELS["cpu-avx512"](*quantize_weight(torch.randn(8, 64), 8), 8)
+    finally:
+        monkeypatch.undo()
+        for cache in caches:
+            cache.cache_clear()
+    assert choose_kernel("cpu", 8, torch.bfloat16).name == "cpu-avx512"  # the real build is back
