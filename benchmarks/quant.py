@@ -25,9 +25,9 @@ Peak RSS is the kernel's high-water mark (VmHWM, reset per phase) where Linux al
 Ceiling: every decode step reads the quantized block weights, the output layer (its INT8 copy,
 or the float tied embedding), norms and biases, and the context's KV cache once; tok/s cannot
 exceed the read bandwidth / those bytes. The bandwidth is the fastest read of the model's own
-weights measured just before each repeat (torch's sum over them, or our INT8 kernel streaming the
-output layer, which reads faster than torch's reductions on Zen 4), because it drifts by a third
-within minutes on a shared machine; "vs ceiling" and "@512 / @16" (decode speed after the long
+weights measured just before each repeat (common.weights_read_gbs: torch's sum over them, or our
+kernel streaming the largest matrix), because it drifts by a third within minutes on a shared
+machine; "vs ceiling" and "@512 / @16" (decode speed after the long
 prompt over after the short one) are medians of per-repeat ratios. On a shared machine the figures are noisy: the
 load average is printed beside each phase. The chatglm.cpp / original-implementation figures of
 issue 8 (same model, their machine) are printed beside ours for reference.
@@ -44,7 +44,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from benchmarks.common import (CACHE, CHATGLM_6B, PeakRSS, gemm_gflops, memory_bandwidth_gbs,
-                               print_table, report, run_worker, write_random_checkpoint)
+                               print_table, report, run_worker, weights_read_gbs, write_random_checkpoint)
 
 GIB = 2**30
 
@@ -167,27 +167,6 @@ def bytes_read_per_token(model, context: int) -> int:
     return floats + packed + model.kv_cache_bytes_per_token() * context
 
 
-def read_ceiling_gbs(model) -> float:
-    """The fastest this machine reads the model's quantized weights right now (GB/s), with no extra
-    memory: torch's sum over each weight (as int64 words), or our INT8 kernel streaming the output
-    layer's weight (on some CPUs it reads faster than torch's own reductions); best of 2 each."""
-    import torch
-
-    from model_runtime import native
-    from model_runtime.quant.convert import quantized_linears
-
-    weights = [layer.kernel.published()[0] for layer in quantized_linears(model).values()]
-    total = sum(w.numel() for w in weights)
-    best = total / 1e9 / best_time(lambda: [w.view(torch.int64).sum() for w in weights], repeats=2)
-    head = getattr(model, "lm_head", None) or model.transformer.output_layer
-    if head in quantized_linears(model).values() and native.quant_linear_unavailable(8) is None:
-        weight = head.kernel.published()[0]
-        x, scale = torch.zeros(1, weight.shape[1], dtype=torch.bfloat16), torch.ones(weight.shape[0])
-        seconds = best_time(lambda: native.quant_linear(x, weight, scale, None, 8), repeats=2)
-        best = max(best, weight.numel() / 1e9 / seconds)
-    return best
-
-
 def onthefly_worker(args) -> dict:
     from model_runtime.loading.loader import load_model
     from model_runtime.quant.saving import save_quantized
@@ -247,7 +226,7 @@ def serve_worker(args) -> dict:
     gb_read = {context: bytes_read_per_token(model, context + 1 + args.tokens // 2) / 1e9 for context in contexts}
     ceilings, prefill_s = [], {context: [] for context in contexts}
     for _ in range(args.repeats):
-        ceilings.append(read_ceiling_gbs(model))
+        ceilings.append(weights_read_gbs(model))
         with peak.phase(row, "serve_peak_rss_gib"):
             for context in contexts:
                 seq, seconds = prefilled(context)

@@ -105,7 +105,7 @@ def test_default_follows_the_blocks_and_the_kernel(tiny_checkpoint, tiny_family_
     _, unquantized = load_model(folder, device="cpu", dtype="bfloat16")
     _, no_fused_kernel = load_model(folder, device="cpu", dtype="float32", quantize=4)  # int8pack: bf16 only
     for model in (opted_out, unquantized, no_fused_kernel):
-        assert type(model.lm_head) is torch.nn.Linear
+        assert isinstance(model.lm_head, torch.nn.Linear) and not isinstance(model.lm_head, QuantizedOutputLayer)
     _, forced = load_model(folder, device="cpu", dtype="bfloat16", lm_head="int8")
     assert isinstance(forced.lm_head, QuantizedOutputLayer)
     with pytest.raises(QuantizationError, match="fused int8 kernel"):
@@ -127,7 +127,7 @@ def test_chatglm6b_int8_head_changes_only_the_logits_and_is_never_saved(tiny_che
     save_quantized(model, tokenizer, tmp_path / "saved", float_dtype=torch.bfloat16)
     assert "output_layer_bit" not in json.loads((tmp_path / "saved" / "config.json").read_text())
     _, reloaded = load_model(tmp_path / "saved", device="cpu", lm_head="float")
-    assert type(reloaded.lm_head) is torch.nn.Linear
+    assert isinstance(reloaded.lm_head, torch.nn.Linear) and not isinstance(reloaded.lm_head, QuantizedOutputLayer)
     assert torch.equal(reloaded.logits(hidden), plain.logits(hidden))
 
 

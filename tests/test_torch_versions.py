@@ -50,7 +50,7 @@ def aten_as_in(monkeypatch):
         for cache in caches:
             cache.cache_clear()
         monkeypatch.setattr(torch.ops, "aten", _AtenAsIn(changes))
-        monkeypatch.setattr(native, "quant_linear_unavailable", lambda bits: "is switched off by this test")
+        monkeypatch.setattr(native, "linear_unavailable", lambda bits: "is switched off by this test")
 
     yield install
     monkeypatch.undo()

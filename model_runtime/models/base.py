@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..chat import stream
+from ..native.decode_linear import use_decode_linears
 from ..quant.convert import quantize_model, replace_linears, replace_output_layer
 from .kv_cache import KVCache
 from .prefix import prefix_layers
@@ -44,7 +45,8 @@ class GLMModel(nn.Module):
         the loader to fill tensor by tensor. With quantize=4|8 the blocks' Linear layers are empty
         QuantizedLinear modules (see quant/) that quantize float weights as they arrive; with
         int8_output_layer an untied output layer is an INT8 `QuantizedOutputLayer` filled the same
-        way (a tied one is derived from the loaded embedding: `quant.convert.quantize_lm_head`)."""
+        way (a tied one is derived from the loaded embedding: `quant.convert.quantize_lm_head`).
+        On CPU in bfloat16 the float Linear layers become `native.decode_linear.DecodeLinear`."""
         with torch.device("meta"):
             model = cls(config).to(dtype)
         if quantize:
@@ -53,6 +55,8 @@ class GLMModel(nn.Module):
             replace_output_layer(model)
         model.to_empty(device=device)
         model._after_to_empty(device)
+        if torch.device(device).type == "cpu" and dtype == torch.bfloat16:
+            use_decode_linears(model)  # the float Linear layers' decode steps on our kernel
         return model.eval()
 
     def _after_to_empty(self, device: torch.device) -> None:

@@ -1,6 +1,7 @@
 """Our C++ CPU kernels, for the two places where torch's own are far from the memory bandwidth in
-a decode step: quantized Linear layers (quant_matmul.cpp) and one-query-row attention to the KV
-cache (decode_attention.cpp). Both need AVX-512, checked at run time.
+a decode step: Linear layers with few input rows, bfloat16 or quantized (decode_matmul.cpp), and
+one-query-row attention to the KV cache (decode_attention.cpp). Both need AVX-512 (and
+AVX512-BF16 for bfloat16 and INT4 weights), checked at run time.
 
 They are built with torch's extension builder the first time a process asks for them on a machine
 (about 15 s with g++ and ninja; later processes load the cached build) and registered as
@@ -20,9 +21,9 @@ from torch.utils import cpp_extension
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("quant_matmul.cpp", "decode_attention.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("decode_matmul.cpp", "decode_attention.cpp")]
 EXTENSION = "chatglm_native_kernels"
-QUANT_IN_FEATURES_MULTIPLE = {8: 16, 4: 64}  # what quant_linear's loads assume
+IN_FEATURES_MULTIPLE = {16: 32, 8: 16, 4: 64}  # what `linear`'s loads assume, per weight width
 ATTENTION_HEAD_DIMS = (16, 32, 64, 128, 256)  # what decode_attention is built for
 
 
@@ -41,19 +42,21 @@ def build_error() -> Optional[str]:
     return None
 
 
-def quant_linear_unavailable(bits: int) -> Optional[str]:
-    """None when `quant_linear` of this width runs here (loading the extension), else why not."""
+def linear_unavailable(bits: int) -> Optional[str]:
+    """None when `linear` with weights of this width (16: bfloat16, 8 / 4: quantized) runs here
+    (loading the extension), else why not."""
     reason = build_error()
-    if reason is None and not torch.ops.chatglm.quant_linear_supported(bits):
-        reason = "needs a CPU with AVX-512" + (" and AVX512-BF16" if bits == 4 else "")
+    if reason is None and not torch.ops.chatglm.linear_supported(bits):
+        reason = "needs a CPU with AVX-512" + ("" if bits == 8 else " and AVX512-BF16")
     return reason
 
 
-def quant_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
-                 bits: int) -> torch.Tensor:
-    """(x @ q^T) * scale + bias in float32, returned in x's dtype (x: [rows, in_features]; the
-    weight in the published layout, quant/format.py). Ask `quant_linear_unavailable` first."""
-    return torch.ops.chatglm.quant_linear(x, weight, scale, bias, bits)
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+           bits: int) -> torch.Tensor:
+    """x @ w^T (* scale) + bias, summed in float32, in x's dtype (x: [rows, in_features]). bits 16:
+    a bfloat16 weight, no scale; 8 / 4: the published quantized layout (quant/format.py) and its
+    per-row scale. Ask `linear_unavailable(bits)` first: it loads the extension."""
+    return torch.ops.chatglm.linear(x, weight, scale, bias, bits)
 
 
 @functools.lru_cache(maxsize=None)

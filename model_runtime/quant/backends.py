@@ -3,7 +3,7 @@
 Backends (`KERNELS`):
   dequant             any device, and MPS's path: dequantize per call, then a float matmul.
   cpu-avx512          CPU with AVX-512 (INT4: and AVX512-BF16), bfloat16 activations: our own
-                      kernel (native/quant_matmul.cpp, built with g++ on first use), on the published
+                      kernel (native/decode_matmul.cpp, built with g++ on first use), on the published
                       layout as is; the first choice where it builds and the CPU has it.
   cpu-int8pack        CPU, INT8, bfloat16 activations: torch's fused `_weight_int8pack_mm`, on the
                       published int8 layout as is (no second copy).

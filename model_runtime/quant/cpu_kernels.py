@@ -25,7 +25,7 @@ def _cpu_bf16_only(device, dtype) -> Optional[str]:
 
 class CpuAvx512Kernel(DequantKernel):
     """INT8 and INT4 on CPUs with AVX-512 (INT4 also needs AVX512-BF16): our own fused kernel
-    (native/quant_matmul.cpp, built on first use) on the published layout as is, with no
+    (native/decode_matmul.cpp, built on first use) on the published layout as is, with no
     second copy. Decode-sized inputs read each weight byte once at close to the memory bandwidth
     (torch's int8pack / int4pack kernels are compute-bound there: benchmarks/quant.py). Many rows:
     DequantKernel's path (dequantize into the scratch buffer, one bf16 GEMM)."""
@@ -34,17 +34,17 @@ class CpuAvx512Kernel(DequantKernel):
 
     @classmethod
     def unavailable(cls, device, bits, dtype):
-        return _cpu_bf16_only(device, dtype) or native.quant_linear_unavailable(bits)
+        return _cpu_bf16_only(device, dtype) or native.linear_unavailable(bits)
 
     @classmethod
     def prepare(cls, weight, scale, bits):
-        if (weight.shape[1] * 8 // bits) % native.QUANT_IN_FEATURES_MULTIPLE[bits]:
+        if (weight.shape[1] * 8 // bits) % native.IN_FEATURES_MULTIPLE[bits]:
             return DequantKernel(weight, scale, bits)  # shapes the kernel does not cover: tiny models only
         return cls(weight, scale, bits)
 
     def __init__(self, weight, scale, bits):
         super().__init__(weight, scale, bits)
-        reason = native.quant_linear_unavailable(bits)
+        reason = native.linear_unavailable(bits)
         if reason:
             raise RuntimeError(f"{self.name} {reason}")
         # rows above which dequantize + GEMM is faster (measured at 1-64 rows, full-size shapes)
@@ -52,7 +52,7 @@ class CpuAvx512Kernel(DequantKernel):
 
     def matmul(self, x, bias):
         if x.shape[0] <= self.gemm_above:
-            return native.quant_linear(x, self.weight, self.scale32, bias, self.bits)
+            return native.linear(x, self.weight, self.scale32, bias, self.bits)
         return super().matmul(x, bias)
 
 

@@ -1,18 +1,21 @@
-// Weight-only INT8 / INT4 matmul for a few rows of activations (decode steps) on AVX-512 CPUs,
-// reading the published ChatGLM layout in place (quant/format.py): int8 [N, K], or int8 [N, K/2]
-// with the even input element in the high nibble; a float per-row scale; an optional bias.
+// Linear layers for a few rows of activations (decode steps) on AVX-512 CPUs, streaming the
+// weights once: bfloat16 weights [N, K], or the published ChatGLM quantized layout read in place
+// (quant/format.py): int8 [N, K], or int8 [N, K/2] with the even input element in the high nibble,
+// with a float per-row scale; an optional bias.
 //
-//   y[m, n] = (sum_k x[m, k] * q[n, k]) * scale[n] + bias[n], accumulated in float32.
+//   y[m, n] = (sum_k x[m, k] * w[n, k]) * scale[n] + bias[n], accumulated in float32.
 //
 // Why: torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` are compute-bound on one
 // token (they convert every weight to float with cross-lane shuffles, and INT4 needs a repacked
-// copy); a decode step should be bound by reading the weights once. Two measured choices:
+// copy), and its bfloat16 GEMV reads about half the bandwidth; a decode step should be bound by
+// reading the weights once. Measured choices:
 //   - rows in blocks of 4, each block streamed together while the next block is prefetched into
 //     L2 (not L1, which keeps the activations: prefetching into L1 read 19-25 GB/s on a 2-core
 //     Zen 4, into L2 28-36); one sequential stream per row left the hardware prefetcher behind;
 //   - INT4 turns each nibble into an exact bfloat16 with one table permute and multiplies with
 //     `vdpbf16ps` (32 products per instruction); the activations are permuted once per call so
 //     that the nibbles of a 64-byte load line up with them. INT8 widens bytes to float32.
+//     bfloat16 weights go to `vdpbf16ps` as they are.
 // Products are exact (bf16 x 8-bit integer); only the float32 summation order differs from the
 // float64 reference. (INT4 rounds float32 activations to bf16; the model's are bf16 already.) Built on first use by model_runtime/native (torch.utils.cpp_extension).
 #include <ATen/Parallel.h>
@@ -103,6 +106,31 @@ void int4_block(const uint16_t* x, int64_t K, const uint8_t* q, int64_t n0, int6
     for (int r = 0; r < kBlockRows; ++r) sums[m * kBlockRows + r] = _mm512_reduce_add_ps(acc[m][r]);
 }
 
+// x: bfloat16 bits [M, K], K a multiple of 32.
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+void bf16_block(const uint16_t* x, int64_t K, const uint16_t* q, int64_t n0, int64_t rows, float* sums) {
+  __m512 acc[M][kBlockRows];
+  const uint16_t* w[kBlockRows];
+  for (int r = 0; r < kBlockRows; ++r) {
+    w[r] = q + (n0 + (r < rows ? r : 0)) * K;
+    for (int m = 0; m < M; ++m) acc[m][r] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512bh wb[kBlockRows];
+    for (int r = 0; r < kBlockRows; ++r) {
+      wb[r] = (__m512bh)_mm512_loadu_si512(w[r] + k);
+      _mm_prefetch(reinterpret_cast<const char*>(w[r] + k + kBlockRows * K), _MM_HINT_T1);
+    }
+    for (int m = 0; m < M; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+      for (int r = 0; r < kBlockRows; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wb[r], xv);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < kBlockRows; ++r) sums[m * kBlockRows + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
 template <typename X, typename W>
 using BlockFn = void (*)(const X*, int64_t, const W*, int64_t, int64_t, float*);
 
@@ -120,23 +148,30 @@ void run_blocks(const X* x, int64_t x_stride, int64_t M, int64_t K, const W* q, 
         for (int64_t m = 0; m < group; ++m)
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t n = n0 + r;
-            out[(m0 + m) * N + n] = sums[m * kBlockRows + r] * scale[n] + (bias ? bias[n] : 0.0f);
+            out[(m0 + m) * N + n] = sums[m * kBlockRows + r] * (scale ? scale[n] : 1.0f) + (bias ? bias[n] : 0.0f);
           }
       }
     }
   });
 }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+// bits 16: bfloat16 weights, no scale; 8 / 4: the published quantized layout with its scale.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
                   const c10::optional<at::Tensor>& bias, int64_t bits) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(),
-              "x [M, K] and a contiguous int8 weight expected");
-  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
+  TORCH_CHECK(bits == 16 || bits == 8 || bits == 4, "bits must be 16, 8 or 4");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && weight.is_contiguous() &&
+              weight.scalar_type() == (bits == 16 ? at::kBFloat16 : at::kChar),
+              "x [M, K] and a contiguous weight (bfloat16 for 16 bits, else int8) expected");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK(weight.size(1) * 8 / bits == K, "weight does not match x");
-  TORCH_CHECK(K % (bits == 8 ? 16 : 64) == 0, "K must be a multiple of ", bits == 8 ? 16 : 64);
-  const at::Tensor scale32 = scale.to(at::kFloat).contiguous();
-  TORCH_CHECK(scale32.numel() == N, "one scale per output row expected");
+  TORCH_CHECK(weight.size(1) == (bits == 4 ? K / 2 : K), "weight does not match x");
+  const int64_t multiple = bits == 16 ? 32 : bits == 8 ? 16 : 64;
+  TORCH_CHECK(K % multiple == 0, "K must be a multiple of ", multiple);
+  at::Tensor scale32;
+  if (bits != 16) {
+    TORCH_CHECK(scale.has_value() && scale->defined(), "a quantized weight needs its scale");
+    scale32 = scale->to(at::kFloat).contiguous();
+    TORCH_CHECK(scale32.numel() == N, "one scale per output row expected");
+  }
   at::Tensor bias32;
   if (bias.has_value() && bias->defined()) {
     bias32 = bias->to(at::kFloat).contiguous();
@@ -144,7 +179,13 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   }
   const float* bias_ptr = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  if (bits == 8) {
+  if (bits == 16) {
+    static const BlockFn<uint16_t, uint16_t> by_group[] = {bf16_block<1>, bf16_block<2>, bf16_block<3>, bf16_block<4>};
+    const at::Tensor xb = x.to(at::kBFloat16).contiguous();
+    run_blocks(reinterpret_cast<const uint16_t*>(xb.data_ptr()), K, M, K,
+               reinterpret_cast<const uint16_t*>(weight.data_ptr()), N, nullptr, bias_ptr, out.data_ptr<float>(),
+               by_group);
+  } else if (bits == 8) {
     static const BlockFn<float, int8_t> by_group[] = {int8_block<1>, int8_block<2>, int8_block<3>, int8_block<4>};
     const at::Tensor x32 = x.to(at::kFloat).contiguous();
     run_blocks(x32.data_ptr<float>(), K, M, K, weight.data_ptr<int8_t>(), N, scale32.data_ptr<float>(), bias_ptr,
@@ -167,13 +208,13 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
 bool supported(int64_t bits) {
   __builtin_cpu_init();
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-  return bits == 8 ? avx512 : avx512 && __builtin_cpu_supports("avx512bf16");
+  return bits == 8 ? avx512 : avx512 && __builtin_cpu_supports("avx512bf16");  // 16 and 4: vdpbf16ps
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(chatglm, m) {
-  m.def("quant_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias, int bits) -> Tensor");
-  m.def("quant_linear_supported(int bits) -> bool", &supported);
+  m.def("linear(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, int bits) -> Tensor");
+  m.def("linear_supported(int bits) -> bool", &supported);
 }
-TORCH_LIBRARY_IMPL(chatglm, CPU, m) { m.impl("quant_linear", &linear); }
+TORCH_LIBRARY_IMPL(chatglm, CPU, m) { m.impl("linear", &linear); }

@@ -1,14 +1,19 @@
-"""Our own quantized matmul for AVX-512 CPUs (model_runtime/native/quant_matmul.cpp): its
-arithmetic against the float64 reference at every row count and awkward shape, that it reads
-the published weight in place, and that a machine where it cannot be built falls back to torch's
-kernels and says why."""
+"""Our decode-step matmul for AVX-512 CPUs (model_runtime/native/decode_matmul.cpp), quantized
+and bfloat16: its arithmetic against the float64 reference at every row count and awkward shape,
+that it reads the published weight in place, that bfloat16 models' Linear layers use it only
+where it applies, and that a machine where it cannot be built falls back to torch's kernels and
+says why."""
 import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from model_runtime.loading.loader import load_model
 from model_runtime import native
+from model_runtime.native import decode_linear
+from model_runtime.native.decode_linear import DECODE_ROWS, DecodeLinear
 from model_runtime.quant import backends
 from model_runtime.quant.backends import KERNELS, choose_kernel
 from model_runtime.quant.convert import quantized_linears
@@ -24,7 +29,7 @@ SHAPES = {8: [(4097, 48), (13, 16), (512, 4096)], 4: [(4097, 64), (13, 192), (51
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_matches_the_reference_at_every_row_count_and_shape(bits):
-    assert native.quant_linear_unavailable(bits) is None  # builds (g++ and ninja are requirements) and runs here
+    assert native.linear_unavailable(bits) is None  # builds (g++ and ninja are requirements) and runs here
     generator = torch.Generator().manual_seed(bits)
     for out_features, in_features in SHAPES[bits]:
         weight, scale = quantize_weight(torch.randn(out_features, in_features, generator=generator), bits)
@@ -33,11 +38,11 @@ def test_matches_the_reference_at_every_row_count_and_shape(bits):
             # bfloat16 values (INT4 multiplies in bfloat16), given in float32 to see the float32 sums:
             # the products are exact, only the order of the float32 sums differs from the reference
             x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16).float()
-            assert relative_error(native.quant_linear(x, weight, scale, bias, bits),
+            assert relative_error(native.linear(x, weight, scale, bias, bits),
                                   reference_linear(x, weight, scale, bits, bias)) < 1e-6, (out_features, rows)
             # bfloat16 activations (the model's): only the output is rounded to bfloat16
             xb = x.to(torch.bfloat16)
-            got = native.quant_linear(xb, weight, scale, bias.to(torch.bfloat16), bits)
+            got = native.linear(xb, weight, scale, bias.to(torch.bfloat16), bits)
             assert got.dtype == torch.bfloat16
             assert relative_error(got, reference_linear(xb, weight, scale, bits, bias.to(torch.bfloat16))) < 4e-3
 
@@ -80,3 +85,39 @@ def test_a_machine_that_cannot_build_it_gets_torchs_kernels_and_the_reason(monke
         for cache in caches:
             cache.cache_clear()
     assert choose_kernel("cpu", 8, torch.bfloat16).name == "cpu-avx512"  # the real build is back
+
+
+def test_bfloat16_weights_match_the_reference_as_closely_as_torch():
+    assert native.linear_unavailable(16) is None
+    generator = torch.Generator().manual_seed(16)
+    for out_features, in_features in ((4097, 32), (13, 96), (512, 4096)):
+        weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
+        bias = torch.randn(out_features, generator=generator).to(torch.bfloat16)
+        for rows in (1, 3, 4, 5, 9):
+            x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
+            expected = F.linear(x.double(), weight.double(), bias.double())
+            got = native.linear(x, weight, None, bias, 16)
+            assert got.dtype == torch.bfloat16
+            assert relative_error(got, expected) <= 1.1 * relative_error(F.linear(x, weight, bias), expected) + 1e-6
+
+
+def test_a_bfloat16_model_decodes_through_it_and_prefills_through_torch(tiny_checkpoint, monkeypatch):
+    _, model = load_model(tiny_checkpoint, device="cpu", dtype="bfloat16")
+    _, reference = load_model(tiny_checkpoint, device="cpu", dtype="float32")
+    swapped = [name for name, module in model.named_modules() if type(module) is DecodeLinear]
+    plain = [name for name, module in reference.named_modules() if type(module) is nn.Linear]
+    assert swapped == plain and swapped  # every float Linear (in_features are multiples of 32 here)
+    assert model.lm_head.weight is model.transformer.word_embeddings.weight  # the tie survives
+    assert list(model.state_dict()) == list(reference.state_dict())
+    layer = model.transformer.layers[0].mlp.dense_h_to_4h
+    calls = []
+    monkeypatch.setattr(decode_linear, "linear", lambda *args: calls.append(args[0].shape) or native.linear(*args))
+    with torch.inference_mode():
+        for rows in (1, DECODE_ROWS, DECODE_ROWS + 1):
+            x = torch.randn(1, rows, layer.in_features).to(torch.bfloat16)
+            expected = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+            assert relative_error(layer(x), expected) < 4e-3
+    assert calls == [(1, layer.in_features), (DECODE_ROWS, layer.in_features)]  # not the 33-row prefill
+    x = torch.randn(2, layer.in_features).to(torch.bfloat16)
+    layer(x).float().sum().backward()  # with autograd: torch's path, so gradients flow
+    assert layer.weight.grad is not None and len(calls) == 2
