@@ -85,7 +85,8 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def native_decode_attention(device, dtype, grouped: bool, head_dim: int) -> bool:
     """Whether decode steps use our kernel (native/decode_attention.cpp): CPU, a bfloat16 cache,
     ungrouped heads (ChatGLM-6B), AVX-512 and a build. Per ChatGLM-6B layer at 512 / 2048 keys,
-    2 threads: 0.11 / 0.74 ms against SDPA's 2.0 / 8.0 ms (benchmarks/attention.py)."""
+    2 threads, each layer's cache cold: 0.37 / 1.1 ms against SDPA's 2.0 / 8.6 ms
+    (benchmarks/attention.py)."""
     return (torch.device(device).type == "cpu" and dtype == torch.bfloat16 and not grouped
             and head_dim in native.ATTENTION_HEAD_DIMS and native.decode_attention_unavailable() is None)
 

@@ -22,7 +22,7 @@ class DecodeLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if (rows <= DECODE_ROWS and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.bfloat16
-                and not (torch.is_grad_enabled() and self.weight.requires_grad)):
+                and self.weight.is_contiguous() and not (torch.is_grad_enabled() and self.weight.requires_grad)):
             out = linear(x.reshape(rows, self.in_features), self.weight, None, self.bias, 16)
             return out.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
