@@ -32,17 +32,22 @@ def memory_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
     Zen 4 that reads a third faster than torch's reductions: a ceiling from the sum alone would
     be beaten)."""
     buffer = torch.ones(int(gib * 2**30) // 4)
-    reads = [buffer.sum]
+    reads = [(buffer.sum, buffer.nbytes)]
     if native.linear_unavailable(16) is None:
         weight, x = buffer.view(torch.bfloat16).view(-1, 4096), torch.zeros(1, 4096, dtype=torch.bfloat16)
-        reads.append(lambda: native.linear(x, weight, None, None, 16))
-    best = float("inf")
-    for read in reads:
+        reads.append((lambda: native.linear(x, weight, None, None, 16), buffer.nbytes))
+    return fastest_read_gbs(reads, repeats)
+
+
+def fastest_read_gbs(reads, repeats: int) -> float:
+    """GB/s of the fastest of `repeats` runs of any (read, bytes it reads) in reads."""
+    best = 0.0
+    for read, nbytes in reads:
         for _ in range(repeats):
             start = time.perf_counter()
             read()
-            best = min(best, time.perf_counter() - start)
-    return buffer.numel() * 4 / best / 1e9
+            best = max(best, nbytes / (time.perf_counter() - start) / 1e9)
+    return best
 
 
 def weights_read_gbs(model, repeats: int = 2) -> float:
@@ -66,13 +71,7 @@ def weights_read_gbs(model, repeats: int = 2) -> float:
         x = torch.zeros(1, largest.shape[1], dtype=torch.bfloat16)
         scale = None if bits == 16 else torch.ones(largest.shape[0])
         reads.append((lambda: native.linear(x, largest, scale, None, bits), largest.nbytes))
-    best = 0.0
-    for read, nbytes in reads:
-        for _ in range(repeats):
-            start = time.perf_counter()
-            read()
-            best = max(best, nbytes / (time.perf_counter() - start) / 1e9)
-    return best
+    return fastest_read_gbs(reads, repeats)
 
 
 def gemm_gflops(m: int = 512, k: int = 4096, n: int = 4096, repeats: int = 5) -> float:

@@ -109,6 +109,7 @@ class LayerCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.native_decode = native_decode
         self.decode_rows: Optional[Sequence[tuple[int, int]]] = None
+        self.decode_slots_lengths: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # decode_rows for our kernel
         self.whole = False  # row i of the forward is slot i, for every slot: read the whole cache in place
         self.scratch = scratch  # CPU: float32 chunk buffer of `single_query_attention`, shared by the layers
         self.grouped = grouped  # more query heads than key/value heads
@@ -140,9 +141,7 @@ class LayerCache:
         """One new token per row: it sees every cached column of its slot up to its own (GLM's
         bidirectional prefix lies before it too), so no mask is needed."""
         if self.native_decode:
-            slots = torch.tensor([slot for slot, _ in rows])
-            lengths = torch.tensor([kv_len for _, kv_len in rows])
-            return native.decode_attention(q[:, 0], self.k, self.v, slots, lengths)[:, None]
+            return native.decode_attention(q[:, 0], self.k, self.v, *self.decode_slots_lengths)[:, None]
         out = torch.empty_like(q)
         many = len(rows) >= MANY_ROWS
         one_chunk = SCORE_CHUNK_ELEMENTS // (self.k.shape[1] * self.k.shape[3])  # keys widened in one go
@@ -179,8 +178,11 @@ class KVCache:
         attention then reads each slot in place); None for any other forward. whole: the next
         forward has one row per slot, row i being slot i (the mask says what each row sees), and
         attends to the whole cache without copying it: fixed shapes for a compiled decode step."""
+        slots_lengths = None if rows is None else (torch.tensor([slot for slot, _ in rows]),
+                                                   torch.tensor([length for _, length in rows]))
         for layer in self.layers:
             layer.decode_rows = rows
+            layer.decode_slots_lengths = slots_lengths  # made once per step, not once per layer
             layer.whole = whole
 
     def mark_static_addresses(self) -> None:
