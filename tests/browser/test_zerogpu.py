@@ -108,6 +108,9 @@ def test_regenerate_makes_a_new_gpu_call(new_page, app_server):
     calls = len(app_server.calls.all())
     page.click('#chatbot button[aria-label="Retry"]')
     wait_until(lambda: len(app_server.calls.all()) == calls + 1, 10, "Retry made no GPU call")
+    # The call starts before the page hears of it: wait for the page to show the new answer running
+    # (Stop enabled), else a loaded machine lets wait_done read the first tokens as the whole answer.
+    expect(page.locator("#stop")).to_be_enabled(timeout=10_000)
     again = wait_done(page, 1)
     assert again == first  # greedy: the same answer again, in place of the old one
     assert len(page.locator(BOT).all_inner_texts()) == 1
