@@ -36,6 +36,24 @@ constexpr int64_t kBlockRows = 4;   // weight rows streamed together
 constexpr int kMaxGroup = 4;        // activation rows computed per pass over a block
 constexpr int64_t kGrainBlocks = 16;
 
+// Where a block starts: pointers to its weight rows (`row_len` elements each; past the last row,
+// row n0 again: computed and discarded) and zeroed accumulators.
+template <int M, typename W>
+__attribute__((target("avx512f"), always_inline)) inline void start_block(
+    const W* q, int64_t row_len, int64_t n0, int64_t rows, const W* (&w)[kBlockRows], __m512 (&acc)[M][kBlockRows]) {
+  for (int r = 0; r < kBlockRows; ++r) {
+    w[r] = q + (n0 + (r < rows ? r : 0)) * row_len;
+    for (int m = 0; m < M; ++m) acc[m][r] = _mm512_setzero_ps();
+  }
+}
+
+// Where it ends: sums[m * kBlockRows + r] for activation row m and weight row n0 + r.
+template <int M>
+__attribute__((target("avx512f"), always_inline)) inline void finish_block(__m512 (&acc)[M][kBlockRows], float* sums) {
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < kBlockRows; ++r) sums[m * kBlockRows + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
 // Sums of one block: acc[m * kBlockRows + r] for rows n0 + r of the weight.
 template <int M>
 __attribute__((target("avx512f,avx512bw")))
@@ -43,10 +61,7 @@ void int8_block(const float* x, int64_t K, const int8_t* q, int64_t n0, int64_t 
   // x: float32 [M, K] (K a multiple of 16)
   __m512 acc[M][kBlockRows];
   const int8_t* w[kBlockRows];
-  for (int r = 0; r < kBlockRows; ++r) {
-    w[r] = q + (n0 + (r < rows ? r : 0)) * K;  // past the last row: recompute row 0, discarded
-    for (int m = 0; m < M; ++m) acc[m][r] = _mm512_setzero_ps();
-  }
+  start_block<M>(q, K, n0, rows, w, acc);
   for (int64_t k = 0; k < K; k += 16) {
     if ((k & 63) == 0)
       for (int r = 0; r < kBlockRows; ++r)
@@ -59,8 +74,7 @@ void int8_block(const float* x, int64_t K, const int8_t* q, int64_t n0, int64_t 
       for (int r = 0; r < kBlockRows; ++r) acc[m][r] = _mm512_fmadd_ps(wf[r], xv, acc[m][r]);
     }
   }
-  for (int m = 0; m < M; ++m)
-    for (int r = 0; r < kBlockRows; ++r) sums[m * kBlockRows + r] = _mm512_reduce_add_ps(acc[m][r]);
+  finish_block<M>(acc, sums);
 }
 
 // x: bfloat16 bits [M, Kp/128, 4, 32] (K zero-padded to Kp, a multiple of 128), with
@@ -81,10 +95,7 @@ void int4_block(const uint16_t* x, int64_t K, const uint8_t* q, int64_t n0, int6
   const int64_t row_bytes = K / 2;
   __m512 acc[M][kBlockRows];
   const uint8_t* w[kBlockRows];
-  for (int r = 0; r < kBlockRows; ++r) {
-    w[r] = q + (n0 + (r < rows ? r : 0)) * row_bytes;
-    for (int m = 0; m < M; ++m) acc[m][r] = _mm512_setzero_ps();
-  }
+  start_block<M>(q, row_bytes, n0, rows, w, acc);
   for (int64_t c = 0; c < row_bytes; c += 64) {
     __m512i packed[kBlockRows];
     for (int r = 0; r < kBlockRows; ++r) {
@@ -102,8 +113,7 @@ void int4_block(const uint16_t* x, int64_t K, const uint8_t* q, int64_t n0, int6
       }
     }
   }
-  for (int m = 0; m < M; ++m)
-    for (int r = 0; r < kBlockRows; ++r) sums[m * kBlockRows + r] = _mm512_reduce_add_ps(acc[m][r]);
+  finish_block<M>(acc, sums);
 }
 
 // x: bfloat16 bits [M, K], K a multiple of 32.
@@ -112,10 +122,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16")))
 void bf16_block(const uint16_t* x, int64_t K, const uint16_t* q, int64_t n0, int64_t rows, float* sums) {
   __m512 acc[M][kBlockRows];
   const uint16_t* w[kBlockRows];
-  for (int r = 0; r < kBlockRows; ++r) {
-    w[r] = q + (n0 + (r < rows ? r : 0)) * K;
-    for (int m = 0; m < M; ++m) acc[m][r] = _mm512_setzero_ps();
-  }
+  start_block<M>(q, K, n0, rows, w, acc);
   for (int64_t k = 0; k < K; k += 32) {
     __m512bh wb[kBlockRows];
     for (int r = 0; r < kBlockRows; ++r) {
@@ -127,8 +134,7 @@ void bf16_block(const uint16_t* x, int64_t K, const uint16_t* q, int64_t n0, int
       for (int r = 0; r < kBlockRows; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wb[r], xv);
     }
   }
-  for (int m = 0; m < M; ++m)
-    for (int r = 0; r < kBlockRows; ++r) sums[m * kBlockRows + r] = _mm512_reduce_add_ps(acc[m][r]);
+  finish_block<M>(acc, sums);
 }
 
 template <typename X, typename W>
