@@ -11,9 +11,11 @@ import os
 import signal
 import sys
 import time
+from typing import Optional
 
 from webdemo import limits
 from webdemo.access import AccessPolicy
+from webdemo.fair_share import DEFAULT_PER_CLIENT, FairShareBackend
 from webdemo.hf_spaces import ZEROGPU_API_MESSAGE, running_on_spaces, zero_gpu, zerogpu_call
 
 DEFAULT_MODEL = "THUDM/chatglm-6b"
@@ -134,6 +136,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                         default=[o.strip() for o in str(env("CHATGLM_CORS_ORIGINS", "")).split(",") if o.strip()],
                         help="let browser pages from ORIGIN (e.g. https://app.example.com) call /v1; repeatable "
                              "(env CHATGLM_CORS_ORIGINS, comma-separated; default: none)")
+    server.add_argument("--allowed-hosts", metavar="HOSTS", default=env("CHATGLM_ALLOWED_HOSTS"),
+                        help="comma-separated host names the server answers to (Host and X-Forwarded-Host); others "
+                             "get 400, which stops DNS rebinding. 'example.com' exactly, '.example.com' with its "
+                             "subdomains, '*' any. localhost names always work (env CHATGLM_ALLOWED_HOSTS; default: "
+                             "the --host address, on 0.0.0.0 this machine's names and addresses, *.gradio.live with "
+                             "--share, the Space's host on Hugging Face Spaces)")
+    server.add_argument("--forwarded-allow-ips", metavar="IPS", default=env("CHATGLM_FORWARDED_ALLOW_IPS"),
+                        help="comma-separated addresses of reverse proxies whose X-Forwarded-For names the client, "
+                             "for per-client limits; '*' trusts any peer (env CHATGLM_FORWARDED_ALLOW_IPS; default: "
+                             "'*' on Hugging Face Spaces, none elsewhere)")
+    server.add_argument("--max-per-client", type=positive_int, metavar="N",
+                        default=env("CHATGLM_MAX_PER_CLIENT", DEFAULT_PER_CLIENT),
+                        help="answers one client (address) may have running or waiting at once, page and /v1 "
+                             "together; more are refused with 429 (env CHATGLM_MAX_PER_CLIENT; default %(default)s)")
     server.add_argument("--max-body-bytes", type=positive_int,
                         default=int(env("CHATGLM_MAX_BODY_BYTES", limits.MAX_BODY_BYTES)),
                         help="largest request body on any route; larger ones get 413 "
@@ -207,6 +223,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                      "give --ptuning-checkpoint DIR too")
     if args.backend == "openai" and not args.api_base:
         parser.error("--backend openai needs --api-base URL (the remote server's /v1 root)")
+    try:
+        args.max_per_client = positive_int(str(args.max_per_client))
+    except (ValueError, argparse.ArgumentTypeError):
+        parser.error(f"CHATGLM_MAX_PER_CLIENT: expected a whole number >= 1, got {args.max_per_client!r}")
     if args.step_delay < 0:
         parser.error("--step-delay must be >= 0")
     problem = access_policy(args).startup_problem(args.host, args.share and not running_on_spaces())
@@ -215,8 +235,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def comma_list(value: Optional[str]) -> Optional[tuple[str, ...]]:
+    return None if value is None else tuple(part.strip() for part in value.split(",") if part.strip())
+
+
 def access_policy(args: argparse.Namespace) -> AccessPolicy:
-    return AccessPolicy(login=args.auth, api_key=args.require_api_key, cors_origins=tuple(args.cors_origin))
+    trusted = comma_list(args.forwarded_allow_ips)
+    return AccessPolicy(login=args.auth, api_key=args.require_api_key, cors_origins=tuple(args.cors_origin),
+                        allowed_hosts=comma_list(args.allowed_hosts),
+                        trusted_proxies=trusted if trusted is not None else ("*",) if running_on_spaces() else ())
 
 
 def server_limits(args: argparse.Namespace) -> limits.Limits:
@@ -296,7 +323,8 @@ class StopRequests:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    backend = load_backend(args)  # Ctrl+C or SIGTERM here simply end the process: nothing to drain yet
+    # Ctrl+C or SIGTERM here simply end the process: nothing to drain yet
+    backend = FairShareBackend(load_backend(args), per_client=args.max_per_client)
     stop = StopRequests()
     from webdemo.server import start_server
     from webdemo.ui import build_page

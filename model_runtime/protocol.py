@@ -144,6 +144,9 @@ class ChatRequest:
     # Functions the model may call (models with ModelInfo.supports_tools only) and how it may.
     tools: tuple[Tool, ...] = ()
     tool_choice: ToolChoice = ToolChoice()
+    # Who asked, for per-client shares of the backend (a front end's own word for the client:
+    # its address or credential, never a raw client-sent value). Backends themselves ignore it.
+    client: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """webdemo.conversation: stored history, settings checks, cancelling, the readout; streaming
 through the real Engine on the tiny checkpoint. webdemo.library and webdemo.importing: the
 conversations a browser keeps, and reading one back from its download."""
+import base64
 import json
+import random
 import threading
 import time
 
@@ -11,8 +13,10 @@ from model_runtime.protocol import SamplingParams
 from tests.test_webdemo_page import RecordingBackend
 from webdemo.conversation import (ActiveStreams, Progress, check_message, check_settings, clean_history, fit_history,
                                   readout, stream_answer)
-from webdemo.importing import MAX_IMPORT_BYTES, ImportRefused, read_export
-from webdemo.library import ANSWER_RESERVE_BYTES, MAX_CONVERSATIONS, json_bytes, read_library, store_limit
+from webdemo.sealed_store import StoreSeal
+from webdemo.importing import MAX_IMPORT_BYTES, ImportRefused, decode_upload, read_export
+from webdemo.library import (ANSWER_RESERVE_BYTES, MAX_CONVERSATIONS, LibraryInvalid, json_bytes, read_library,
+                             store_limit)
 from webdemo.limits import MAX_BODY_BYTES, MAX_MESSAGE_CHARS, LimitExceeded, Limits
 from webdemo.render import conversation_json
 
@@ -241,15 +245,21 @@ def read(value):
                         settings_valid=lambda s: isinstance(s["max_length"], int) and 1 <= s["max_length"] <= 64)
 
 
-def test_read_library_replaces_what_is_malformed():
-    for junk in (None, "x", 7, {"chats": "x"}, {"chats": []}, {"chats": [1, "a", None]}):
-        library = read(junk)
+def test_read_library_refuses_a_wrong_shape_and_replaces_what_is_malformed_within_it():
+    for empty in (None, {"chats": []}, {"version": 1, "current": "00000000000000aa", "chats": []}):
+        library = read(empty)
         assert len(library.chats) == 1 and library.current.messages == [] and library.current.settings == DEFAULTS
+    for junk in ("x", 7, {"chats": "x"}, {"chats": [1, "a", None]}, {"current": ["a"], "chats": []},
+                 {"current": {"a": 1}, "chats": [{"messages": TURN}]}, {"version": True, "chats": []},
+                 {"chats": [], "html": "<b>"}, {"chats": [{"title": 5, "messages": TURN}]},
+                 {"chats": [{"messages": "x"}]}, {"chats": [{"id": 1}]}, {"chats": [{"settings": []}]}):
+        with pytest.raises(LibraryInvalid):
+            read(junk)
     legacy = read(TURN)  # the one-conversation page's value
     assert [chat.messages for chat in legacy.chats] == [TURN]
     value = {"current": "../etc", "chats": [
         {"id": "../../x", "title": "t" * 500, "settings": {"max_length": 10**9}, "messages": TURN},
-        {"id": "00000000000000aa", "title": 5, "settings": {"max_length": 32, "system": "s" * 101}, "messages": TURN},
+        {"id": "00000000000000aa", "title": "", "settings": {"max_length": 32, "system": "s" * 101}, "messages": TURN},
         {"id": "00000000000000aa", "settings": {"max_length": 32, "top_p": 0.5, "temperature": 0, "system": "hi"},
          "messages": [TURN[0]] * 3}]}
     library = read(value)
@@ -294,13 +304,17 @@ def test_library_operations():
 
 
 def test_a_full_store_fits_the_body_limit_with_the_largest_message():
-    """The worst request body that carries the store: the store at its limit, a message and a
-    system prompt of the most characters, each the costliest to encode (\\u0001 is 6 bytes)."""
+    """The worst request body that carries the store: the store at its limit, sealed (random
+    CJK text, which compresses least), a message and a system prompt of the most characters,
+    each the costliest to encode (\\u0001 is 6 bytes)."""
     limit = store_limit(MAX_BODY_BYTES)
     largest = "\x01" * MAX_MESSAGE_CHARS
-    store = {"chats": [{"messages": [{"role": "user", "content": "界" * (limit // 3 - 100)}]}]}
+    noise = random.Random(5)
+    text = "".join(chr(noise.randrange(0x4E00, 0x9FFF)) for _ in range(limit // 3 - 100))
+    store = {"chats": [{"messages": [{"role": "user", "content": text}]}]}
     assert json_bytes(store) <= limit
-    body = {"data": [largest, store, 2048, 0.7, 0.95, largest], "fn_index": 99, "trigger_id": 99,
+    sealed = StoreSeal("key").seal(store)
+    body = {"data": [largest, sealed, 2048, 0.7, 0.95, largest], "fn_index": 99, "trigger_id": 99,
             "session_hash": "s" * 64, "event_data": None}
     assert json_bytes(body) < 0.75 * MAX_BODY_BYTES
     assert ANSWER_RESERVE_BYTES < limit // 4
@@ -315,7 +329,7 @@ def export_file(tmp_path, content, name="chat.json"):
 def test_read_export_round_trips_a_download(tmp_path):
     history = [{"role": "user", "content": "中文 <script>x</script> $x^2$"}, {"role": "assistant", "content": "好\x00"}]
     path = export_file(tmp_path, conversation_json(history, "model"))
-    assert read_export(path, Limits()) == [history[0], {"role": "assistant", "content": "好"}]  # NUL dropped
+    assert read_export(path.read_bytes(), Limits()) == [history[0], {"role": "assistant", "content": "好"}]  # NUL dropped
 
 
 @pytest.mark.parametrize("content, reason", [
@@ -334,20 +348,23 @@ def test_read_export_round_trips_a_download(tmp_path):
 ])
 def test_read_export_refuses_malformed_files(tmp_path, content, reason):
     with pytest.raises(ImportRefused, match=reason):
-        read_export(export_file(tmp_path, content), Limits())
+        read_export(export_file(tmp_path, content).read_bytes(), Limits())
 
 
 def test_read_export_refuses_big_files_and_conversations_over_the_limits(tmp_path):
-    started = time.perf_counter()
     with pytest.raises(ImportRefused, match="larger than 256 KiB"):
-        read_export(export_file(tmp_path, b" " * (200 << 20)), Limits())  # 200 MB: only 256 KiB + 1 read
-    assert time.perf_counter() - started < 1.0
+        decode_upload("A" * (200 << 20))  # refused by its length, undecoded
+    with pytest.raises(ImportRefused, match="larger than 256 KiB"):
+        decode_upload(base64.b64encode(b" " * (MAX_IMPORT_BYTES + 1)).decode())
+    assert decode_upload(base64.b64encode(b" " * MAX_IMPORT_BYTES).decode()) == b" " * MAX_IMPORT_BYTES
+    with pytest.raises(ImportRefused, match="not base64"):
+        decode_upload("/etc/passwd")
     many = json.dumps({"messages": TURN * 3}).encode()
     with pytest.raises(ImportRefused, match="6 messages; at most 5"):
-        read_export(export_file(tmp_path, many), Limits(max_messages=5))
+        read_export(export_file(tmp_path, many).read_bytes(), Limits(max_messages=5))
     long = json.dumps({"messages": [TURN[0], {"role": "assistant", "content": "a" * 51}]}).encode()
     with pytest.raises(ImportRefused, match="at most 50"):
-        read_export(export_file(tmp_path, long), Limits(max_message_chars=50))
+        read_export(export_file(tmp_path, long).read_bytes(), Limits(max_message_chars=50))
     assert MAX_IMPORT_BYTES == 256 << 10
 
 
@@ -416,7 +433,7 @@ def test_malformed_tool_calls_are_dropped_and_refused_on_import(calls, tmp_path)
     assert clean_history(turn) == TURN
     path = export_file(tmp_path, json.dumps({"messages": turn}))
     with pytest.raises(ImportRefused, match="message 1"):
-        read_export(path, Limits())
+        read_export(path.read_bytes(), Limits())
 
 
 def test_fit_history_keeps_or_drops_tool_turns_whole_counting_arguments():
@@ -449,11 +466,11 @@ def test_tool_messages_go_to_a_tool_model_as_they_are_and_not_to_others():
 
 def test_read_export_round_trips_tool_calls_and_results(tmp_path):
     path = export_file(tmp_path, conversation_json(TOOL_TURN + TURN, "glm-4-9b-chat"))
-    assert read_export(path, Limits()) == TOOL_TURN + TURN
+    assert read_export(path.read_bytes(), Limits()) == TOOL_TURN + TURN
     agent_run = json.loads(path.read_text())
     agent_run["messages"][1]["content"] = None  # what the openai client keeps of a call without text
     path.write_text(json.dumps(agent_run))
-    assert read_export(path, Limits())[1] == {**TOOL_TURN[1], "content": ""}
+    assert read_export(path.read_bytes(), Limits())[1] == {**TOOL_TURN[1], "content": ""}
 
 
 @pytest.mark.parametrize("messages, reason", [
@@ -469,10 +486,10 @@ def test_read_export_round_trips_tool_calls_and_results(tmp_path):
 ])
 def test_read_export_refuses_misplaced_or_malformed_tool_messages(tmp_path, messages, reason):
     with pytest.raises(ImportRefused, match=reason):
-        read_export(export_file(tmp_path, json.dumps({"messages": messages})), Limits())
+        read_export(export_file(tmp_path, json.dumps({"messages": messages})).read_bytes(), Limits())
 
 
 def test_read_export_counts_tool_arguments_against_the_limits(tmp_path):
     turn = [TURN[0], call_message(("c", "f", '{"a": "' + "x" * 60 + '"}')), result("c", "r"), TURN[1]]
     with pytest.raises(ImportRefused, match="at most 50"):
-        read_export(export_file(tmp_path, json.dumps({"messages": turn})), Limits(max_message_chars=50))
+        read_export(export_file(tmp_path, json.dumps({"messages": turn})).read_bytes(), Limits(max_message_chars=50))

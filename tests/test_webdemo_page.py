@@ -1,6 +1,7 @@
 """webdemo.ui.build_page in-process: on the real Engine with the tiny checkpoint, and on a
 recording backend for what the page sends (limits, deadline, cache salt) and shows (cut-off
 answers)."""
+import base64
 import json
 import threading
 import time
@@ -13,7 +14,11 @@ import pytest
 from model_runtime.protocol import ChatEvent, ModelInfo, SamplingParams
 from tests.browser.app_server import free_port
 from tests.test_security_paths import run_event
+from webdemo.importing import MAX_IMPORT_BYTES
 from webdemo.limits import Limits
+from webdemo.sealed_store import TOKEN_PREFIX, StoreSeal, StoreUnreadable
+
+SEALING_KEY = "test-sealing-key"
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +93,8 @@ def recording_page(backend, limits: Limits = Limits()):
     """The page on `backend` (a recording backend), served on 127.0.0.1: yields its URL."""
     from webdemo.ui import build_page
 
-    page = build_page(backend, concurrency_limit=4, limits=limits, storage_secret="test-secret")
+    page = build_page(backend, concurrency_limit=4, limits=limits, storage_secret="test-secret",
+                      sealing_key=SEALING_KEY)
     port = free_port()
     page.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
     try:
@@ -128,6 +134,11 @@ def last_outputs(messages: list) -> list:
     return [m for m in messages if isinstance(m, dict) and m.get("msg") == "process_completed"][-1]["output"]["data"]
 
 
+def opened(stored: str) -> dict:
+    """A library the page sent back, unsealed with the page's key."""
+    return StoreSeal(SEALING_KEY).open(stored, 1 << 24)
+
+
 def pairs(count: int) -> list[dict]:
     return [{"role": role, "content": f"{role[0]}{n}"} for n in range(count) for role in ("user", "assistant")]
 
@@ -162,7 +173,7 @@ def test_page_trims_a_stored_chat_over_the_limits_with_a_note(recorded):
     sent = backend.requests[-1].messages
     assert [m.content for m in sent] == ["u1", "a1", "u2", "a2", "hello"]
     assert any("oldest turns were removed" in text for text in warnings(messages))
-    (stored,) = last_outputs(messages)[2]["chats"]  # a bare message list is read as one conversation
+    (stored,) = opened(last_outputs(messages)[2])["chats"]  # a bare message list is read as one conversation
     assert [m["content"] for m in stored["messages"]] == ["u1", "a1", "u2", "a2", "hello", "partial answer"]
 
 
@@ -216,7 +227,7 @@ def library(*chats: list[dict]) -> dict:
 def small_store():
     """(backend, URL) of a page whose body limit leaves its browsers a small store."""
     backend = RecordingBackend()
-    limits = Limits(max_body_bytes=140_000)  # store: 70 000 bytes; an answer starts below 70 000 - 65 536
+    limits = Limits(max_body_bytes=186_000)  # store: 69 750 bytes; an answer starts below 69 750 - 65 536
     with recording_page(backend, limits) as url:
         yield backend, url
 
@@ -231,7 +242,8 @@ def test_a_full_store_refuses_a_new_answer_and_changes_nothing(small_store):
     messages = send(url, full, "hello", "full-session")
     assert len(backend.requests) == 1, "refused before the model saw it"
     assert any("storage for conversations is full" in text for text in warnings(messages))
-    assert all(not isinstance(out, dict) or "chats" not in out for out in last_outputs(messages)), "store unchanged"
+    assert not any(isinstance(out, str) and out.startswith(TOKEN_PREFIX) for out in last_outputs(messages)), \
+        "store unchanged"
 
 
 def test_at_most_twenty_conversations(small_store):
@@ -243,7 +255,7 @@ def test_at_most_twenty_conversations(small_store):
         messages = run_event(client, new_chat, [library(*[turn] * 20), 64, 0.7, 0.95, ""], "cap-session")
         assert any("At most 20 conversations" in text for text in warnings(messages))
         messages = run_event(client, new_chat, [library(*[turn] * 19), 64, 0.7, 0.95, ""], "cap-session")
-        stored = last_outputs(messages)[-1]
+        stored = opened(last_outputs(messages)[-1])
         assert len(stored["chats"]) == 20 and stored["chats"][0]["messages"] == [] and not warnings(messages)
 
 
@@ -255,12 +267,28 @@ def test_import_never_reads_a_path_the_client_names(small_store, tmp_path):
     config = httpx.get(url + "config").json()
     (importer,) = [d for d in config["dependencies"] if d.get("api_name") == "import_file"]
     with httpx.Client(base_url=url, timeout=30) as client:
-        for path in (str(secret), "../" * 8 + str(secret)[1:]):
-            file = {"path": path, "orig_name": "x.json", "meta": {"_type": "gradio.FileData"}}
-            messages = run_event(client, importer, [file, library([]), 64, 0.7, 0.95, ""], "import-session")
+        for path in (str(secret), "../" * 8 + str(secret)[1:],
+                     {"path": str(secret), "orig_name": "x.json", "meta": {"_type": "gradio.FileData"}}):
+            messages = run_event(client, importer, [path, library([]), 64, 0.7, 0.95, ""], "import-session")
             assert "SECRET-CANARY" not in json.dumps(messages)
-            completed = [m for m in messages if isinstance(m, dict) and m.get("msg") == "process_completed"]
-            assert completed and not completed[-1]["success"]  # Gradio refuses a file it did not receive
+            (completed,) = [m for m in messages if isinstance(m, dict) and m.get("msg") == "process_completed"]
+            assert not completed["success"] or not any(isinstance(out, str) and out.startswith(TOKEN_PREFIX)
+                                                       for out in completed["output"]["data"]), "nothing imported"
+
+
+def test_import_takes_the_file_bytes_the_browser_read(small_store):
+    _, url = small_store
+    export = {"messages": [{"role": "user", "content": "从文件来"}, {"role": "assistant", "content": "好"}]}
+    encoded = base64.b64encode(json.dumps(export).encode()).decode()
+    config = httpx.get(url + "config").json()
+    (importer,) = [d for d in config["dependencies"] if d.get("api_name") == "import_file"]
+    with httpx.Client(base_url=url, timeout=30) as client:
+        messages = run_event(client, importer, [encoded, library([]), 64, 0.7, 0.95, ""], "import-bytes")
+        stored = opened(last_outputs(messages)[-1])
+        assert stored["chats"][0]["messages"] == export["messages"] and len(stored["chats"]) == 2
+        too_big = base64.b64encode(b" " * (MAX_IMPORT_BYTES + 1)).decode()
+        messages = run_event(client, importer, [too_big, library([]), 64, 0.7, 0.95, ""], "import-bytes")
+        assert any("larger than 256 KiB" in text for text in warnings(messages))
 
 
 TOOL_CHAT = [
@@ -297,7 +325,7 @@ def test_the_page_shows_tool_calls_collapsed_and_sends_them_back_as_they_are(too
     assert titles == [None, "🛠 Called `get_weather`", "📎 Result of `get_weather`", None, None, None]
     assert {m["metadata"]["status"] for m in shown if m.get("metadata")} == {"done"}
     assert "```\n<img src=x onerror=alert(1)>\n```" in json.dumps(shown, ensure_ascii=False).replace("\\n", "\n")
-    stored = last_outputs(messages)[2]["chats"][0]["messages"]
+    stored = opened(last_outputs(messages)[2])["chats"][0]["messages"]
     assert stored[:4] == TOOL_CHAT and stored[4:] == [{"role": "user", "content": "and tomorrow?"},
                                                       {"role": "assistant", "content": "partial answer"}]
 
@@ -334,3 +362,51 @@ def test_a_model_without_tools_gets_each_turn_without_its_calls_and_says_so(reco
     assert [(m.role, m.content) for m in backend.requests[-1].messages] == [
         ("user", "weather?"), ("assistant", "Sunny."), ("user", "ok")]
     assert any("cannot call tools" in text for text in warnings(messages))
+
+
+def strings_in(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for item in value.values() for s in strings_in(item)]
+    if isinstance(value, list):
+        return [s for item in value for s in strings_in(item)]
+    return []
+
+
+def test_stored_chats_are_sealed_with_a_key_no_visitor_gets(recorded):
+    """What the browser keeps is opaque: no message text in it, and neither the BrowserState
+    secret Gradio serves in /config nor any other string a visitor is sent opens it."""
+    _, url = recorded
+    messages = send(url, library([]), "机密 canary-text", "sealed-session")
+    token = last_outputs(messages)[2]
+    assert token.startswith(TOKEN_PREFIX) and "canary" not in token
+    assert opened(token)["chats"][0]["messages"][0]["content"] == "机密 canary-text"
+    config = httpx.get(url + "config").json()
+    served = strings_in(config)
+    assert SEALING_KEY not in json.dumps(config) and "test-secret" in served  # Gradio's wrapper is public
+    for candidate in served:
+        with pytest.raises(StoreUnreadable):
+            StoreSeal(candidate).open(token, 1 << 20)
+
+
+def test_an_altered_or_foreign_store_becomes_a_new_library_with_one_message(recorded):
+    backend, url = recorded
+    token = last_outputs(send(url, library([]), "keep me", "altered-session"))[2]
+    altered = token[:-8] + ("A" if token[-8] != "A" else "B") + token[-7:]
+    other_key = StoreSeal("the key before it was replaced").seal(library([{"role": "user", "content": "old"}]))
+    tampered = {"version": 1, "current": ["not", "an", "id"], "chats": [{"id": "00000000000000aa", "messages": []}]}
+    for stored in (altered, other_key, "sealed-v1.!!!", tampered, {"chats": [{"title": 7}]}, 12):
+        for api_name, data in (("new_chat", [stored, 64, 0.7, 0.95, ""]), ("restore", [stored]),
+                               ("rename", ["t", stored])):
+            messages = page_event(url, api_name, data, "altered-session")
+            (completed,) = [m for m in messages if isinstance(m, dict) and m.get("msg") == "process_completed"]
+            assert completed["success"], (stored, api_name, completed)  # no exception, no traceback
+            assert [text for text in warnings(messages) if "could not be read" in text], (stored, api_name)
+            fresh = opened(next(out for out in completed["output"]["data"]
+                                if isinstance(out, str) and out.startswith(TOKEN_PREFIX)))
+            assert len(fresh["chats"]) == 1 and fresh["chats"][0]["messages"] == []
+    requests_before = len(backend.requests)
+    messages = send(url, tampered, "hello", "altered-session")  # the answer goes on in a new library
+    assert len(backend.requests) == requests_before + 1
+    assert opened(last_outputs(messages)[2])["chats"][0]["messages"][0]["content"] == "hello"

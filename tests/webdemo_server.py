@@ -11,6 +11,8 @@ import httpx
 from model_runtime.serving.engine import Engine
 from tests.browser.app_server import free_port
 from webdemo.access import AccessPolicy
+from webdemo.clients import GuessThrottle
+from webdemo.fair_share import FairShareBackend
 from webdemo.limits import Limits
 from webdemo.server import start_server
 from webdemo.ui import build_page
@@ -42,12 +44,15 @@ class Served:
 
 @contextmanager
 def serving(tiny_model, *, policy: AccessPolicy = AccessPolicy(), limits: Limits = Limits(), slots: int = 2,
-            queue_size: int = 16, step_delay: float = 0.002, concurrency: int = 8):
+            queue_size: int = 16, step_delay: float = 0.002, concurrency: int = 8,
+            throttle: GuessThrottle | None = None, per_client: int | None = None):
+    """per_client: FairShareBackend's cap in front of the engine (None: no such layer)."""
     tokenizer, model = tiny_model
     engine = Engine(tokenizer, model, slots=slots, max_queue=queue_size, name=MODEL_NAME, step_delay=step_delay)
-    page = build_page(engine, concurrency_limit=concurrency, limits=limits)
-    server = start_server(page, engine, policy=policy, limits=limits, concurrency=concurrency,
-                          queue_size=queue_size, port=free_port(), quiet=True)
+    backend = engine if per_client is None else FairShareBackend(engine, per_client=per_client)
+    page = build_page(backend, concurrency_limit=concurrency, limits=limits)
+    server = start_server(page, backend, policy=policy, limits=limits, concurrency=concurrency,
+                          queue_size=queue_size, port=free_port(), quiet=True, throttle=throttle)
     try:
         yield Served(server.url.rstrip("/"), engine)
     finally:

@@ -6,9 +6,17 @@ and `/metrics` all pass the same checks, in this order:
 
 1. shutting down (SIGTERM): every request gets 503, `/health` says "unhealthy";
 2. `/health` is always open and says only ok or unhealthy;
-3. CORS for `/v1`: off unless `--cors-origin` names the origin; never with credentials, since
-   API clients send a key, not cookies (Gradio's own CORS layer never sees `/v1`);
-4. credentials, one policy for every route: "a login session OR the API key".
+3. the Host (and X-Forwarded-Host) must be one the server answers to (`--allowed-hosts`,
+   clients.HostAllowList) -> else 400: no DNS rebinding, no foreign root in Gradio's /config.
+   The client's address (clients.client_address) is then written into the request as
+   `x-chatglm-client` (a client-sent one is dropped), for the per-client shares of answers;
+4. routes that write files (Gradio's uploads, recordings, component server) -> 404: the page
+   takes no files (its import reads the file in the browser), so nothing a client sends is
+   ever written to disk;
+5. CORS for `/v1`: off unless `--cors-origin` names the origin; never with credentials, since
+   API clients send a key, not cookies (Gradio's own CORS layer never sees `/v1`); a POST to
+   `/v1` from a page of another origin (Origin header) -> 403;
+6. credentials, one policy for every route: "a login session OR the API key".
 
    | flags                  | a request is let in with                                              |
    |------------------------|-----------------------------------------------------------------------|
@@ -22,13 +30,16 @@ and `/metrics` all pass the same checks, in this order:
    in; Gradio shows only the login form on `/` until they have. A request the key let in is
    shown to Gradio as logged in (`LoginSessions.key_holder_cookie`), so gradio_client can use
    the page's API with `Client(url, headers={"Authorization": "Bearer K"})`.
-5. cross-site requests to the page's routes (an `Origin` that is not the page's own host, and not
+   Every credential check (a Bearer header, a POST to /login) first asks clients.GuessThrottle:
+   an address that keeps failing gets 429 with Retry-After, right credential or not. The login
+   cookie Gradio sets is made SameSite=Lax, so no other site's request carries it;
+7. cross-site requests to the page's routes (an `Origin` that is not the page's own host, and not
    one `--cors-origin` allows) -> 403: another site must not drive a logged-in visitor's browser
    (Gradio's own CORS layer would answer any origin with credentials on a public host);
-6. Gradio session hashes (heartbeat path, `session_hash` query or JSON field) must look like the
+8. Gradio session hashes (heartbeat path, `session_hash` query or JSON field) must look like the
    ones Gradio's clients make (letters, digits, `-`, `_`; at most 64) -> else 400. Nothing uses
    them as names (exports.py keys by them only), but no odd value reaches Gradio's routes;
-7. the body, before any route parses it: at most `max_body_bytes`, counted while reading (a
+9. the body, before any route parses it: at most `max_body_bytes`, counted while reading (a
    chunked body without Content-Length too) -> 413; a JSON body (or one without a type) at
    most `max_json_depth` deep, measured on the raw bytes before parsing, and valid UTF-8 JSON
    without lone surrogates -> else 400. (Gradio's routes answer plain-text 500s to these.)
@@ -52,6 +63,7 @@ import anyio
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse, Response
 
+from .clients import GuessThrottle, HostAllowList, client_address, retry_after
 from .limits import Limits
 
 Scope = dict
@@ -73,6 +85,12 @@ CORS_HEADERS = "Authorization, Content-Type"
 
 SESSION_HASH = re.compile(r"[A-Za-z0-9_-]{1,64}")
 HEARTBEAT_PREFIX = "/gradio_api/heartbeat/"
+CLIENT_HEADER = b"x-chatglm-client"  # the gate's word for who sent a request (clients.client_address)
+LOGIN_PATHS = ("/login", "/login/")
+# Gradio routes that write what a client sends to disk (or run component code); the page needs none
+FILE_WRITING_ROUTES = ("upload", "upload_progress", "process_recording", "component_server", "run-history",
+                       "vibe-code", "vibe-edit", "undo-vibe-edit", "vibe-starter-queries")
+REFUSED_PREFIXES = tuple(f"{root}/{route}" for root in ("", "/gradio_api") for route in FILE_WRITING_ROUTES)
 DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 
 # Unrolled loop (Python 3.10's re has no possessive *+): linear, even if the string is unterminated
@@ -144,6 +162,10 @@ class AccessPolicy:
     login: Optional[tuple[str, str]] = None
     api_key: Optional[str] = None
     cors_origins: tuple[str, ...] = ()
+    # --allowed-hosts; None: clients.default_allowed_hosts for the bound address (server.py)
+    allowed_hosts: Optional[tuple[str, ...]] = None
+    # --forwarded-allow-ips: proxies whose X-Forwarded-For names the client ("*": any peer)
+    trusted_proxies: tuple[str, ...] = ()
 
     @property
     def required(self) -> bool:
@@ -207,8 +229,9 @@ class AccessGate:
     limiter: the pool for measuring big bodies off the event loop."""
 
     def __init__(self, api: ASGIApp, *, policy: AccessPolicy, limits: Limits, sessions: LoginSessions,
-                 limiter: anyio.CapacityLimiter):
+                 limiter: anyio.CapacityLimiter, hosts: HostAllowList, throttle: Optional[GuessThrottle] = None):
         self.api, self.policy, self.limits, self.sessions, self.limiter = api, policy, limits, sessions, limiter
+        self.hosts, self.throttle = hosts, throttle or GuessThrottle()
         self.page: Optional[ASGIApp] = None
         self.accepting = True
 
@@ -235,7 +258,7 @@ class AccessGate:
         if is_api:
             await self.api(scope, receive, self._with_cors(scope, send) if path.startswith(API_PREFIX) else send)
         else:
-            await self.page(scope, receive, send)
+            await self.page(scope, receive, self._page_send(scope, send, path))
 
     def _refusal(self, scope: Scope, path: str, is_api: bool) -> Optional[Response]:
         """The response that ends this request before any route sees it, or None."""
@@ -247,26 +270,71 @@ class AccessGate:
         if path == "/health":
             return None
         connection = HTTPConnection(scope)
-        if is_api and scope["type"] == "http" and scope["method"] == "OPTIONS" \
+        foreign = [host for host in (connection.headers.get("host"), connection.headers.get("x-forwarded-host"))
+                   if host is not None and not all(map(self.hosts.allows, host.split(",")))]
+        if foreign:
+            return error_response(400, f"this server does not answer to the host {foreign[0][:100]!r}; its "
+                                       "operator can allow it with --allowed-hosts", code="host_not_allowed")
+        client = self._note_client(scope, connection)
+        if path.startswith(REFUSED_PREFIXES):
+            return error_response(404, "this server takes no file uploads", code="not_found")
+        method = scope.get("method", "GET")
+        if is_api and scope["type"] == "http" and method == "OPTIONS" \
                 and "access-control-request-method" in connection.headers:
             return self._preflight(connection.headers.get("origin"))
-        if not is_api and self._cross_site(connection):
-            return error_response(403, "cross-site requests to this page are not allowed from this origin",
+        if (not is_api or method not in ("GET", "HEAD", "OPTIONS")) and self._cross_site(connection):
+            return error_response(403, "cross-site requests to this server are not allowed from this origin",
                                   code="cross_site_request")
         if not is_api and not _valid_session_hashes(scope, path):
             return _bad_session_hash()
         if not self.policy.required:
             return None
         authorization = dict(scope["headers"]).get(b"authorization")
-        if self.policy.accepts_authorization(authorization):
-            if not is_api:
-                _add_cookie(scope, self.sessions.key_holder_cookie())
-            return None
+        if authorization is not None or (method == "POST" and path in LOGIN_PATHS):
+            wait_s = self.throttle.wait_s(client)
+            if wait_s > 0:
+                return error_response(429, f"too many wrong passwords or keys from your address: try again in "
+                                           f"{retry_after(wait_s)} s", code="too_many_failed_attempts",
+                                      headers={"Retry-After": retry_after(wait_s)})
+        if authorization is not None:
+            if self.policy.accepts_authorization(authorization):
+                self.throttle.succeeded(client)
+                if not is_api:
+                    _add_cookie(scope, self.sessions.key_holder_cookie())
+                return None
+            self.throttle.failed(client)
         if self._has_session(connection) or (not is_api and _login_shell(scope, path)):
             return None
         what = "a login session or 'Authorization: Bearer KEY'" if self.policy.api_key else "a login session"
         return error_response(401, f"this server requires {what}", code="invalid_api_key",
                               headers={"WWW-Authenticate": "Bearer"})
+
+    def _note_client(self, scope: Scope, connection: HTTPConnection) -> str:
+        """The client's address (see clients.client_address), also written into the request's
+        x-chatglm-client header for the handlers; a client-sent header of that name is dropped."""
+        peer = scope["client"][0] if scope.get("client") else None
+        client = client_address(peer, connection.headers.get("x-forwarded-for"), self.policy.trusted_proxies)
+        scope["headers"] = [(name, value) for name, value in scope["headers"] if name != CLIENT_HEADER] + \
+            [(CLIENT_HEADER, client.encode("latin-1", "replace"))]
+        return client
+
+    def _page_send(self, scope: Scope, send: Send, path: str) -> Send:
+        """send for the page's responses: the login cookie becomes SameSite=Lax (Gradio sets None,
+        which lets any site's request carry it), and a login's outcome goes to the throttle."""
+        is_login = scope["type"] == "http" and scope.get("method") == "POST" and path in LOGIN_PATHS
+
+        async def send_page(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [(name, _lax_cookie(value) if name == b"set-cookie" else value)
+                                                  for name, value in message.get("headers", [])]}
+                if is_login and self.policy.required:
+                    client = dict(scope["headers"])[CLIENT_HEADER].decode("latin-1")
+                    if message["status"] == 200:
+                        self.throttle.succeeded(client)
+                    else:
+                        self.throttle.failed(client)
+            await send(message)
+        return send_page
 
     def _has_session(self, connection: HTTPConnection) -> bool:
         try:
@@ -387,6 +455,10 @@ def _add_cookie(scope: Scope, cookie: str) -> None:
     sent = [value for name, value in scope["headers"] if name == b"cookie"]
     headers.append((b"cookie", b"; ".join([*sent, cookie.encode("latin-1")])))
     scope["headers"] = headers
+
+
+def _lax_cookie(header: bytes) -> bytes:
+    return re.sub(rb"(?i)samesite=none", b"SameSite=Lax", header)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

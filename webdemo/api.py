@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import replace
 from typing import Any, Iterator, Optional
 
 import anyio
@@ -43,7 +44,7 @@ from starlette.exceptions import HTTPException
 from model_runtime.protocol import (ChatBackend, ChatEvent, ChatRequest, ChatStream, EngineBusy, InvalidRequest,
                                     Message, SamplingParams)
 
-from .access import BadJSON, parse_json
+from .access import CLIENT_HEADER, BadJSON, parse_json
 from .api_tools import (ToolRequestError, check_tools_supported, parse_tool_choice, parse_tools, tool_call_deltas,
                         tool_calls_json, tool_message_fields)
 from .limits import MAX_STOP_CHARS, MAX_STOP_STRINGS, LimitExceeded, Limits
@@ -236,10 +237,11 @@ def add_api_routes(app: FastAPI, backend: ChatBackend, *, limits: Limits = Limit
                                             "owned_by": "chatglm-webdemo",
                                             "fine_tunes": list(backend.info.fine_tunes)}]}
 
-    def submit(raw: bytes) -> tuple[ChatRequest, ChatStream, bool, bool]:
+    def submit(raw: bytes, client: Optional[str]) -> tuple[ChatRequest, ChatStream, bool, bool]:
         """Parse, check and submit (tokenizing): the blocking part of a request, in a worker."""
         chat_request, stream, include_usage = parse_chat_request(decode_body(raw, limits), backend.info.name, limits,
                                                                  cache_salt, backend.info.supports_tools)
+        chat_request = replace(chat_request, client=client)
         try:
             return chat_request, backend.submit(chat_request), stream, include_usage
         except InvalidRequest as error:
@@ -253,12 +255,16 @@ def add_api_routes(app: FastAPI, backend: ChatBackend, *, limits: Limits = Limit
     async def chat_completions(request: Request):
         if chat_unavailable:
             return APIError(503, chat_unavailable, kind="server_error", code="unavailable").response()
-        content_type = request.headers.get("content-type", "application/json").lower()
-        if "json" not in content_type:
-            return APIError(415, f"the body must be application/json, not {_shown(content_type)}").response()
+        content_type = request.headers.get("content-type")
+        if content_type is None or content_type.split(";")[0].strip().lower() != "application/json":
+            # a browser sends a cross-site POST without asking first only for other types
+            return APIError(415, f"the body must be sent as Content-Type: application/json, not "
+                                 f"{_shown(content_type or 'none')}").response()
         raw = await request.body()
+        client = request.headers.get(CLIENT_HEADER.decode())
         try:
-            chat_request, handle, stream, include_usage = await anyio.to_thread.run_sync(submit, raw, limiter=work)
+            chat_request, handle, stream, include_usage = await anyio.to_thread.run_sync(submit, raw, client,
+                                                                                         limiter=work)
         except APIError as error:
             return error.response()
         except LimitExceeded as error:

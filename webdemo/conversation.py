@@ -289,15 +289,16 @@ class Progress:
 
 def stream_answer(backend: ChatBackend, history: list[dict], query: str, params: SamplingParams,
                   active: ActiveStreams, session: str, started: int, system: str = "", *,
-                  deadline_s: Optional[float] = None, cache_salt: Optional[str] = None) -> Iterator[Progress]:
+                  deadline_s: Optional[float] = None, cache_salt: Optional[str] = None,
+                  client: Optional[str] = None) -> Iterator[Progress]:
     """Submit one turn and follow it. Raises InvalidRequest / EngineBusy at once if refused.
-    deadline_s and cache_salt go to the ChatRequest (see model_runtime.protocol).
+    deadline_s, cache_salt and client go to the ChatRequest (see model_runtime.protocol).
 
     Whoever stops iterating early (a closed generator) cancels the request in the backend."""
     messages = (Message("system", system),) if system.strip() else ()
     messages += to_messages(history, backend.info.supports_tools) + (Message("user", query),)
     stream = backend.submit(ChatRequest(messages=messages, sampling=params, deadline_s=deadline_s,
-                                        cache_salt=cache_salt))
+                                        cache_salt=cache_salt, client=client))
     active.add(session, stream, started)
     first_token_at: Optional[float] = None
     last_sent = 0.0

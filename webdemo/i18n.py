@@ -72,6 +72,9 @@ MESSAGES = {
         "cut_off": "the answer was cut off and is incomplete: {error}",
         "trimmed": "This chat was longer than the server accepts: its oldest turns were removed.",
         "busy": "The server is busy: please try again in a moment.",
+        "refused_busy": "Not started: {reason}.",
+        "store_unreadable": "The conversations kept in this browser could not be read (the server's key has "
+                            "changed, or they were altered): a new, empty list was started.",
         "invalid": "Invalid request: {error}",
         "range": "{name} must be between {low} and {high}, got {value!r}.",
         "number": "{name} must be a number, got {value!r}.",
@@ -103,6 +106,8 @@ MESSAGES = {
         "cut_off": "回答被中断，内容不完整：{error}",
         "trimmed": "本对话超出服务器的长度限制：最早的几轮已删除。",
         "busy": "服务器繁忙，请稍后再试。",
+        "refused_busy": "未开始：{reason}。",
+        "store_unreadable": "无法读取本浏览器保存的对话（服务器密钥已更换，或数据被改动）：已新建一个空的对话列表。",
         "invalid": "请求无效：{error}",
         "range": "{name} 必须在 {low} 与 {high} 之间，收到 {value!r}。",
         "number": "{name} 必须是数字，收到 {value!r}。",

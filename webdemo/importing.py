@@ -1,7 +1,8 @@
 """Reading a conversation back from the page's JSON download (render.conversation_json).
 
-The file comes from anyone: its size is checked before a byte is read and only that many bytes
-are read; its JSON depth is measured before parsing (access.parse_json); it must have the
+The file never touches the server's disk: the browser reads it and sends its bytes, base64-
+encoded, in the import event (ui.py's PICK_IMPORT_JS; the server takes no uploads). They come
+from anyone: the text's length is checked before it is decoded; the JSON depth is measured before parsing (access.parse_json); it must have the
 export's shape exactly (whole turns as clean_history reads them: user messages, answers, tool
 calls in OpenAI's shape with all their results; strings only; within the page's limits). The
 text is then handled like any message typed into the page: stored as it is and escaped when
@@ -9,7 +10,8 @@ shown. Tool calls are only shown and sent back to the model: nothing in a file i
 """
 from __future__ import annotations
 
-from pathlib import Path
+import base64
+import binascii
 from typing import Any
 
 from .access import BadJSON, parse_json
@@ -28,13 +30,23 @@ class ImportRefused(ValueError):
     """The file is not a conversation this page exported, or is too big; says why."""
 
 
-def read_export(path: str | Path, limits: Limits, max_bytes: int = MAX_IMPORT_BYTES) -> list[dict]:
-    """The messages of an exported conversation (whole turns, ending with an answer), or
-    ImportRefused. path: a file the server's upload route wrote."""
-    with open(path, "rb") as file:
-        data = file.read(max_bytes + 1)
+def decode_upload(encoded: str, max_bytes: int = MAX_IMPORT_BYTES) -> bytes:
+    """The file's bytes from the base64 text the page sends, or ImportRefused (too big: judged by
+    the text's length, before decoding; not base64)."""
+    if len(encoded) > 4 * (max_bytes // 3 + 1):
+        raise ImportRefused(f"the file is larger than {max_bytes // 1024} KiB")
+    try:
+        data = base64.b64decode(encoded.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error):
+        raise ImportRefused("the page sent the file in a form it cannot read (not base64)") from None
     if len(data) > max_bytes:
         raise ImportRefused(f"the file is larger than {max_bytes // 1024} KiB")
+    return data
+
+
+def read_export(data: bytes, limits: Limits) -> list[dict]:
+    """The messages of an exported conversation (whole turns, ending with an answer), or
+    ImportRefused."""
     try:
         value = parse_json(data, MAX_IMPORT_DEPTH)
     except BadJSON as error:

@@ -19,10 +19,18 @@ from .conversation import clean_history
 MAX_CONVERSATIONS = 20
 MAX_TITLE_CHARS = 60
 TITLE_FROM_MESSAGE_CHARS = 40  # a default title: the start of the first message
-STORE_SHARE_OF_BODY = 2  # the library may use 1/2 of the body limit: a message and a system prompt fit beside it
+# The library's JSON may use 3/8 of the body limit: sealed (sealed_store.py: compressed, then base64,
+# at most 4/3 of that) it takes at most half of a request, and a message and a system prompt fit beside it.
+STORE_SHARE_OF_BODY = 3 / 8
 ANSWER_RESERVE_BYTES = 64 << 10  # room an answer needs: a new one starts only with this much left
 SETTING_NAMES = ("max_length", "top_p", "temperature", "system")
 _CHAT_ID = re.compile(r"[0-9a-f]{16}")
+LIBRARY_FIELDS = {"version": int, "current": str, "chats": list}  # what Library.to_value writes...
+CHAT_FIELDS = {"id": str, "title": str, "settings": dict, "messages": list}  # ...and Chat.to_value
+
+
+class LibraryInvalid(ValueError):
+    """A stored library whose shape is not the one this page writes (altered, or not ours)."""
 
 
 def _new_id() -> str:
@@ -36,7 +44,7 @@ def json_bytes(value: Any) -> int:
 
 def store_limit(max_body_bytes: int) -> int:
     """Bytes the library may take in the browser, from the server's body limit."""
-    return max_body_bytes // STORE_SHARE_OF_BODY
+    return int(max_body_bytes * STORE_SHARE_OF_BODY)
 
 
 def one_line(text: str, limit: int) -> str:
@@ -127,21 +135,34 @@ def imported_chat(messages: list[dict], settings: dict) -> Chat:
     return Chat(_new_id(), messages=messages, settings=settings)
 
 
+def _check_fields(value: Any, fields: dict, what: str) -> None:
+    if not isinstance(value, dict):
+        raise LibraryInvalid(f"{what} is not an object")
+    for name, item in value.items():
+        kind = fields.get(name)
+        if kind is None or not isinstance(item, kind) or isinstance(item, bool):
+            raise LibraryInvalid(f"{what} has an unexpected field {name[:40]!r}" if kind is None
+                                 else f"{what}'s {name!r} is not of type {kind.__name__}")
+
+
 def read_library(value: Any, *, max_messages: int, max_chars: int, defaults: dict,
                  settings_valid: Callable[[dict], bool]) -> Library:
-    """The library a browser sent, with anything malformed dropped or replaced: at most
-    MAX_CONVERSATIONS chats, each read with `clean_history` (at most max_messages items), ids
-    the server's own shape, titles and system prompts cut to size, settings that
-    `settings_valid` refuses replaced by `defaults`. A bare message list (what the page kept
-    before it had many conversations) is one chat. Cost: one pass over what is read."""
+    """The library a browser sent: None (a new browser) is an empty one; a bare message list
+    (what the page kept before it had many conversations) is one chat; anything else must have
+    the shape Library.to_value writes, every field of its type, or LibraryInvalid is raised.
+    Within that shape, what is malformed is dropped or replaced: at most MAX_CONVERSATIONS
+    chats, each read with `clean_history` (at most max_messages items), ids the server's own
+    shape, titles and system prompts cut to size, settings that `settings_valid` refuses
+    replaced by `defaults`. Cost: one pass over what is read."""
+    if value is None:
+        return empty_library(dict(defaults))
     if isinstance(value, list):
         value = {"chats": [{"messages": value}]}
-    if not isinstance(value, dict) or not isinstance(value.get("chats"), list):
-        return empty_library(dict(defaults))
+    _check_fields(value, LIBRARY_FIELDS, "the library")
+    for index, item in enumerate(value.get("chats", [])[:MAX_CONVERSATIONS]):
+        _check_fields(item, CHAT_FIELDS, f"conversation {index}")
     chats, seen = [], set()
-    for item in value["chats"][:MAX_CONVERSATIONS]:
-        if not isinstance(item, dict):
-            continue
+    for item in value.get("chats", [])[:MAX_CONVERSATIONS]:
         chat_id = item.get("id")
         if not isinstance(chat_id, str) or not _CHAT_ID.fullmatch(chat_id) or chat_id in seen:
             chat_id = _new_id()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from typing import Mapping, Optional
+from urllib.parse import urlsplit
 
 import anyio
 from fastapi import FastAPI, Request
@@ -26,6 +27,7 @@ from gradio.routes import App, ORJSONResponse
 from model_runtime.protocol import ChatBackend
 
 from .access import AccessGate, AccessPolicy, error_response
+from .clients import GuessThrottle, HostAllowList, default_allowed_hosts, host_name, space_host
 from .api import add_api_routes
 from .limits import Limits
 from .ui import ChatPage
@@ -64,9 +66,11 @@ class GuardedApp(App):
     client-sent names (api names, fn_index, event ids) without a guard, so failing to find one
     is the client's mistake (400); anything else unexpected is a JSON 500 (and its traceback is logged)."""
 
-    def __init__(self, api: FastAPI, *, policy: AccessPolicy, limits: Limits, limiter: anyio.CapacityLimiter):
+    def __init__(self, api: FastAPI, *, policy: AccessPolicy, limits: Limits, limiter: anyio.CapacityLimiter,
+                 hosts: HostAllowList, throttle: Optional[GuessThrottle] = None):
         super().__init__(default_response_class=ORJSONResponse)
-        self.gate = AccessGate(api, policy=policy, limits=limits, sessions=GradioSessions(self), limiter=limiter)
+        self.gate = AccessGate(api, policy=policy, limits=limits, sessions=GradioSessions(self), limiter=limiter,
+                               hosts=hosts, throttle=throttle)
         for unknown in (KeyError, FnIndexInferError):
             self.add_exception_handler(unknown, _unknown_name)
         self.add_exception_handler(Exception, _internal_error)
@@ -95,10 +99,11 @@ class RunningServer:
 def start_server(page: ChatPage, backend: ChatBackend, *, policy: AccessPolicy = AccessPolicy(),
                  limits: Limits = Limits(), concurrency: int = 64, queue_size: int = 100, host: str = "127.0.0.1",
                  port: Optional[int] = None, share: bool = False, quiet: bool = False,
-                 chat_api_unavailable: Optional[str] = None) -> RunningServer:
+                 chat_api_unavailable: Optional[str] = None, throttle: Optional[GuessThrottle] = None) -> RunningServer:
     """Serve `page` and the API on host:port and return at once (the server runs in a thread).
     concurrency bounds the blocking work (parsing, tokenizing) done for requests at once;
-    chat_api_unavailable: why /v1/chat/completions answers 503 here (None: it serves)."""
+    chat_api_unavailable: why /v1/chat/completions answers 503 here (None: it serves); throttle: of
+    failed logins and keys (default: clients.GuessThrottle's defaults)."""
     problem = policy.startup_problem(host, share)
     if problem is not None:
         raise ValueError(problem)
@@ -106,11 +111,15 @@ def start_server(page: ChatPage, backend: ChatBackend, *, policy: AccessPolicy =
     api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     add_api_routes(api, backend, limits=limits, cache_salt=policy.cache_salt(), concurrency=concurrency,
                    max_streams=concurrency + queue_size, chat_unavailable=chat_api_unavailable)
-    app = GuardedApp(api, policy=policy, limits=limits, limiter=limiter)
+    hosts = HostAllowList(policy.allowed_hosts if policy.allowed_hosts is not None
+                          else default_allowed_hosts(host, share, space_host()))
+    app = GuardedApp(api, policy=policy, limits=limits, limiter=limiter, hosts=hosts, throttle=throttle)
     login_hint = "Log in with your user name and password" if policy.login else None
     if policy.api_key:
         login_hint = (login_hint + ", or" if login_hint else "Log in") + " with any user name and the API key as password"
     page.launch(queue_size=queue_size, app=app, server_name=host, server_port=port, share=share, quiet=quiet,
                 auth=policy.accepts_login if policy.required else None, auth_message=login_hint,
                 prevent_thread_lock=True)
+    if page.blocks.share_url and policy.allowed_hosts is None:
+        hosts.add(host_name(urlsplit(page.blocks.share_url).netloc))  # a custom share server's name too
     return RunningServer(page, backend, app, page.blocks.local_url)

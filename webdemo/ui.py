@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -31,18 +32,22 @@ import gradio as gr
 
 from model_runtime.protocol import ChatBackend, EngineBusy, InvalidRequest
 
+from .access import CLIENT_HEADER
 from .conversation import (ActiveStreams, Progress, check_message, check_settings, clean_history, failure,
                            fit_history, has_tool_messages, message_text, readout, stream_answer)
 from .exports import SessionExports
 from .i18n import PAGE_TEXTS, pick_language, say
-from .importing import MAX_IMPORT_BYTES, ImportRefused, read_export
-from .library import (ANSWER_RESERVE_BYTES, MAX_CONVERSATIONS, Library, imported_chat, json_bytes, read_library,
-                      store_limit)
+from .importing import MAX_IMPORT_BYTES, ImportRefused, decode_upload, read_export
+from .library import (ANSWER_RESERVE_BYTES, MAX_CONVERSATIONS, Library, LibraryInvalid, empty_library, imported_chat,
+                      json_bytes, read_library, store_limit)
 from .limits import LimitExceeded, Limits
 from .render import (LATEX_DELIMITERS, chat_message, conversation_html, conversation_json, tool_arguments_text,
                      tool_message)
+from .sealed_store import StoreSeal, StoreUnreadable
+from .storage_key import sealing_secret
 from .storage_key import storage_secret as kept_storage_secret
 
+STORE_INTERVAL_S = 2.0  # while an answer streams, the sealed library is rewritten at most this often
 STORAGE_KEY = "chatglm-webdemo-conversation"  # the one-chat page's key: a chat it kept opens as one conversation
 
 EXAMPLES = [
@@ -78,6 +83,25 @@ CSS = """
 
 # Gradio's page has no viewport tag: a phone would lay it out 980 px wide and zoom out.
 HEAD = '<meta name="viewport" content="width=device-width, initial-scale=1">'
+
+# Import: the browser reads the picked file and sends its first MAX_IMPORT_BYTES + 1 bytes as base64
+# in place of the hidden input's value (so the server sees a file that is too big, and says so).
+PICK_IMPORT_JS = """async (_, ...rest) => {
+  const input = Object.assign(document.createElement("input"), {type: "file", accept: ".json,application/json"});
+  input.style.display = "none";
+  document.body.appendChild(input);
+  const file = await new Promise((resolve) => {
+    input.addEventListener("change", () => resolve(input.files[0] || null));
+    input.addEventListener("cancel", () => resolve(null));
+    input.click();
+  });
+  input.remove();
+  if (!file) return [null, ...rest];
+  const bytes = new Uint8Array(await file.slice(0, %d).arrayBuffer());
+  let binary = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) binary += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  return [btoa(binary), ...rest];
+}""" % (MAX_IMPORT_BYTES + 1)
 
 FOCUS_MESSAGE_BOX = "() => { document.querySelector('#message textarea')?.focus(); }"
 
@@ -123,6 +147,13 @@ def _session(request: Optional[gr.Request]) -> str:
     """The caller's session hash, as a dictionary key only. A call without one gets a key of its
     own, so that no other caller can stop its answer (a heartbeat names the session it ends)."""
     return getattr(request, "session_hash", None) or f"no-session-{secrets.token_hex(16)}"
+
+
+def _client(request: Optional[gr.Request]) -> Optional[str]:
+    """Who sent the request, as the access gate wrote it (access.CLIENT_HEADER), for per-client
+    shares; None where no gate stands in front (the page built alone, in tests)."""
+    headers = getattr(request, "headers", None) or {}
+    return headers.get(CLIENT_HEADER.decode())
 
 
 def _refusal(message: str) -> gr.Error:
@@ -204,11 +235,13 @@ def _user_message_at(messages: list[dict], shown_index: Optional[int]) -> Option
 
 
 def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, title: Optional[str] = None,
-               storage_secret: Optional[str] = None, limits: Limits = Limits()) -> ChatPage:
+               storage_secret: Optional[str] = None, sealing_key: Optional[str] = None,
+               limits: Limits = Limits()) -> ChatPage:
     """The chat page for `backend`. concurrency_limit: answers streaming at once (the engine
-    batches them; None means no limit). storage_secret: key of the browser-side encryption of
-    stored chats; by default a random one kept in the user's cache folder (storage_key.py), so
-    that chats survive a restart. limits: what one conversation may hold, and its time limit;
+    batches them; None means no limit). sealing_key: the key stored chats are sealed with
+    (sealed_store.py); storage_secret: Gradio's public browser-side wrapper around them; both by
+    default random ones kept in the user's cache folder (storage_key.py), so that chats survive a
+    restart. limits: what one conversation may hold, and its time limit;
     its body limit also caps what the browser may keep (library.store_limit)."""
     info = backend.info
     limit = info.max_sequence_length
@@ -217,6 +250,7 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
     default_settings = {"max_length": default_length, "top_p": defaults.top_p, "temperature": defaults.temperature,
                         "system": ""}
     store_bytes = store_limit(limits.max_body_bytes)
+    seal = StoreSeal(sealing_key or sealing_secret())
     active = ActiveStreams()
     files = SessionExports()
     salt_key = secrets.token_bytes(32)
@@ -244,10 +278,23 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
             return False
         return isinstance(settings["system"], str) and len(settings["system"]) <= limits.max_message_chars
 
-    def read(value: Any) -> Library:
-        """The library a browser sent (hostile input: see library.read_library)."""
-        return read_library(value, max_messages=limits.max_messages, max_chars=limits.max_message_chars,
-                            defaults=default_settings, settings_valid=settings_valid)
+    def read(value: Any, request: Optional[gr.Request] = None) -> Library:
+        """The library a browser sent (hostile input: see library.read_library): a sealed token
+        (sealed_store.py), or a plain value kept before sealing. One this server cannot open, or
+        of the wrong shape, becomes a new library, and the page says so when `request` is given."""
+        try:
+            if isinstance(value, str):
+                value = seal.open(value, store_bytes)
+            return read_library(value, max_messages=limits.max_messages, max_chars=limits.max_message_chars,
+                                defaults=default_settings, settings_valid=settings_valid)
+        except (StoreUnreadable, LibraryInvalid):
+            if request is not None:
+                gr.Warning(say(_language(request), "store_unreadable"))
+            return empty_library(dict(default_settings))
+
+    def keep(library: Library) -> str:
+        """The library as the browser keeps it: sealed."""
+        return seal.seal(library.to_value())
 
     def keep_settings(library: Library, max_length, top_p, temperature, system) -> dict:
         """Save the page's settings in the open chat (unless they are invalid); what it has now."""
@@ -266,7 +313,7 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
         settings = chat.settings
         return (_display(chat.messages, lang), chat_list(library, lang), gr.update(value=chat.title),
                 settings["max_length"], settings["top_p"], settings["temperature"], settings["system"], "",
-                *exports(chat.messages, _session(request)), library.to_value())
+                *exports(chat.messages, _session(request)), keep(library))
 
     def fitted(history: list[dict], cut: bool, fixed: list[str], lang: str) -> Optional[list[dict]]:
         """The newest turns of a stored chat that fit the limits with the `fixed` messages (a
@@ -313,11 +360,12 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
         started = active.begin()
         shown_before = _display(turn[:-1], lang)  # unchanged while the answer streams
         locked = gr.update(value="", interactive=False)  # free again in finish()
-        yield (locked, _display(turn, lang, pending=True), library.to_value(), "", busy, idle, busy, busy,
+        yield (locked, _display(turn, lang, pending=True), keep(library), "", busy, idle, busy, busy,
                chat_list(library, lang))
         updates = stream_answer(backend, history, query, params, active, session, started, system,
-                                deadline_s=limits.request_timeout_s, cache_salt=cache_salt("page", session))
-        progress = Progress()
+                                deadline_s=limits.request_timeout_s, cache_salt=cache_salt("page", session),
+                                client=_client(request))
+        progress, stored_at = Progress(), time.monotonic()
         try:
             for progress in updates:
                 if active.abandoned_after(session, started):  # another answer or conversation owns the page:
@@ -328,13 +376,16 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
                     return
                 chat.messages = turn[:-1] + [{"role": "assistant", "content": progress.text}]
                 shown = shown_before + _display(chat.messages[-1:], lang, pending=not progress.finished)
-                yield (gr.skip(), shown, library.to_value(),
+                store_now = progress.finished or time.monotonic() - stored_at >= STORE_INTERVAL_S
+                stored_at = time.monotonic() if store_now else stored_at
+                yield (gr.skip(), shown, keep(library) if store_now else gr.skip(),
                        readout(progress, params.max_length, lang)) + (gr.skip(),) * 5
         except (InvalidRequest, EngineBusy) as error:
             # A toast, not gr.Error: an error would mark every output "Error" and skip .then().
-            gr.Warning(say(lang, "busy") if isinstance(error, EngineBusy) else say(lang, "invalid", error=error))
+            gr.Warning(say(lang, "refused_busy", reason=error) if isinstance(error, EngineBusy)
+                       else say(lang, "invalid", error=error))
             chat.messages = original
-            yield (restore, _display(original, lang), library.to_value(), "") + (gr.skip(),) * 4 \
+            yield (restore, _display(original, lang), keep(library), "") + (gr.skip(),) * 4 \
                 + (chat_list(library, lang),)
             return
         finally:
@@ -353,7 +404,7 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
                 request: gr.Request):
         if not isinstance(message, str) or not message.strip() or checked_message(message, _language(request)) is None:
             return
-        library = read(stored)
+        library = read(stored, request)
         yield from answer(library, library.current.messages, message, max_length, top_p, temperature, system,
                           request, restore=message)
 
@@ -363,14 +414,14 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
         index = _event_index(event)
         if index is None or not 0 <= index < len(EXAMPLES):
             return
-        library = read(stored)
+        library = read(stored, request)
         yield from answer(library, library.current.messages, EXAMPLES[index]["text"], max_length, top_p,
                           temperature, system, request, restore="")
 
     def retry(stored: Any, max_length: float, top_p: float, temperature: float, system: str,
               event: gr.EventData, request: gr.Request):
         """The Chatbot's retry: answer the turn's question again (later turns are dropped)."""
-        library = read(stored)
+        library = read(stored, request)
         messages = library.current.messages
         start = _user_message_at(messages, _event_index(event))
         if start is None:
@@ -382,7 +433,7 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
     def edit(stored: Any, max_length: float, top_p: float, temperature: float, system: str,
              event: gr.EventData, request: gr.Request):
         """The Chatbot's edit of a user message: the turns after it are dropped and it is answered."""
-        lang, library = _language(request), read(stored)
+        lang, library = _language(request), read(stored, request)
         messages = library.current.messages
         index, text = _stored_index(messages, _event_index(event)), _event_text(event)
         if index is None or messages[index]["role"] != "user":
@@ -401,7 +452,7 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
 
     def undo(stored: Any, event: gr.EventData, request: gr.Request):
         """The Chatbot's undo: drop the turn (and those after it); its question goes back in the box."""
-        library = read(stored)
+        library = read(stored, request)
         messages = library.current.messages
         start = _user_message_at(messages, _event_index(event))
         if start is None:
@@ -409,7 +460,7 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
         library.current.messages = messages[:start]
         lang, session = _language(request), _session(request)
         active.stop(session, abandon=True)
-        return (messages[start]["content"], _display(messages[:start], lang), library.to_value(), "",
+        return (messages[start]["content"], _display(messages[:start], lang), keep(library), "",
                 chat_list(library, lang)) + exports(messages[:start], session)
 
     def stop(request: gr.Request):
@@ -419,7 +470,7 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
         """Apply `change(library, lang)` to the browser's library; unless it returns False (refused:
         the page stays as it was), stop this page's answer (one stopped writes nothing more) and
         show the result."""
-        library = read(stored)
+        library = read(stored, request)
         if change(library, _language(request)) is False:
             return (gr.skip(),) * len(view_outputs)
         active.stop(_session(request), abandon=True)
@@ -450,16 +501,16 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
             library.current.messages = []
         return changed(stored, request, change)
 
-    def import_file(path: Any, stored: Any, max_length, top_p, temperature, system, request: gr.Request):
-        """A conversation from a JSON download, opened as a new chat (refused: nothing changes)."""
+    def import_file(encoded: Any, stored: Any, max_length, top_p, temperature, system, request: gr.Request):
+        """A conversation from a JSON download, opened as a new chat (refused: nothing changes).
+        encoded: the file's bytes in base64, read by the browser (PICK_IMPORT_JS); None if none was picked."""
         def change(library: Library, lang: str):
-            if not isinstance(path, str):
+            if not isinstance(encoded, str):
                 return False
             try:
-                messages = read_export(path, limits, MAX_IMPORT_BYTES)
-            except (ImportRefused, OSError) as error:
-                reason = error if isinstance(error, ImportRefused) else "the file cannot be read"
-                gr.Warning(say(lang, "import_refused", error=reason))
+                messages = read_export(decode_upload(encoded), limits)
+            except ImportRefused as error:
+                gr.Warning(say(lang, "import_refused", error=error))
                 return False
             if len(library.chats) >= MAX_CONVERSATIONS:
                 gr.Warning(say(lang, "too_many_chats", limit=MAX_CONVERSATIONS))
@@ -474,13 +525,13 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
     def rename(title: Any, stored: Any, request: gr.Request):
         """Name the open chat ("" names it after its first message again). Not while it answers
         (the controls are disabled then): the answer's next write would undo it."""
-        library = read(stored)
+        library = read(stored, request)
         library.rename(title)
-        return chat_list(library, _language(request)), gr.update(value=library.current.title), library.to_value()
+        return chat_list(library, _language(request)), gr.update(value=library.current.title), keep(library)
 
     def restore(stored: Any, request: gr.Request):
         """Page load: show the open conversation kept in this browser."""
-        library = read(stored)
+        library = read(stored, request)
         if library.current.cut:
             gr.Warning(say(_language(request), "trimmed"))
         shown = view(library, request)
@@ -522,12 +573,13 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
         session = _session(request)
         try:
             for progress in stream_answer(backend, turns, message, params, active, session, active.begin(), system,
-                                          deadline_s=limits.request_timeout_s, cache_salt=cache_salt("api", session)):
+                                          deadline_s=limits.request_timeout_s, cache_salt=cache_salt("api", session),
+                                          client=_client(request)):
                 if progress.finish_reason == "error":
                     raise _refusal(failure(progress, lang))
                 yield progress.text
-        except EngineBusy:
-            raise _refusal(say(lang, "busy"))
+        except EngineBusy as error:
+            raise _refusal(say(lang, "refused_busy", reason=error))
         except InvalidRequest as error:
             raise _refusal(say(lang, "invalid", error=error))
 
@@ -573,8 +625,8 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
                     with gr.Row():
                         delete_btn = gr.Button(t("delete_chat"), elem_id="delete-chat", size="sm", variant="stop",
                                                min_width=60)
-                        import_btn = gr.UploadButton(t("import_json"), elem_id="import", size="sm",
-                                                     file_types=[".json"], type="filepath", min_width=60)
+                        import_btn = gr.Button(t("import_json"), elem_id="import", size="sm", min_width=60)
+                        import_data = gr.Textbox(visible=False, elem_id="import-data")
                     download_html = gr.DownloadButton(t("download_html"), elem_id="download-html", size="sm",
                                                       interactive=False)
                     download_json = gr.DownloadButton(t("download_json"), elem_id="download-json", size="sm",
@@ -609,7 +661,7 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
                                  (chatbot.clear, reset)):
             trigger(handler, [stored] + settings, view_outputs, cancels=answering, **private)
         chats.input(switch, [chats, stored] + settings, view_outputs, cancels=answering, **private)
-        import_btn.upload(import_file, [import_btn, stored] + settings, view_outputs, **private)
+        import_btn.click(import_file, [import_data, stored] + settings, view_outputs, js=PICK_IMPORT_JS, **private)
         for trigger in (title_box.submit, rename_btn.click):
             trigger(rename, [title_box, stored], [chats, title_box, stored], **private)
         blocks.load(restore, [stored], view_outputs, **private)
@@ -618,5 +670,4 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
         gr.api(stats, api_name="stats", queue=False)
 
     return ChatPage(blocks, backend, active, files, concurrency_limit,
-                    launch_options=dict(i18n=PAGE_TEXTS, css=CSS, theme=THEME, head=HEAD,
-                                        max_file_size=MAX_IMPORT_BYTES))
+                    launch_options=dict(i18n=PAGE_TEXTS, css=CSS, theme=THEME, head=HEAD))

@@ -195,8 +195,7 @@ def test_malicious_and_oversized_files_are_refused_and_change_nothing(new_page, 
         path.write_bytes(content)
         import_file(page, path)
         toast = page.locator(TOAST).last
-        expect(toast).to_contain_text("exceed the maximum allowed size" if name == "oversized.json"
-                                      else "cannot be imported")
+        expect(toast).to_contain_text("larger than 256 KiB" if name == "oversized.json" else "cannot be imported")
         page.locator(".toast-close").last.click()
         time.sleep(0.3)
         assert (stored_value(page), titles(page), users(page), answers(page)) == before, name
