@@ -12,7 +12,7 @@ import pytest
 
 import app
 from tests.browser.app_server import AppServer
-from webdemo import hf_spaces, limits
+from webdemo import hf_spaces, limits, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--model", "--quantize", "--device", "--tiny-random", "--slots", "--host", "--port", "--share", "--auth",
@@ -46,7 +46,7 @@ def test_defaults():
     assert (args.model, args.quantize, args.device, args.host, args.port) == \
         ("THUDM/chatglm-6b", None, "auto", "127.0.0.1", 7860)
     assert not args.share and args.auth is None and args.tiny_random is None and args.step_delay == 0
-    assert args.require_api_key is None and args.cors_origin == [] and args.drain_seconds == 10
+    assert args.require_api_key is None and args.cors_origin == () and args.drain_seconds == 10
     assert (args.max_body_bytes, args.request_timeout) == (limits.MAX_BODY_BYTES, limits.DEFAULT_REQUEST_TIMEOUT_S)
 
 
@@ -63,7 +63,7 @@ def test_environment_variables_set_the_flags(monkeypatch):
     assert (args.model, args.quantize, args.device, args.host, args.port) == ("/models/glm", 4, "cpu", "0.0.0.0", 8000)
     assert args.share and args.auth == ("ann", "s3cret:x") and args.queue_size == 5 and args.concurrency == 3
     assert args.tiny_random == "chatglm" and args.slots == 2 and args.step_delay == 0.5
-    assert args.require_api_key == "k" and args.cors_origin == ["https://a.example", "https://b.example"]
+    assert args.require_api_key == "k" and args.cors_origin == ("https://a.example", "https://b.example")
     assert (args.max_body_bytes, args.request_timeout, args.drain_seconds) == (2048, 30, 3)
     assert app.parse_args(["--port", "9000"]).port == 9000  # a flag beats its variable
 
@@ -95,12 +95,12 @@ def test_on_spaces_the_app_binds_all_interfaces(monkeypatch):
 
 def test_zerogpu_mode_is_chosen_on_zerogpu_hardware_with_its_own_limits(monkeypatch):
     args = app.parse_args([])
-    assert not args.zerogpu and (args.concurrency, args.queue_size) == (app.CONCURRENCY[False], app.QUEUE_SIZE[False])
+    assert not args.zerogpu and (args.concurrency, args.queue_size) == (settings.CONCURRENCY[False], settings.QUEUE_SIZE[False])
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
     assert not app.parse_args([]).zerogpu  # not on Spaces
     monkeypatch.setenv("SPACE_ID", "someone/chatglm")
     args = app.parse_args([])
-    assert args.zerogpu and (args.concurrency, args.queue_size) == (app.CONCURRENCY[True], app.QUEUE_SIZE[True])
+    assert args.zerogpu and (args.concurrency, args.queue_size) == (settings.CONCURRENCY[True], settings.QUEUE_SIZE[True])
     assert not app.parse_args(["--zerogpu", "off"]).zerogpu
     assert app.parse_args(["--concurrency", "2"]).concurrency == 2
     assert not app.parse_args(["--backend", "openai", "--api-base", "http://x/v1"]).zerogpu  # no model here
@@ -208,4 +208,4 @@ def test_the_readme_front_matter_configures_a_zerogpu_space():
     assert (ROOT / front["app_file"]).is_file()
     assert {front["colorFrom"], front["colorTo"]} <= SPACE_COLORS
     assert len(front["short_description"]) <= 60
-    assert front["preload_from_hub"] == front["models"] == [app.DEFAULT_MODEL]
+    assert front["preload_from_hub"] == front["models"] == [settings.DEFAULT_MODEL]
