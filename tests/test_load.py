@@ -6,8 +6,6 @@ import pytest
 from benchmarks.loadtest import run_load
 from tests.browser.app_server import AppServer
 
-pytest.importorskip("gradio_client")
-pytest.importorskip("openai")
 
 
 def test_a_crowd_of_api_and_page_users_gets_their_own_complete_answers():

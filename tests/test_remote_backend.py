@@ -16,7 +16,6 @@ from tests.browser.app_server import ROOT, AppServer
 from tests.test_engine_faults import within
 from webdemo.remote import OpenAIBackend
 
-pytest.importorskip("gradio_client")
 KEY = "upstream-secret"
 
 

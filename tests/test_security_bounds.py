@@ -7,6 +7,7 @@ import threading
 import time
 from contextlib import contextmanager
 
+import gradio_client
 import httpx
 import pytest
 
@@ -88,7 +89,6 @@ def test_json_nested_50k_deep_is_refused_quickly(served):
 
 
 def test_a_5000_pair_history_through_the_page_is_refused_or_answered_quickly(served):
-    gradio_client = pytest.importorskip("gradio_client")
     client = gradio_client.Client(served.url + "/", verbose=False)
     history = [[f"question {i}", f"answer {i}"] for i in range(5000)]
     with health_watch(served.url) as latencies:

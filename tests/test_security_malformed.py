@@ -6,6 +6,7 @@ import json
 import random
 import time
 
+import gradio_client
 import httpx
 import pytest
 
@@ -129,6 +130,5 @@ def test_at_least_50_bad_bodies_to_the_page_api_each_get_a_json_4xx(served):
         for what, path, body, headers in corpus:
             started = time.monotonic()
             assert_json_4xx(client.post(path, content=body, headers=headers), time.monotonic() - started, what)
-    gradio_client = pytest.importorskip("gradio_client")
     page_api = gradio_client.Client(served.url + "/", headers={"Authorization": f"Bearer {KEY}"}, verbose=False)
     assert page_api.predict("你好", [], 32, 0.7, 0.0, api_name="/chat")

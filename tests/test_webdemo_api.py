@@ -1,11 +1,10 @@
 """The page's API through gradio_client, against the real `python app.py --tiny-random`."""
 import time
 
+import gradio_client
 import pytest
 
 from tests.browser.app_server import AppServer
-
-gradio_client = pytest.importorskip("gradio_client")
 
 
 @pytest.fixture(scope="module")
