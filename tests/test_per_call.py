@@ -139,7 +139,10 @@ def test_close_refuses_new_answers_and_cuts_off_what_outlives_the_drain(backend)
     events = []
     reader = threading.Thread(target=lambda: events.extend(stream))
     reader.start()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 20
+    while not any(event.kind == "delta" for event in events):  # the answer is running
+        assert time.monotonic() < deadline, events
+        time.sleep(0.01)
     b.close(drain_s=0.2)
     reader.join(timeout=10)
     assert events[-1].finish_reason == "error" and "shutting down" in events[-1].error

@@ -112,7 +112,7 @@ class ScriptedServer(BaseHTTPRequestHandler):
                 self.wfile.write(line)
                 self.wfile.flush()
                 if script.startswith("slow"):
-                    time.sleep(0.05)
+                    time.sleep(0.05)  # not a wait in a test: this fake upstream streams slowly on purpose
         except (BrokenPipeError, ConnectionResetError):  # the client went away
             return
         if script == "cut":

@@ -22,25 +22,34 @@ def chat_body(messages, **fields) -> dict:
 
 @contextmanager
 def health_watch(url: str):
-    """Measures /health from another thread while the block runs; yields the latencies list."""
-    latencies, stop = [], threading.Event()
+    """Measures /health from another thread while the block runs; yields the latencies list.
+    Every probe's status is checked here, in the test's own thread, once the block is done (an
+    assertion inside the probe thread would never reach the test)."""
+    latencies, statuses, stop = [], [], threading.Event()
 
     def probe():
         with httpx.Client(timeout=5) as client:
             while not stop.is_set():
                 started = time.monotonic()
-                assert client.get(url + "/health").status_code == 200
+                try:
+                    statuses.append(client.get(url + "/health").status_code)
+                except httpx.HTTPError as error:
+                    statuses.append(repr(error))
                 latencies.append(time.monotonic() - started)
-                time.sleep(0.01)
+                stop.wait(0.01)  # a pause between probes, ended at once by stop
 
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
-    time.sleep(0.05)
+    deadline = time.monotonic() + 10
+    while not latencies:  # the probe is running before the block starts
+        assert time.monotonic() < deadline, "the /health probe never got an answer"
+        time.sleep(0.01)
     try:
         yield latencies
     finally:
         stop.set()
         thread.join(10)
+    assert not thread.is_alive() and statuses and set(statuses) == {200}, statuses
 
 
 @pytest.fixture(scope="module")
