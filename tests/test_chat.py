@@ -16,7 +16,7 @@ from model_runtime.tokenizers.glm2 import ChatGLM2Tokenizer
 from model_runtime.tokenizers.glm4 import GLM4Tokenizer
 from model_runtime.tokenizers.glm6b import ChatGLMTokenizer
 
-from .conftest import reference_file
+from .conftest import budget, reference_file
 
 
 def test_round_prompt_format():
@@ -214,7 +214,7 @@ def test_a_5000_pair_history_is_planned_quickly(every_tokenizer, family):
     history = [(f"第{i}个问题: how is the weather today?", "今天是晴天，气温大约 25 度。" * 3) for i in range(5000)]
     started = time.perf_counter()
     plan = plan_prompt(tokenizer, "今天呢?", history, 2048)
-    assert time.perf_counter() - started < 0.3
+    assert time.perf_counter() - started < budget(0.3)
     assert 4000 < plan.dropped_turns < 5000
     assert plan.tokens == chat_format_for(tokenizer).encode(tokenizer, "今天呢?", history[plan.dropped_turns:])
 

@@ -11,9 +11,10 @@ import gradio_client
 import httpx
 import pytest
 
+from tests.conftest import budget
 from tests.webdemo_server import MODEL_NAME, serving
 
-HEALTH_BUDGET_S = 0.2
+HEALTH_BUDGET_S = budget(0.2)
 
 
 def chat_body(messages, **fields) -> dict:
@@ -69,7 +70,7 @@ def test_8001_messages_are_refused_quickly(served):
     with health_watch(served.url) as latencies:
         response, elapsed = post(served.url, json=chat_body(messages))
     assert response.status_code == 400 and "8001 messages" in response.json()["error"]["message"]
-    assert elapsed < 2 and latencies and max(latencies) < HEALTH_BUDGET_S
+    assert elapsed < budget(2) and latencies and max(latencies) < HEALTH_BUDGET_S
 
 
 @pytest.mark.parametrize("chunked", [False, True])
@@ -84,7 +85,7 @@ def test_a_20_mb_body_is_refused_before_it_is_read(served, chunked):
             response, elapsed = None, 0
     if response is not None:
         assert response.status_code == 413 and "larger than" in response.json()["error"]["message"]
-        assert elapsed < 3
+        assert elapsed < budget(3)
     assert latencies and max(latencies) < HEALTH_BUDGET_S
     assert httpx.get(served.url + "/v1/models", timeout=5).status_code == 200
 
@@ -94,7 +95,7 @@ def test_json_nested_50k_deep_is_refused_quickly(served):
         response, elapsed = post(served.url, content=b"[" * 50_000 + b"]" * 50_000,
                                  headers={"Content-Type": "application/json"})
     assert response.status_code == 400 and "nested" in response.json()["error"]["message"]
-    assert elapsed < 1 and max(latencies) < HEALTH_BUDGET_S
+    assert elapsed < budget(1) and max(latencies) < HEALTH_BUDGET_S
 
 
 def test_a_5000_pair_history_through_the_page_is_refused_or_answered_quickly(served):
@@ -107,7 +108,7 @@ def test_a_5000_pair_history_through_the_page_is_refused_or_answered_quickly(ser
         except gradio_client.exceptions.AppError as error:
             assert "conversation" in str(error) or "messages" in str(error)
         elapsed = time.monotonic() - started
-    assert elapsed < 5 and max(latencies) < HEALTH_BUDGET_S
+    assert elapsed < budget(5) and max(latencies) < HEALTH_BUDGET_S
 
 
 def test_a_disconnected_non_streamed_request_frees_its_slot(served):
@@ -119,7 +120,7 @@ def test_a_disconnected_non_streamed_request_frees_its_slot(served):
     left = time.monotonic()
     after = served.wait_for(lambda m: m["active_sequences"] == 0, timeout=1.0)
     assert after["requests_cancelled"] == cancelled + 1
-    assert time.monotonic() - left < 1.0
+    assert time.monotonic() - left < budget(1.0)
 
 
 def test_queue_size_governs_v1_with_429_and_retry_after(served):
@@ -137,7 +138,7 @@ def test_queue_size_governs_v1_with_429_and_retry_after(served):
         served.wait_for(lambda m: m["active_sequences"] == 2 and m["queue_length"] == 4)
         refused, elapsed = post(served.url, json=body)
         assert refused.status_code == 429 and int(refused.headers["Retry-After"]) > 0
-        assert refused.json()["error"]["code"] == "busy" and elapsed < 1
+        assert refused.json()["error"]["code"] == "busy" and elapsed < budget(1)
     finally:
         for stream in streams:
             stream.__exit__(None, None, None)
