@@ -173,7 +173,7 @@ class ChatEvent:
         return self.kind == "done"
 
 
-TOOL_MODELS = "ChatGLM3-6B and GLM-4-9B-chat"  # the models trained to call functions
+TOOL_MODELS = "ChatGLM3-6B and GLM-4-9B-chat (and GLM-4-0414, GLM-Z1)"  # the models trained to call functions
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,8 @@ class ChatFormat:
     causal = False  # the whole prompt is a bidirectional prefix: no KV reuse across turns
     default_sampling = SamplingParams(max_length=2048, top_p=0.7, temperature=0.95)
     tool_dialect: Optional[ToolDialect] = None  # how the model writes function calls, if it was trained to
+    renders_template = False  # True: the checkpoint's Jinja template lays out whole conversations (template.py)
+    opens_thinking = False  # True: every answer starts inside a <think> block (GLM-Z1)
 
     def encode(self, tokenizer, query: str, history: History, system: Optional[str] = None) -> list[int]:
         query, history = with_system_in_first_query(query, history, system)

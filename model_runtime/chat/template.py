@@ -167,8 +167,9 @@ class TemplateFormat(ChatFormat):
         try:
             return self.template.render(messages=self._guarded(messages), tools=self._guarded(tools) if tools else None,
                                         add_generation_prompt=True, **tokenizer.token_strings)
-        except jinja2.TemplateError as error:  # a template's raise_exception, or a sandbox refusal
-            raise InvalidRequest(f"the model's chat template refused this conversation: {error}") from None
+        except Exception as error:  # untrusted code: raise_exception, a sandbox refusal, a range too big...
+            raise InvalidRequest(f"the model's chat template failed on this conversation "
+                                 f"({type(error).__name__}: {error})") from None
 
     def encode_messages(self, tokenizer, messages: list[dict], tools: Optional[list[dict]] = None) -> list[int]:
         """Prompt ids of template dicts (`template_messages`), ending with the generation prompt."""
