@@ -103,12 +103,13 @@ def tiny_hf_config(family: str, tokenizer: JSONTokenizer, hidden_size: int = 64,
 
 
 def random_hf_state(config: HFGLMConfig, tokenizer: JSONTokenizer, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights under transformers' names, bfloat16 as published. Output rows of the
-    specials other than the stop tokens are shrunk so that answers are mostly text that ends now
+    """Random weights under transformers' names, bfloat16 as published. Output rows of single
+    bytes and of the specials other than the stop tokens are shrunk so that answers are mostly text that ends now
     and then; a tied output layer is not stored (transformers leaves it out)."""
     state = random_weights(HFGLMModel(config), torch.Generator().manual_seed(seed))
     head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
     quiet = torch.zeros(config.vocab_size, dtype=torch.bool)
+    quiet[:256] = True  # single bytes (the trainer's alphabet comes first): half characters, control bytes
     quiet[tokenizer.vocab_size:] = True
     quiet[list(tokenizer.index_special_tokens)] = True
     quiet[list(tokenizer.chat_format.stop_ids(tokenizer))] = False
