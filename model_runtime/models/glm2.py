@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import GLMModel
-from .config import CheckpointError, ModelConfig
+from .config import CausalGLMConfig, CheckpointError
 from .kv_cache import LayerCache
 from .prefix import PrefixEncoder
 
@@ -34,7 +34,7 @@ FAMILIES = ("chatglm2", "chatglm3", "glm4")
 
 
 @dataclass(frozen=True)
-class GLM2Config(ModelConfig):
+class GLM2Config(CausalGLMConfig):
     """The sizes and ids of a ChatGLM2/ChatGLM3/GLM-4 checkpoint (field names follow config.json).
 
     `family` is not a field of the published config.json files: `loading.family.read_config` works it out
@@ -42,6 +42,7 @@ class GLM2Config(ModelConfig):
     properties below give the names the shared code (generation loop, engine, loader) uses for
     ChatGLM-6B's config."""
 
+    FAMILIES: ClassVar[tuple[str, ...]] = FAMILIES
     POSITIVE_FIELDS: ClassVar[tuple[str, ...]] = ("padded_vocab_size", "hidden_size", "num_layers",
                                                   "num_attention_heads", "ffn_hidden_size", "seq_length",
                                                   "multi_query_group_num")
@@ -96,30 +97,14 @@ class GLM2Config(ModelConfig):
     def inner_hidden_size(self) -> int:
         return self.ffn_hidden_size
 
-    @property
-    def eos_token_ids(self) -> tuple[int, ...]:
-        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
-
-    @property
-    def causal(self) -> bool:
-        return True
-
     def parameter_counts(self) -> tuple[int, int]:
         """(parameters outside the blocks' Linear layers, parameters of those Linear layers): what
         the loader's memory check needs (only the latter are quantized)."""
-        h, f, d = self.hidden_size, self.ffn_hidden_size, self.head_dim
-        q, kv = self.num_attention_heads * d, self.kv_heads * d
-        block_linear = h * (q + 2 * kv) + q * h + h * 2 * f + f * h
-        other = 2 * self.padded_vocab_size * h + self.num_layers * (2 * h + q + 2 * kv) + h
-        return other, self.num_layers * block_linear
+        h, qkv = self.hidden_size, (self.num_attention_heads + 2 * self.kv_heads) * self.head_dim
+        other = 2 * self.padded_vocab_size * h + self.num_layers * (2 * h + qkv) + h
+        return other, self.num_layers * self.block_linear_parameters()
 
     # ---- reading and writing config.json --------------------------------------------------------
-
-    @classmethod
-    def from_dict(cls, raw: dict, source: str = "config.json", family: Optional[str] = None) -> "GLM2Config":
-        """family: which of FAMILIES (`loading.family` works it out); by default config.json's
-        `glm_family`, which only configs this runtime writes have."""
-        return super().from_dict(dict(raw, glm_family=family) if family else raw, source)
 
     @classmethod
     def _prepared(cls, raw: dict) -> dict:
@@ -129,10 +114,7 @@ class GLM2Config(ModelConfig):
 
     @classmethod
     def _converted(cls, values: dict, raw: dict, source: str) -> dict:
-        if isinstance(values.get("eos_token_id"), list):
-            values["eos_token_id"] = tuple(values["eos_token_id"])
-        if raw.get("glm_family") is not None:
-            values["family"] = raw["glm_family"]
+        values = super()._converted(values, raw, source)
         values["rope_ratio"] = float(values.get("rope_ratio", 1.0))
         return values
 
@@ -143,11 +125,6 @@ class GLM2Config(ModelConfig):
 
     def _check(self, source: str) -> None:
         super()._check(source)
-        if self.family not in FAMILIES:
-            raise CheckpointError(f"{source}: unknown GLM family {self.family!r}")
-        if self.num_attention_heads % self.kv_heads:
-            raise CheckpointError(f"{source}: {self.num_attention_heads} attention heads do not split into "
-                                  f"{self.kv_heads} key/value groups")
         if self.head_dim % 4:
             raise CheckpointError(f"{source}: kv_channels {self.head_dim} must be a multiple of 4 (rotary pairs)")
         unsupported = {"rmsnorm": True, "post_layer_norm": True, "add_bias_linear": False,
@@ -156,8 +133,6 @@ class GLM2Config(ModelConfig):
             if getattr(self, name) != wanted:
                 raise CheckpointError(f"{source}: {name}={getattr(self, name)!r} is not supported "
                                       f"(the published ChatGLM2/3 and GLM-4 checkpoints have {wanted})")
-        if self.output_layer_bit not in (0, 8):
-            raise CheckpointError(f"{source}: output_layer_bit must be 0 or 8, got {self.output_layer_bit!r}")
         if self.rope_ratio <= 0:
             raise CheckpointError(f"{source}: rope_ratio must be positive, got {self.rope_ratio!r}")
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .base import GLMModel
-from .config import CheckpointError, ModelConfig
+from .config import CausalGLMConfig, CheckpointError
 from .glm2 import CAUSAL, CausalLayout, RMSNorm, RotaryEmbedding, SelfAttention, swiglu
 
 # family -> (model_type, architecture)
@@ -34,10 +34,11 @@ HF_FAMILIES = {"glm4-0414": ("glm4", "Glm4ForCausalLM"), "glm4-hf": ("glm", "Glm
 
 
 @dataclass(frozen=True)
-class HFGLMConfig(ModelConfig):
+class HFGLMConfig(CausalGLMConfig):
     """config.json of a transformers-native GLM (field names as written there). `family` says which
     network (HF_FAMILIES); `loading.family` reads it from `architectures` / `model_type`."""
 
+    FAMILIES: ClassVar[tuple[str, ...]] = tuple(HF_FAMILIES)
     POSITIVE_FIELDS: ClassVar[tuple[str, ...]] = ("vocab_size", "hidden_size", "num_hidden_layers",
                                                   "num_attention_heads", "num_key_value_heads", "intermediate_size",
                                                   "head_dim", "max_position_embeddings")
@@ -89,14 +90,6 @@ class HFGLMConfig(ModelConfig):
         return self.rms_norm_eps
 
     @property
-    def eos_token_ids(self) -> tuple[int, ...]:
-        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
-
-    @property
-    def causal(self) -> bool:
-        return True
-
-    @property
     def rotary_dim(self) -> int:
         """transformers: int(head_dim * partial_rotary_factor) dims carry the rotation."""
         return int(self.head_dim * self.partial_rotary_factor)
@@ -108,18 +101,12 @@ class HFGLMConfig(ModelConfig):
 
     def parameter_counts(self) -> tuple[int, int]:
         """(parameters outside the blocks' Linear layers, parameters of those layers)."""
-        h, f, d = self.hidden_size, self.intermediate_size, self.head_dim
-        q, kv = self.num_attention_heads * d, self.kv_heads * d
-        block_linear = h * (q + 2 * kv) + q * h + h * 2 * f + f * h
-        norms = (4 if self.post_norms else 2) * h + (q + 2 * kv if self.attention_bias else 0)
+        h, qkv = self.hidden_size, (self.num_attention_heads + 2 * self.kv_heads) * self.head_dim
+        norms = (4 if self.post_norms else 2) * h + (qkv if self.attention_bias else 0)
         heads = 1 if self.tie_word_embeddings else 2
-        return heads * self.vocab_size * h + self.num_layers * norms + h, self.num_layers * block_linear
+        return heads * self.vocab_size * h + self.num_layers * norms + h, self.num_layers * self.block_linear_parameters()
 
     # ---- reading and writing config.json --------------------------------------------------------------
-
-    @classmethod
-    def from_dict(cls, raw: dict, source: str = "config.json", family: Optional[str] = None) -> "HFGLMConfig":
-        return super().from_dict(dict(raw, glm_family=family) if family else raw, source)
 
     @classmethod
     def _prepared(cls, raw: dict) -> dict:
@@ -136,15 +123,12 @@ class HFGLMConfig(ModelConfig):
         rope_type = (raw.get("rope_parameters") or {}).get("rope_type", "default")
         if raw.get("rope_scaling") or rope_type != "default":
             raise CheckpointError(f"{source}: rope scaling ({raw.get('rope_scaling') or rope_type}) is not supported")
-        if isinstance(values.get("eos_token_id"), list):
-            values["eos_token_id"] = tuple(values["eos_token_id"])
+        values = super()._converted(values, raw, source)
         values.setdefault("num_key_value_heads", values["num_attention_heads"])
         values.setdefault("head_dim", values["hidden_size"] // values["num_attention_heads"])
         for name in ("rope_theta", "partial_rotary_factor", "rms_norm_eps"):
             if name in values:
                 values[name] = float(values[name])
-        if raw.get("glm_family") is not None:
-            values["family"] = raw["glm_family"]
         return values
 
     def to_dict(self) -> dict:
@@ -160,11 +144,6 @@ class HFGLMConfig(ModelConfig):
 
     def _check(self, source: str) -> None:
         super()._check(source)
-        if self.family not in HF_FAMILIES:
-            raise CheckpointError(f"{source}: unknown GLM family {self.family!r}")
-        if self.num_attention_heads % self.kv_heads:
-            raise CheckpointError(f"{source}: {self.num_attention_heads} attention heads do not split into "
-                                  f"{self.kv_heads} key/value groups")
         if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
             raise CheckpointError(f"{source}: partial_rotary_factor {self.partial_rotary_factor} of head_dim "
                                   f"{self.head_dim} must give an even number of rotary dims")
@@ -172,8 +151,6 @@ class HFGLMConfig(ModelConfig):
             raise CheckpointError(f"{source}: hidden_act {self.hidden_act!r} is not supported (GLM uses silu)")
         if self.rope_theta <= 0:
             raise CheckpointError(f"{source}: rope_theta must be positive, got {self.rope_theta!r}")
-        if self.output_layer_bit not in (0, 8):
-            raise CheckpointError(f"{source}: output_layer_bit must be 0 or 8, got {self.output_layer_bit!r}")
 
 
 def rms_norm(config: HFGLMConfig) -> RMSNorm:

@@ -15,8 +15,7 @@ from typing import Iterable
 from tokenizers import Tokenizer
 
 from ..chat.template import TemplateFormat, json_object_file
-from .common import checked_id
-from .special_tokens import checked_text
+from .special_tokens import SpecialTokens, checked_text
 
 
 def _token_string(value) -> str | None:
@@ -39,10 +38,11 @@ def read_chat_template(folder: Path, tokenizer_config: dict) -> str:
     return template
 
 
-class JSONTokenizer:
+class JSONTokenizer(SpecialTokens):
     """Text <-> ids with a checkpoint's tokenizer.json, and its chat template as `chat_format`.
     Offers the calls the shared code uses on the other tokenizers (encode, decode, vocab_size,
-    special_id, prefix_tokens, eos/pad ids)."""
+    special_id, prefix_tokens, eos/pad ids); the special tokens are the file's, wherever their
+    ids are."""
 
     def __init__(self, folder: str | Path, family: str):
         folder = Path(folder)
@@ -74,17 +74,6 @@ class JSONTokenizer:
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self._rendered.token_to_id(token)
 
-    def special_id(self, name: str) -> int:
-        try:
-            return self.special_tokens[name]
-        except KeyError:
-            raise KeyError(f"{name!r} is not a special token of this tokenizer") from None
-
-    @property
-    def prefix_tokens(self) -> list[int]:
-        """What GLM prompts start with: [gMASK]<sop>."""
-        return [i for i in (self.gmask_token_id, self.sop_token_id) if i is not None]
-
     def encode_text(self, text: str) -> list[int]:
         """Ids of text, special-token strings included as ordinary text."""
         return self._plain.encode(checked_text(text), add_special_tokens=False).ids
@@ -94,16 +83,11 @@ class JSONTokenizer:
         apply_chat_template tokenizes)."""
         return self._rendered.encode(checked_text(text), add_special_tokens=False).ids
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.encode_text(text)
-        return self.prefix_tokens + ids if add_special_tokens else ids
-
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        return self._rendered.decode([checked_id(i, self.vocab_size) for i in ids],
-                                     skip_special_tokens=skip_special_tokens)
+        return self._rendered.decode(list(map(self._checked, ids)), skip_special_tokens=skip_special_tokens)
 
     def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str]:
-        return [self._rendered.id_to_token(checked_id(i, self.vocab_size)) for i in ids]
+        return [self._rendered.id_to_token(i) for i in map(self._checked, ids)]
 
     def convert_tokens_to_ids(self, tokens: Iterable[str]) -> list[int]:
         return [self._rendered.token_to_id(token) for token in tokens]
