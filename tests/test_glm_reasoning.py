@@ -10,6 +10,7 @@ from openai import OpenAI
 from model_runtime.chat.answer_text import AnswerText
 from model_runtime.chat.reasoning import split_thinking, visible_reply
 from model_runtime.chat.stream import stream_answer
+from model_runtime.cli import DIM, NORMAL, parse_args, stream_one_answer
 from model_runtime.loading.loader import load_model
 from model_runtime.protocol import SamplingParams
 from model_runtime.tiny.glm_hf import write_tiny_hf_checkpoint
@@ -141,3 +142,16 @@ def test_tools_round_trip_in_the_0414_format(tiny_hf, tiny):
     second_prompt = tokenizer.decode(fake.prompts[-1], skip_special_tokens=False)
     assert "# 可用工具" in first_prompt and "## get_weather" in first_prompt
     assert f'<|assistant|>get_weather \n{{"city": "北京"}}<|observation|>\n{RESULT}<|assistant|>' in second_prompt
+
+
+@pytest.mark.parametrize("hide", [False, True])
+def test_cli_prints_the_thinking_dimmed_and_keeps_the_reply(tiny_hf, capsys, hide):
+    tokenizer, model = tiny_hf["z1"]
+    fake = scripted(tokenizer, model, lambda prompt: tokenizer.encode_text(f"\n{THINKING}\n</think>\n\n{ANSWER}")
+                    + [tokenizer.eos_token_id])
+    args = parse_args(["chat", "--temperature", "0"] + (["--hide-thinking"] if hide else []))
+    history = stream_one_answer(fake, tokenizer, "北京天气？", [], args)
+    printed = capsys.readouterr().out
+    assert history == [("北京天气？", ANSWER)] and printed.rstrip().endswith(ANSWER)
+    joined = printed.replace(NORMAL + DIM, "")  # one dimmed run per printed piece, joined
+    assert (f"{DIM}{THINKING}{NORMAL}\n{ANSWER}" in joined) != hide and (THINKING in joined) != hide
