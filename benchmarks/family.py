@@ -1,9 +1,12 @@
-"""Full-size ChatGLM2-6B, ChatGLM3-6B and GLM-4-9B-chat shapes with random weights: prefill, decode,
-and the second turn of a conversation with and without reuse of the first turn's KV cache.
+"""Full-size ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B-chat and GLM-4-9B-0414 / GLM-Z1-9B-0414 shapes with
+random weights: prefill, decode, and the second turn of a conversation with and without reuse of
+the first turn's KV cache. `glm4-0414` is transformers' layout (models/glm_hf.py: q, k and v as
+three matmuls, four norms per block) at GLM-4-9B-chat's sizes, so the two rows compare layouts.
 
     python -m benchmarks.family                                  # CPU, bfloat16 + INT8/INT4 rows, 4 layers
     python -m benchmarks.family --rows chatglm3:bfloat16 --layers 28 --device cuda   # one full model
     python -m benchmarks.family --device cuda --dtype float16 --layers 28             # a GPU, every member
+    python -m benchmarks.family --rows glm4:bfloat16 glm4-0414:bfloat16 glm4:int4 glm4-0414:int4 --report family-glm4-0414
 
 The networks are built on the meta device and only what is measured is materialised: the full
 embedding and output layer, and `--layers` of the full-size blocks (default 4: the whole models,
@@ -41,7 +44,22 @@ FULL = {
     "glm4": dict(COMMON, padded_vocab_size=151552, num_layers=40, seq_length=131072, layernorm_epsilon=1.5625e-7,
                  rope_ratio=500.0),
 }
+# GLM-4-9B-0414 in transformers' names (its published config.json: GLM-4-9B-chat's sizes).
+HF_FULL = {"glm4-0414": dict(vocab_size=151552, hidden_size=4096, intermediate_size=13696, num_hidden_layers=40,
+                             num_attention_heads=32, num_key_value_heads=2, head_dim=128, max_position_embeddings=32768,
+                             partial_rotary_factor=0.5, rms_norm_eps=1e-5)}
 DEFAULT_ROWS = ["chatglm2:bfloat16", "chatglm3:bfloat16", "chatglm3:int8", "chatglm3:int4", "glm4:bfloat16"]
+
+
+def config_for(family: str, layers=None):
+    """The config of a full-size member, with `layers` blocks (default: its real count)."""
+    from model_runtime.models.glm2 import GLM2Config
+    from model_runtime.models.glm_hf import HFGLMConfig
+
+    if family in HF_FULL:
+        sizes = HF_FULL[family]
+        return HFGLMConfig(**dict(sizes, num_hidden_layers=layers or sizes["num_hidden_layers"]), family=family)
+    return GLM2Config(**dict(FULL[family], num_layers=layers or FULL[family]["num_layers"]), family=family)
 
 
 def build(family: str, layers: int, device: str, dtype, bits):
@@ -49,10 +67,10 @@ def build(family: str, layers: int, device: str, dtype, bits):
     random weights directly in dtype on device (quantized layers quantize their float weight)."""
     import torch
 
-    from model_runtime.models.glm2 import ChatGLM2Model, GLM2Config
+    from model_runtime.loading.family import model_class
 
-    config = GLM2Config(**dict(FULL[family], num_layers=layers), family=family)
-    model = ChatGLM2Model.empty(config, torch.device(device), dtype, quantize=bits)
+    config = config_for(family, layers)
+    model = model_class(config).empty(config, torch.device(device), dtype, quantize=bits)
     randomize(model, device)
     return model.eval()
 
@@ -60,12 +78,10 @@ def build(family: str, layers: int, device: str, dtype, bits):
 def full_bytes_per_token(family: str, dtype_bytes: int, bits, context: int) -> int:
     """Bytes a decode step of the FULL model reads: every weight but the embedding table, plus the
     KV cache of `context` tokens (per-row float16 scales of quantized layers included)."""
-    from model_runtime.models.glm2 import GLM2Config
-
-    config = GLM2Config(**FULL[family], family=family)
+    config = config_for(family)
     other, block_linear = config.parameter_counts()
-    embedding = config.padded_vocab_size * config.hidden_size
-    h, f, kv_size = config.hidden_size, config.ffn_hidden_size, config.kv_heads * config.head_dim
+    embedding = config.vocab_size * config.hidden_size
+    h, f, kv_size = config.hidden_size, config.inner_hidden_size, config.kv_heads * config.head_dim
     rows = config.num_layers * ((config.num_attention_heads * config.head_dim + 2 * kv_size) + h + 2 * f + h)
     linear = block_linear * bits / 8 + rows * 2 if bits else block_linear * dtype_bytes
     kv = 2 * config.num_layers * config.kv_heads * config.head_dim * dtype_bytes * context
@@ -85,12 +101,12 @@ def worker(args) -> dict:
     if bits and args.device == "cpu":
         dtype = torch.bfloat16  # the CPU quantized kernels run on bfloat16 activations
     memory = PeakRSS()
-    row = {"model": family, "weights": kind, "layers": args.layers, "layers_full": FULL[family]["num_layers"]}
+    row = {"model": family, "weights": kind, "layers": args.layers, "layers_full": config_for(family).num_layers}
     with memory.phase(row, "build_peak_rss_gib"):
         start = time.perf_counter()
         model = build(family, args.layers, args.device, dtype, bits)
         row["build_s"] = round(time.perf_counter() - start, 1)
-    scale = FULL[family]["num_layers"] / args.layers
+    scale = config_for(family).num_layers / args.layers
 
     def sync():
         if args.device == "cuda":
@@ -186,7 +202,7 @@ def worker(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=None,
-                        help="MODEL:WEIGHTS pairs, MODEL in chatglm2 chatglm3 glm4, WEIGHTS a dtype or int8/int4 "
+                        help="MODEL:WEIGHTS pairs, MODEL in chatglm2 chatglm3 glm4 glm4-0414, WEIGHTS a dtype or int8/int4 "
                              f"(default: {' '.join(DEFAULT_ROWS)}; with --dtype: every model in that dtype)")
     parser.add_argument("--dtype", default=None, help="one dtype for every model (e.g. float16 on a GPU)")
     parser.add_argument("--device", default="cpu")
@@ -194,6 +210,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512, help="turn-1 conversation length (tokens)")
     parser.add_argument("--new", type=int, default=32, help="new tokens of turn 2")
     parser.add_argument("--tokens", type=int, default=8, help="decode steps timed (after one warm-up)")
+    parser.add_argument("--report", default="family", help="results/NAME.json to write (default: family)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--row", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -218,7 +235,7 @@ def main() -> None:
     print(f"\nFull-size shapes, random weights, {args.layers} blocks built (times scaled to the real depth), "
           f"{args.device}; turn 1 = {args.context} tokens, turn 2 adds {args.new}; {args.tokens} decode steps. "
           f"Same-run memory read ceiling {bandwidth:.1f} GB/s.\n")
-    report("family", rows, {"bandwidth_gbs": round(bandwidth, 1), "device": args.device, "layers_built": args.layers,
+    report(args.report, rows, {"bandwidth_gbs": round(bandwidth, 1), "device": args.device, "layers_built": args.layers,
                             "context_tokens": args.context, "new_tokens": args.new, "decode_tokens": args.tokens})
 
 

@@ -2,9 +2,14 @@
 project's own /v1 API), so the page can front a remote cluster instead of a local model.
 
 Each request streams in its own thread; cancel() closes the HTTP stream, which is how such
-servers learn to stop generating. Endings stay honest: only the server's own "stop" or "length"
-count as complete; a stream that breaks, ends without a finish_reason, reports any other reason,
-passes its deadline or is cut by close() ends with "error".
+servers learn to stop generating. Endings stay honest: only the server's own "stop", "length"
+or "tool_calls" count as complete; a stream that breaks, ends without a finish_reason, reports
+any other reason, passes its deadline or is cut by close() ends with "error".
+
+Both ways it carries what reasoning and tool-calling models add (GLM-Z1, GLM-4-0414 behind vLLM
+or SGLang): the request's tools, tool_choice, assistant tool calls and tool results go to the
+server as OpenAI fields; the server's `reasoning_content` deltas (vLLM's name; `reasoning` too)
+become the events' thinking, its streamed `tool_calls` fragments the answer's calls.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from typing import Iterator, Optional
 
 import httpx
 
-from model_runtime.protocol import ChatEvent, ChatRequest, EngineBusy, InvalidRequest, ModelInfo
+from model_runtime.protocol import ChatEvent, ChatRequest, EngineBusy, InvalidRequest, ModelInfo, ToolCall
 
 STREAM_POLL_S = 0.5  # a waiting stream checks this often that its thread still lives
 HEALTH_PROBE_S = 10.0  # health() asks the server for its models at most this often
@@ -32,6 +37,8 @@ class RemoteStream:
         self._cancelled = threading.Event()
         self._cut_reason: Optional[str] = None  # set when the answer is cut off, not cancelled
         self._response: Optional[httpx.Response] = None
+        self._reasoning = ""  # the server's reasoning_content so far
+        self._calls: dict[int, dict] = {}  # streamed tool-call fragments, by their index
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"remote-{self.request_id}")
         self._deadline: Optional[threading.Timer] = None
         if request.deadline_s is not None:
@@ -100,11 +107,15 @@ class RemoteStream:
                         raise RuntimeError(chunk["error"].get("message", "the remote server failed"))
                     usage = chunk.get("usage") or usage
                     for choice in chunk.get("choices", []):
-                        delta = (choice.get("delta") or {}).get("content") or ""
+                        fields = choice.get("delta") or {}
+                        delta = fields.get("content") or ""
+                        thought = fields.get("reasoning_content") or fields.get("reasoning") or ""
+                        self._add_call_fragments(fields.get("tool_calls") or ())
                         reason = choice.get("finish_reason") or reason
-                        if delta:
-                            text += delta
-                            self._put("delta", text, usage, delta=delta)
+                        self._reasoning += thought
+                        text += delta
+                        if delta or thought:
+                            self._put("delta", text, usage, delta=delta, reasoning_delta=thought)
         except Exception as error:
             if not self._cancelled.is_set():
                 self._end(text, usage, "error", f"the model server at {self._backend.base_url} failed: {error}")
@@ -115,27 +126,50 @@ class RemoteStream:
             self._end(text, usage, "cancelled")
         elif reason in ("stop", "length"):
             self._end(text, usage, reason)
+        elif reason == "tool_calls" and self._calls:
+            self._end(text, usage, reason, tool_calls=self._tool_calls())
         elif reason is None:
             self._end(text, usage, "error", f"the model server at {self._backend.base_url} ended the answer "
                                             "without saying why; it may be cut off")
         else:
             self._end(text, usage, "error", f"the model server at {self._backend.base_url} ended the answer: {reason}")
 
-    def _end(self, text, usage, reason, error: Optional[str] = None) -> None:
+    def _add_call_fragments(self, fragments) -> None:
+        """OpenAI streams a call as fragments: its index, id and name first, then pieces of the
+        arguments."""
+        for fragment in fragments:
+            call = self._calls.setdefault(fragment.get("index", 0), {"id": "", "name": "", "arguments": ""})
+            function = fragment.get("function") or {}
+            call["id"] = fragment.get("id") or call["id"]
+            call["name"] += function.get("name") or ""
+            call["arguments"] += function.get("arguments") or ""
+
+    def _tool_calls(self) -> tuple[ToolCall, ...]:
+        return tuple(ToolCall(call["id"] or f"call_{self.request_id}_{index}", call["name"], call["arguments"] or "{}")
+                     for index, call in sorted(self._calls.items()))
+
+    def _end(self, text, usage, reason, error: Optional[str] = None, tool_calls: tuple[ToolCall, ...] = ()) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
-        self._put("done", text, usage, finish_reason=reason, error=error)
+        self._put("done", text, usage, finish_reason=reason, error=error, tool_calls=tool_calls)
 
     def _put(self, kind, text, usage, **fields) -> None:
         self._events.put(ChatEvent(kind=kind, request_id=self.request_id, text=text,
                                    prompt_tokens=usage.get("prompt_tokens", 0),
-                                   completion_tokens=usage.get("completion_tokens", 0), **fields))
+                                   completion_tokens=usage.get("completion_tokens", 0),
+                                   reasoning=self._reasoning, **fields))
 
     def _body(self) -> dict:
         sampling = self._request.sampling
         body = {"model": self._backend.info.name, "stream": True, "stream_options": {"include_usage": True},
-                "messages": [{"role": m.role, "content": m.content} for m in self._request.messages],
+                "messages": [_message_json(m) for m in self._request.messages],
                 "temperature": sampling.temperature, "top_p": sampling.top_p}
+        if self._request.tools:
+            body["tools"] = [{"type": "function", "function": json.loads(tool.function_json)}
+                             for tool in self._request.tools]
+            choice = self._request.tool_choice
+            body["tool_choice"] = {"type": "function", "function": {"name": choice.name}} \
+                if choice.mode == "function" else choice.mode
         # max_length counts prompt plus answer, which only the server can count: it bounds the
         # answer alone here, and is left out when it is the whole context (servers such as vLLM
         # refuse max_tokens that do not fit beside the prompt).
@@ -147,6 +181,19 @@ class RemoteStream:
         if sampling.stop:
             body["stop"] = list(sampling.stop)
         return body
+
+
+def _message_json(message) -> dict:
+    """A conversation message as OpenAI's API takes it (calls and results included)."""
+    out = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["content"] = message.content or None
+        out["tool_calls"] = [{"id": call.id, "type": "function",
+                              "function": {"name": call.name, "arguments": call.arguments}}
+                             for call in message.tool_calls]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
 
 
 def _error_message(response: httpx.Response) -> str:
@@ -165,8 +212,9 @@ class OpenAIBackend:
         self.base_url = api_base.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=httpx.Timeout(timeout, connect=10))
+        # Tools go through: the server says (400) whether its model can call them.
         self.info = ModelInfo(name=model or self._first_model(), max_sequence_length=context_length,
-                              supports_system_prompt=True)
+                              supports_system_prompt=True, supports_tools=True)
         self._streams: dict[str, RemoteStream] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -187,8 +235,8 @@ class OpenAIBackend:
         if self._closed:
             raise EngineBusy("the server is shutting down")
         request.sampling.validate()
-        if not request.messages or request.messages[-1].role != "user":
-            raise InvalidRequest("the conversation must end with a user message")
+        if not request.messages or request.messages[-1].role not in ("user", "tool"):
+            raise InvalidRequest("the conversation must end with a user message or a tool result")
         stream = RemoteStream(self, request)
         with self._lock:
             self._streams = {rid: s for rid, s in self._streams.items() if s.alive}

@@ -22,7 +22,7 @@ from .hf_spaces import running_on_spaces
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off")
 DEFAULT_MODEL = "THUDM/chatglm-6b"
-TINY_FAMILIES = ("chatglm", "chatglm2", "chatglm3", "glm4")
+TINY_FAMILIES = ("chatglm", "chatglm2", "chatglm3", "glm4", "glm4-0414", "z1", "glm4-hf")
 CONCURRENCY = {False: 64, True: 4}  # by ZeroGPU mode
 QUEUE_SIZE = {False: 100, True: 32}
 
