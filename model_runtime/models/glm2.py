@@ -243,15 +243,19 @@ class SelfAttention(nn.Module):
         # P-tuning v2: keys and values [kv_heads, pre_seq_len, head_dim] seen by every query.
         self.prefix_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
-    def forward(self, x, cos, sin, mask, slots, cache_positions, cache: LayerCache):
+    def project(self, x, cos, sin):
+        """Rotated queries [B, T, heads, d] and keys, and values [B, T, kv_heads, d]."""
         batch, length, _ = x.shape
         # Output rows are laid out [all q | all k | all v], not per head.
         q, k, v = self.query_key_value(x).split(self.split, dim=-1)
         q = apply_rotary_pairs(q.view(batch, length, self.heads, self.head_dim), cos, sin)
         k = apply_rotary_pairs(k.view(batch, length, self.kv_heads, self.head_dim), cos, sin)
-        v = v.view(batch, length, self.kv_heads, self.head_dim)
-        out = cache.attend(q, k, v, slots, cache_positions, mask, self.prefix_kv)
-        return self.dense(out.reshape(batch, length, -1))
+        return q, k, v.view(batch, length, self.kv_heads, self.head_dim)
+
+    def attend(self, q, mask, slots, cache: LayerCache):
+        """Attention of the rotated queries to the cache (keys already written), projected back."""
+        out = cache.read(q, slots, mask, self.prefix_kv)
+        return self.dense(out.reshape(q.shape[0], q.shape[1], -1))
 
 
 class MLP(nn.Module):
@@ -281,7 +285,19 @@ class Block(nn.Module):
         return self.self_attention
 
     def forward(self, x, cos, sin, mask, slots, cache_positions, cache: LayerCache):
-        x = x + self.self_attention(self.input_layernorm(x), cos, sin, mask, slots, cache_positions, cache)
+        normed, q = self.write_keys(x, cos, sin, slots, cache_positions, cache)
+        return self.finish(x, normed, q, mask, slots, cache)
+
+    def write_keys(self, x, cos, sin, slots, cache_positions, cache: LayerCache):
+        """The block's first part (see glm6b.Block.write_keys): (normed input, rotated queries)."""
+        normed = self.input_layernorm(x)
+        q, k, v = self.self_attention.project(normed, cos, sin)
+        cache.write(k, v, slots, cache_positions)
+        return normed, q
+
+    def finish(self, x, normed, q, mask, slots, cache: LayerCache):
+        """The rest: attention to the cache, MLP, each with its residual."""
+        x = x + self.self_attention.attend(q, mask, slots, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
