@@ -10,7 +10,7 @@ import torch
 from model_runtime.chat.formats import chat_format_for
 from model_runtime.loading.loader import load_model
 from model_runtime.protocol import ChatRequest, Message, SamplingParams
-from model_runtime.serving.decode_batch import DecodeBatch, generate, new_sequence
+from model_runtime.serving.decode_batch import DecodeBatch, chunk_cost, generate, new_sequence
 from model_runtime.serving.engine import Engine
 
 FAMILIES = ("chatglm", "chatglm2", "chatglm3", "glm4")
@@ -69,9 +69,11 @@ def test_chunked_prefill_equals_one_forward(models, family, budget):
         answers.append(seq.generated)
         batch.release(seq)
         assert batch.free_slots == [0, 1] and not batch._layerwise
-    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+    # float32 rounding: chunks of a token or two take other attention kernels than one forward
+    # (ChatGLM-6B's layer-wise read has given identical bits); logits here reach about 10
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
     for chunked, whole in zip(caches[1], caches[0]):
-        torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-4)
     assert answers[1] == answers[0] and len(answers[0]) > 3
 
 
@@ -109,7 +111,8 @@ def test_a_budget_shared_by_several_prompts_reads_them_in_order(models):
     seqs = [new_sequence(model, encode(tokenizer, q), GREEDY) for q in ("你好", LONG_QUERY, "早上好")]
     for seq in seqs:
         batch.admit(seq)
-    first = batch.prefill(seqs, len(seqs[0].prompt) + 5)
+    hidden = model.config.hidden_size
+    first = batch.prefill(seqs, chunk_cost(0, len(seqs[0].prompt), hidden) + chunk_cost(0, 5, hidden))
     assert first == [seqs[0]] and seqs[1].kv_len == 5 and seqs[2].kv_len == 0  # the oldest prompt first
     assert batch.prefill(seqs[1:], None) == seqs[1:]
 

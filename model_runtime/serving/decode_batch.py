@@ -25,7 +25,7 @@ import torch
 
 from ..models.kv_cache import KVCache, attention_mask
 from ..protocol import SamplingParams
-from .layerwise import LayerwisePrefill
+from .layerwise import LayerwisePrefill, attention_share
 from .sampling import Sampler, sample
 
 
@@ -140,6 +140,21 @@ def prefill_groups(lengths: list[int]) -> list[list[int]]:
     return groups[::-1]
 
 
+def chunk_cost(start: int, tokens: int, hidden_size: int) -> float:
+    """The work of reading prompt tokens start..start+tokens-1 in one chunk, in tokens' worth of
+    matrix products: each token also attends to those before it (layerwise.attention_share)."""
+    return tokens * (1 + attention_share(start + tokens / 2, hidden_size))
+
+
+def chunk_size(start: int, todo: int, budget: float, hidden_size: int) -> int:
+    """The most of `todo` tokens from start whose chunk_cost fits budget (at least 1)."""
+    if chunk_cost(start, todo, hidden_size) <= budget:
+        return todo
+    a = 6 * hidden_size  # chunk_cost = n * (1 + start / a) + n^2 / (2 * a): solve for n
+    b = 1 + start / a
+    return max(1, min(todo, int(a * (math.sqrt(b * b + 2 * budget / a) - b) + 1e-6)))  # + rounding
+
+
 def shared_prefix(a: Seq[int], b: Seq[int], limit: int) -> int:
     """Length of the common prefix of two token lists, at most limit."""
     n = min(len(a), len(b), limit)
@@ -246,7 +261,8 @@ class DecodeBatch:
         plus itself causally: prompts of similar lengths are right-padded together, one forward
         per group (`prefill_groups` bounds the padding). A prompt with a bidirectional prefix
         (ChatGLM-6B) that does not fit the budget whole goes a share of a layer at a time
-        instead (layerwise.py): its budget is tokens x layers."""
+        instead (layerwise.py): its budget is tokens x layers. Work counts attention too
+        (`chunk_cost`), so that a budget takes about as long late in a long prompt as early."""
         self.cache.set_decode_rows(None)
         left = math.inf if budget is None else budget
         layers = self.model.config.num_layers
@@ -265,8 +281,9 @@ class DecodeBatch:
                 if state.done:
                     read.append((seq, state))
             else:
-                chunks.append((seq, seq.kv_len + min(todo, left)))
-                left -= todo
+                size = chunk_size(seq.kv_len, todo, left, self.model.config.hidden_size)
+                chunks.append((seq, seq.kv_len + size))
+                left -= chunk_cost(seq.kv_len, size, self.model.config.hidden_size)
         for group in prefill_groups([end - seq.kv_len for seq, end in chunks]):
             grouped = [chunks[i] for i in group]
             hidden = self._prefill_group(grouped)
