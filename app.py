@@ -53,6 +53,13 @@ def positive_int(value: str) -> int:
     return number
 
 
+def non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError("must be at least 0")
+    return number
+
+
 def non_negative_float(value: str) -> float:
     number = float(value)
     if not number >= 0 or number == float("inf"):
@@ -101,6 +108,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--slots", type=positive_int, default=env("CHATGLM_SLOTS"),
                        help="answers decoded together in one batch (env CHATGLM_SLOTS; default: as many as "
                             "fit in memory, at most 16)")
+    model.add_argument("--prefill-chunk", type=non_negative_int, default=env("CHATGLM_PREFILL_CHUNK"), metavar="TOKENS",
+                       help="prompt tokens read per engine step, between the decode steps of the answers already "
+                            "running, so a long prompt never stalls them (ChatGLM-6B: as much work, a few layers "
+                            "at a time); 0 reads each prompt whole at once (env CHATGLM_PREFILL_CHUNK; default: "
+                            "the engine's, measured in docs/chunked-prefill.md)")
     model.add_argument("--context-length", type=positive_int, default=env("CHATGLM_CONTEXT_LENGTH"),
                        help="tokens per conversation, prompt plus answer (env CHATGLM_CONTEXT_LENGTH; default: the "
                             "model's own, at most 8192; with --backend openai the remote model's, default 8192)")
@@ -202,6 +214,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.slots = int(args.slots)
     if args.context_length is not None:
         args.context_length = int(args.context_length)
+    if args.prefill_chunk is not None:
+        try:
+            args.prefill_chunk = non_negative_int(str(args.prefill_chunk))
+        except (ValueError, argparse.ArgumentTypeError):
+            parser.error(f"CHATGLM_PREFILL_CHUNK: expected a whole number >= 0, got {args.prefill_chunk!r}")
     if args.pre_seq_len is not None and not args.ptuning_checkpoint:
         parser.error("--pre-seq-len (CHATGLM_PRE_SEQ_LEN) is the prefix length of a P-tuning checkpoint: "
                      "give --ptuning-checkpoint DIR too")
@@ -249,7 +266,7 @@ def load_backend(args: argparse.Namespace):
             return start_per_call(args.model, gpu_call=gpu_call, max_gpu_s=args.gpu_duration,
                                   max_active=args.concurrency, **options)
         return start_engine(args.model, slots=args.slots, max_queue=args.queue_size, cuda_graphs=args.cuda_graphs,
-                            **options)
+                            prefill_chunk=args.prefill_chunk, **options)
     except (CheckpointError, OSError, ValueError) as error:
         fail(args, str(error))
     except Exception as error:  # out of memory, a broken install...: advice, not a traceback

@@ -114,15 +114,14 @@ class Engine:
     max_queue: requests allowed to wait beyond those; step_delay: seconds to sleep per step
     (a debugging aid that makes streams slow enough to watch); cuda_graphs: decode steps over
     every slot with fixed shapes, compiled into CUDA graphs (decode_batch.DecodeBatch);
-    prefill_chunk: prompt tokens read per step at most (None: every prompt whole at once)."""
+    prefill_chunk: about how many prompt tokens' worth of work a step reads (0: every prompt
+    whole at once)."""
 
     def __init__(self, tokenizer, model, *, slots: int = 8, max_queue: int = 64, context_length: Optional[int] = None,
                  name: str = "chatglm-6b", random_weights: bool = False, step_delay: float = 0.0,
-                 cuda_graphs: bool = False, prefill_chunk: Optional[int] = PREFILL_CHUNK):
-        if slots < 1 or max_queue < 0:
-            raise ValueError("slots must be >= 1 and max_queue >= 0")
-        if prefill_chunk is not None and prefill_chunk < 1:
-            raise ValueError("prefill_chunk must be >= 1 (or None: no chunking)")
+                 cuda_graphs: bool = False, prefill_chunk: int = PREFILL_CHUNK):
+        if slots < 1 or max_queue < 0 or prefill_chunk < 0:
+            raise ValueError("slots must be >= 1, max_queue and prefill_chunk >= 0")
         if cuda_graphs and model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA GPU, not on {model.device.type}")
         self.tokenizer = tokenizer
@@ -270,7 +269,7 @@ class Engine:
                     self._lock.wait(timeout=IDLE_POLL_S)
                 return
         if reading:
-            self._forward(lambda seqs: self.batch.prefill(seqs, self.prefill_chunk), reading)
+            self._forward(lambda seqs: self.batch.prefill(seqs, self.prefill_chunk or None), reading)
         if ongoing:
             self._forward(self.batch.step, ongoing)
         self._publish([job for job in reading if not job.seq.prefilling] + ongoing)
