@@ -61,17 +61,21 @@ class LayerwisePrefill:
     def done(self) -> bool:
         return self.layer == len(self.model.transformer.layers)
 
-    def advance(self, budget: float) -> float:
-        """Run ranges of layers until about `budget` token-layers of work are spent (at least one
-        range; see attention_share); returns what was spent. The state moves only after each range has run, so a range that
-        raises can be run again."""
+    def advance(self, budget: float, most: int) -> float:
+        """Run ranges of at most `most` tokens through a layer's parts until about `budget`
+        token-layers of work are spent (at least one range; see attention_share); returns what
+        was spent. `most` is the chunk a causal prompt takes per step, so both run matrix products
+        of the same shapes (on CPUs with our decode kernel, ranges of up to its DECODE_ROWS rows
+        avoid the fixed cost of a bfloat16 GEMM call). The state moves only after each range has
+        run, so a range that raises can be run again."""
         layers = self.model.transformer.layers
         n = self.hidden.shape[1]
         spent = 0.0
         while not self.done and spent < budget:
             layer, cache = layers[self.layer], self.cache.layers[self.layer]
             if self.keys_written < n:
-                start, end = self.keys_written, _range_end(self.keys_written, n, (budget - spent) / KEYS_SHARE)
+                start = self.keys_written
+                end = _range_end(start, n, most, (budget - spent) / KEYS_SHARE)
                 _, queries = layer.write_keys(self.hidden[:, start:end], self.cos[:, start:end], self.sin[:, start:end],
                                               self.slots, self.cache_positions[:, start:end], cache)
                 if self.queries is None:
@@ -81,7 +85,7 @@ class LayerwisePrefill:
                 spent += (end - start) * KEYS_SHARE
                 continue
             row_cost = 1 - KEYS_SHARE + attention_share(self.length, self.hidden.shape[-1])
-            start, end = self.rows_done, _range_end(self.rows_done, n, (budget - spent) / row_cost)
+            start, end = self.rows_done, _range_end(self.rows_done, n, most, (budget - spent) / row_cost)
             rows = self.hidden[:, start:end]
             mask = attention_mask(self.prefix_len, self.cache_positions[:, start:end], self.length)
             self.output[:, start:end] = layer.finish(rows, layer.input_layernorm(rows), self.queries[:, start:end],
@@ -98,6 +102,7 @@ class LayerwisePrefill:
         return self.model.transformer.final_layernorm(self.hidden[0, -1])
 
 
-def _range_end(start: int, n: int, tokens: float) -> int:
-    """The end of the next range from start: `tokens` of them, at least MIN_RANGE, at most n."""
-    return min(n, start + max(MIN_RANGE, int(tokens)))
+def _range_end(start: int, n: int, most: int, tokens: float) -> int:
+    """The end of the next range from start: `tokens` of them, at least MIN_RANGE, at most `most`
+    (and at least 1), at most to n."""
+    return min(n, start + max(1, min(most, max(MIN_RANGE, int(tokens)))))
