@@ -48,9 +48,15 @@ MAX_FAILED_STEPS = 3  # consecutive failed steps after which the scheduler gives
 JOIN_GRACE_S = 30.0  # close() waits this much past the drain time for the step in progress
 SHUTDOWN_MESSAGE = "the server is shutting down; this answer was cut off"
 INTERNAL_ERROR = "internal error in the engine; see the server log"
-# Prompt tokens read per engine step (a prompt with a bidirectional prefix: as many token-layers
-# times the layers). Measured by benchmarks/chunked_prefill.py: see docs/chunked-prefill.md.
-PREFILL_CHUNK = 256
+# Prompt tokens' worth of work read per engine step, by device type. CPU: measured with
+# benchmarks/chunked_prefill.py (docs/chunked-prefill.md); GPUs: not measured here, the order of
+# llama.cpp's and vLLM's batches (a GPU reads 512 tokens in about the time of one decode step).
+PREFILL_CHUNK = {"cpu": 64}
+GPU_PREFILL_CHUNK = 512
+
+
+def default_prefill_chunk(device: torch.device) -> int:
+    return PREFILL_CHUNK.get(torch.device(device).type, GPU_PREFILL_CHUNK)
 
 
 @dataclass(eq=False)
@@ -115,11 +121,13 @@ class Engine:
     (a debugging aid that makes streams slow enough to watch); cuda_graphs: decode steps over
     every slot with fixed shapes, compiled into CUDA graphs (decode_batch.DecodeBatch);
     prefill_chunk: about how many prompt tokens' worth of work a step reads (0: every prompt
-    whole at once)."""
+    whole at once; None: `default_prefill_chunk` for the model's device)."""
 
     def __init__(self, tokenizer, model, *, slots: int = 8, max_queue: int = 64, context_length: Optional[int] = None,
                  name: str = "chatglm-6b", random_weights: bool = False, step_delay: float = 0.0,
-                 cuda_graphs: bool = False, prefill_chunk: int = PREFILL_CHUNK):
+                 cuda_graphs: bool = False, prefill_chunk: Optional[int] = None):
+        if prefill_chunk is None:
+            prefill_chunk = default_prefill_chunk(model.device)
         if slots < 1 or max_queue < 0 or prefill_chunk < 0:
             raise ValueError("slots must be >= 1, max_queue and prefill_chunk >= 0")
         if cuda_graphs and model.device.type != "cuda":

@@ -8,7 +8,7 @@ from typing import Optional, Union
 from ..loading.device import free_memory
 from ..loading.loader import load_model
 from ..tiny.checkpoint import write_tiny_checkpoint
-from .engine import PREFILL_CHUNK, Engine
+from .engine import Engine
 from .per_call import GpuCall, PerCallBackend, no_host
 
 DEFAULT_CONTEXT = 8192
@@ -41,14 +41,15 @@ def start_engine(model: str = "THUDM/chatglm-6b", *, device: str = "auto", dtype
     left after loading the model.
     context_length: tokens per sequence (prompt plus answer); by default the model's own, at most
     DEFAULT_CONTEXT (GLM-4's 128k tokens would take 5 GiB of KV cache per slot).
-    prefill_chunk: prompt tokens read per engine step (0: each prompt whole); by default the engine's."""
+    prefill_chunk: prompt tokens read per engine step (0: each prompt whole); by default the
+    engine's for the device."""
     tokenizer, net, name = load_for_serving(model, device=device, dtype=dtype, tiny_random=tiny_random, **load_kwargs)
     context_length = context_length or min(net.config.max_sequence_length, DEFAULT_CONTEXT)
     if slots is None:
         slots = default_slots(net, context_length=context_length)
     return Engine(tokenizer, net, slots=slots, max_queue=max_queue, name=name, random_weights=bool(tiny_random),
                   step_delay=step_delay, context_length=context_length, cuda_graphs=cuda_graphs,
-                  prefill_chunk=PREFILL_CHUNK if prefill_chunk is None else prefill_chunk)
+                  prefill_chunk=prefill_chunk)
 
 
 def start_per_call(model: str = "THUDM/chatglm-6b", *, gpu_call: GpuCall = no_host, device: str = "auto",
