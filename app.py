@@ -80,7 +80,7 @@ def load_backend(args: argparse.Namespace):
             return start_per_call(args.model, gpu_call=gpu_call, max_gpu_s=args.gpu_duration,
                                   max_active=args.concurrency, **options)
         return start_engine(args.model, slots=args.slots, max_queue=args.queue_size, cuda_graphs=args.cuda_graphs,
-                            **options)
+                            prefill_chunk=args.prefill_chunk, **options)
     except (CheckpointError, OSError, ValueError) as error:
         fail(args, str(error))
     except Exception as error:  # out of memory, a broken install...: advice, not a traceback

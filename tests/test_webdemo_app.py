@@ -17,11 +17,11 @@ from webdemo import hf_spaces, limits, settings
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--model", "--quantize", "--device", "--tiny-random", "--slots", "--host", "--port", "--share", "--auth",
          "--queue-size", "--concurrency", "--step-delay", "--require-api-key", "--cors-origin", "--max-body-bytes",
-         "--request-timeout", "--drain-seconds"]
+         "--request-timeout", "--drain-seconds", "--prefill-chunk"]
 ENV = ["CHATGLM_MODEL", "CHATGLM_QUANTIZE", "CHATGLM_DEVICE", "CHATGLM_TINY_RANDOM", "CHATGLM_SLOTS",
        "CHATGLM_HOST", "CHATGLM_PORT", "CHATGLM_SHARE", "CHATGLM_AUTH", "CHATGLM_QUEUE_SIZE", "CHATGLM_CONCURRENCY",
        "CHATGLM_STEP_DELAY", "CHATGLM_REQUIRE_API_KEY", "CHATGLM_CORS_ORIGINS", "CHATGLM_MAX_BODY_BYTES",
-       "CHATGLM_REQUEST_TIMEOUT", "CHATGLM_DRAIN_SECONDS"]
+       "CHATGLM_REQUEST_TIMEOUT", "CHATGLM_DRAIN_SECONDS", "CHATGLM_PREFILL_CHUNK"]
 
 
 @pytest.fixture(autouse=True)
@@ -46,6 +46,7 @@ def test_defaults():
     assert (args.model, args.quantize, args.device, args.host, args.port) == \
         ("THUDM/chatglm-6b", None, "auto", "127.0.0.1", 7860)
     assert not args.share and args.auth is None and args.tiny_random is None and args.step_delay == 0
+    assert args.prefill_chunk is None  # the engine's default
     assert args.require_api_key is None and args.cors_origin == () and args.drain_seconds == 10
     assert (args.max_body_bytes, args.request_timeout) == (limits.MAX_BODY_BYTES, limits.DEFAULT_REQUEST_TIMEOUT_S)
 
@@ -57,7 +58,7 @@ def test_environment_variables_set_the_flags(monkeypatch):
                         "CHATGLM_TINY_RANDOM": "1", "CHATGLM_SLOTS": "2", "CHATGLM_STEP_DELAY": "0.5",
                         "CHATGLM_REQUIRE_API_KEY": "k", "CHATGLM_CORS_ORIGINS": "https://a.example, https://b.example",
                         "CHATGLM_MAX_BODY_BYTES": "2048", "CHATGLM_REQUEST_TIMEOUT": "30",
-                        "CHATGLM_DRAIN_SECONDS": "3"}.items():
+                        "CHATGLM_DRAIN_SECONDS": "3", "CHATGLM_PREFILL_CHUNK": "0"}.items():
         monkeypatch.setenv(name, value)
     args = app.parse_args([])
     assert (args.model, args.quantize, args.device, args.host, args.port) == ("/models/glm", 4, "cpu", "0.0.0.0", 8000)
@@ -65,6 +66,7 @@ def test_environment_variables_set_the_flags(monkeypatch):
     assert args.tiny_random == "chatglm" and args.slots == 2 and args.step_delay == 0.5
     assert args.require_api_key == "k" and args.cors_origin == ("https://a.example", "https://b.example")
     assert (args.max_body_bytes, args.request_timeout, args.drain_seconds) == (2048, 30, 3)
+    assert args.prefill_chunk == 0
     assert app.parse_args(["--port", "9000"]).port == 9000  # a flag beats its variable
 
 
@@ -78,6 +80,7 @@ def test_tiny_random_takes_a_family():
     ([], {"CHATGLM_AUTH": "x"}), (["--port", "http"], {}), ([], {"CHATGLM_TINY_RANDOM": "llama"}),
     (["--require-api-key", ""], {}), ([], {"CHATGLM_REQUIRE_API_KEY": ""}), (["--cors-origin", "*"], {}),
     (["--max-body-bytes", "0"], {}), (["--drain-seconds", "-1"], {}), (["--request-timeout", "nan"], {}),
+    (["--prefill-chunk", "-1"], {}), ([], {"CHATGLM_PREFILL_CHUNK": "lots"}),
 ])
 def test_bad_values_are_refused(monkeypatch, argv, env):
     for name, value in env.items():

@@ -37,6 +37,16 @@ def positive_int(value: str) -> int:
     return number
 
 
+def non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value!r}")
+    return number
+
+
 def non_negative_float(value: str) -> float:
     try:
         number = float(value)
@@ -152,6 +162,10 @@ SETTINGS: tuple[Setting, ...] = (
             shown="as many as fit in memory, at most 16"),
     Setting("--context-length", "CHATGLM_CONTEXT_LENGTH", "tokens per conversation, prompt plus answer", MODEL,
             convert=positive_int, shown="the model's own, at most 8192 (--backend openai: 8192)"),
+    Setting("--prefill-chunk", "CHATGLM_PREFILL_CHUNK", "prompt tokens read per engine step, between the decode "
+            "steps of the answers already running, so a long prompt never stalls them (ChatGLM-6B: as much work, a "
+            "few layers at a time); 0 reads each prompt whole at once", MODEL, convert=non_negative_int,
+            metavar="TOKENS", shown="the engine's, measured in docs/chunked-prefill.md"),
     Setting("--zerogpu", "CHATGLM_ZEROGPU", "run each answer as one spaces.GPU call on a model kept in CPU memory "
             "(no engine thread; /v1 chat answers 503); auto: on when the Space's hardware is ZeroGPU", ZEROGPU,
             default="auto", choices=("auto", "on", "off")),

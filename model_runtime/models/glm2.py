@@ -239,14 +239,18 @@ class SelfAttention(nn.Module):
     def output(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense(x)
 
-    def forward(self, x, cos, sin, mask, slots, cache_positions, cache: LayerCache):
+    def project(self, x, cos, sin):
+        """Rotated queries [B, T, heads, d] and keys, and values [B, T, kv_heads, d]."""
         batch, length, _ = x.shape
         q, k, v = self.projections(x)
         q = apply_rotary_pairs(q.view(batch, length, self.heads, self.head_dim), cos, sin)
         k = apply_rotary_pairs(k.view(batch, length, self.kv_heads, self.head_dim), cos, sin)
-        v = v.view(batch, length, self.kv_heads, self.head_dim)
-        out = cache.attend(q, k, v, slots, cache_positions, mask, self.prefix_kv)
-        return self.output(out.reshape(batch, length, -1))
+        return q, k, v.view(batch, length, self.kv_heads, self.head_dim)
+
+    def attend(self, q, mask, slots, cache: LayerCache):
+        """Attention of the rotated queries to the cache (keys already written), projected back."""
+        out = cache.read(q, slots, mask, self.prefix_kv)
+        return self.output(out.reshape(q.shape[0], q.shape[1], -1))
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
@@ -282,7 +286,19 @@ class Block(nn.Module):
         return self.self_attention
 
     def forward(self, x, cos, sin, mask, slots, cache_positions, cache: LayerCache):
-        x = x + self.self_attention(self.input_layernorm(x), cos, sin, mask, slots, cache_positions, cache)
+        normed, q = self.write_keys(x, cos, sin, slots, cache_positions, cache)
+        return self.finish(x, normed, q, mask, slots, cache)
+
+    def write_keys(self, x, cos, sin, slots, cache_positions, cache: LayerCache):
+        """The block's first part (see glm6b.Block.write_keys): (normed input, rotated queries)."""
+        normed = self.input_layernorm(x)
+        q, k, v = self.attention.project(normed, cos, sin)
+        cache.write(k, v, slots, cache_positions)
+        return normed, q
+
+    def finish(self, x, normed, q, mask, slots, cache: LayerCache):
+        """The rest: attention to the cache, MLP, each with its residual."""
+        x = x + self.attention.attend(q, mask, slots, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

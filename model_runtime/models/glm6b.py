@@ -147,14 +147,17 @@ class Attention(nn.Module):
         # P-tuning v2: keys and values [1, heads, pre_seq_len, head_dim] seen by every query.
         self.prefix_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
-    def forward(self, x, cos, sin, mask, slots, cache_positions, cache: LayerCache):
+    def project(self, x, cos, sin):
+        """Rotated queries and keys, and values, [B, T, heads, head_dim] each."""
         batch, length, _ = x.shape
         # Rows are packed per head as q_h | k_h | v_h.
         q, k, v = self.query_key_value(x).view(batch, length, self.heads, 3 * self.head_dim).chunk(3, dim=-1)
-        q = apply_rotary(q, cos, sin, self.head_dim // 2)
-        k = apply_rotary(k, cos, sin, self.head_dim // 2)
-        out = cache.attend(q, k, v, slots, cache_positions, mask, self.prefix_kv)
-        return self.dense(out.reshape(batch, length, -1))
+        return apply_rotary(q, cos, sin, self.head_dim // 2), apply_rotary(k, cos, sin, self.head_dim // 2), v
+
+    def attend(self, q, mask, slots, cache: LayerCache):
+        """Attention of the rotated queries to the cache (keys already written), projected back."""
+        out = cache.read(q, slots, mask, self.prefix_kv)
+        return self.dense(out.reshape(q.shape[0], q.shape[1], -1))
 
 
 class MLP(nn.Module):
@@ -183,9 +186,20 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, mask, slots, cache_positions, cache: LayerCache):
-        # GLM's residual adds the *normed* input, scaled by alpha.
+        normed, q = self.write_keys(x, cos, sin, slots, cache_positions, cache)
+        return self.finish(x, normed, q, mask, slots, cache)
+
+    def write_keys(self, x, cos, sin, slots, cache_positions, cache: LayerCache):
+        """The block's first part, apart so that a prompt read a layer at a time (serving/layerwise.py)
+        can write every key before any query reads them: (normed input, rotated queries)."""
         normed = self.input_layernorm(x)
-        x = normed * self.alpha + self.attention(normed, cos, sin, mask, slots, cache_positions, cache)
+        q, k, v = self.attention.project(normed, cos, sin)
+        cache.write(k, v, slots, cache_positions)
+        return normed, q
+
+    def finish(self, x, normed, q, mask, slots, cache: LayerCache):
+        """The rest: attention to the cache, MLP. GLM's residual adds the *normed* input, scaled by alpha."""
+        x = normed * self.alpha + self.attention.attend(q, mask, slots, cache)
         normed = self.post_attention_layernorm(x)
         return normed * self.alpha + self.mlp(normed)
 

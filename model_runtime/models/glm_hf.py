@@ -27,6 +27,7 @@ from torch import nn
 
 from .base import GLMModel
 from .config import CausalGLMConfig, CheckpointError
+from . import glm2
 from .glm2 import CAUSAL, CausalLayout, RMSNorm, RotaryEmbedding, SelfAttention, swiglu
 
 # family -> (model_type, architecture)
@@ -183,9 +184,12 @@ class MLP(nn.Module):
         return self.down_proj(swiglu(self.gate_up_proj(x)))
 
 
-class Block(nn.Module):
+class Block(glm2.Block):
+    """glm2.Block (its forward in two parts) under transformers' names, with GLM-4-0414's two
+    extra norms after attention and after the MLP (identities for glm-4-9b-chat-hf)."""
+
     def __init__(self, config: HFGLMConfig):
-        super().__init__()
+        nn.Module.__init__(self)
         self.input_layernorm = rms_norm(config)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = rms_norm(config)
@@ -201,9 +205,8 @@ class Block(nn.Module):
         """The name the shared code walks layers by."""
         return self.self_attn
 
-    def forward(self, x, cos, sin, mask, slots, cache_positions, cache):
-        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, slots, cache_positions, cache)
-        x = x + self.post_self_attn_layernorm(attended)
+    def finish(self, x, normed, q, mask, slots, cache):
+        x = x + self.post_self_attn_layernorm(self.self_attn.attend(q, mask, slots, cache))
         return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
 
 

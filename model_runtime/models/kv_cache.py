@@ -119,9 +119,19 @@ class LayerCache:
                prefix_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """Write k, v [B, T, kv_heads, d] at (slot, position), then attend q [B, T, heads, d] to
         the cache (mask [B, 1, T, kv_len] from `attention_mask`): [B, T, heads, d]."""
+        self.write(k, v, slots, cache_positions)
+        return self.read(q, slots, mask, prefix_kv)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, cache_positions: torch.Tensor) -> None:
+        """Put k, v [B, T, kv_heads, d] at (slot, position). Apart from `read` so that a prompt
+        read a layer at a time can write all its keys before any of its queries reads them."""
         rows = slots[:, None]
         self.k[rows, :, cache_positions] = k
         self.v[rows, :, cache_positions] = v
+
+    def read(self, q: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
+             prefix_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """Attend q [B, T, heads, d] to what the rows' slots hold (see `attend`)."""
         if self.decode_rows is not None and prefix_kv is None:
             return self._attend_in_place(q, self.decode_rows)
         if self.whole:  # fixed shapes, no copy, no per-row loop: what a CUDA graph can capture

@@ -17,6 +17,7 @@ takes, from telling one user what another one sent.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Protocol, Sequence as Seq
 
@@ -24,6 +25,7 @@ import torch
 
 from ..models.kv_cache import KVCache, attention_mask
 from ..protocol import SamplingParams
+from .layerwise import LayerwisePrefill, attention_share
 from .sampling import Sampler, sample
 
 
@@ -43,6 +45,8 @@ class DecodableModel(Protocol):
     causal: bool
     weights_version: int
     device: torch.device
+    transformer: Any  # word_embeddings, layers (write_keys / finish), final_layernorm: for layerwise.py
+    rotary: Any
 
     def layout_for_prompt(self, prompt: list[int]) -> Layout: ...
 
@@ -82,6 +86,11 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def prefilling(self) -> bool:
+        """Its prompt is not read yet (no answer token so far)."""
+        return len(self.tokens) == len(self.prompt)
 
     def append(self, token: int) -> None:
         self.tokens.append(token)
@@ -131,6 +140,21 @@ def prefill_groups(lengths: list[int]) -> list[list[int]]:
     return groups[::-1]
 
 
+def chunk_cost(start: int, tokens: int, hidden_size: int) -> float:
+    """The work of reading prompt tokens start..start+tokens-1 in one chunk, in tokens' worth of
+    matrix products: each token also attends to those before it (layerwise.attention_share)."""
+    return tokens * (1 + attention_share(start + tokens / 2, hidden_size))
+
+
+def chunk_size(start: int, todo: int, budget: float, hidden_size: int) -> int:
+    """The most of `todo` tokens from start whose chunk_cost fits budget (at least 1)."""
+    if chunk_cost(start, todo, hidden_size) <= budget:
+        return todo
+    a = 6 * hidden_size  # chunk_cost = n * (1 + start / a) + n^2 / (2 * a): solve for n
+    b = 1 + start / a
+    return max(1, min(todo, int(a * (math.sqrt(b * b + 2 * budget / a) - b) + 1e-6)))  # + rounding
+
+
 def shared_prefix(a: Seq[int], b: Seq[int], limit: int) -> int:
     """Length of the common prefix of two token lists, at most limit."""
     n = min(len(a), len(b), limit)
@@ -173,6 +197,7 @@ class DecodeBatch:
         self.reuse = model.causal
         # Free slot -> (salt, tokens whose keys/values it holds); least recently released first.
         self.slot_contents: dict[int, tuple[str, list[int]]] = {}
+        self._layerwise: dict[Sequence, LayerwisePrefill] = {}  # prompts part-read a layer at a time
         self._weights_version = model.weights_version if self.reuse else 0
 
     def admit(self, seq: Sequence) -> bool:
@@ -220,39 +245,79 @@ class DecodeBatch:
             return
         if self.reuse and seq.cache_salt is not None and seq.kv_len and not seq.layout.prefix_len:
             self.slot_contents[seq.slot] = (seq.cache_salt, seq.tokens[:seq.kv_len])
+        self._layerwise.pop(seq, None)  # a prompt cancelled while being read
         self.free_slots.append(seq.slot)
         self.free_slots.sort()
         seq.slot = -1
 
     @torch.inference_mode()
-    def prefill(self, seqs: list[Sequence]) -> None:
-        """Run the prompts of newly admitted sequences (each from its first token not yet cached)
-        and sample each one's first answer token. Prompts of similar lengths are right-padded
-        together, one forward per group (`prefill_groups` bounds the padding)."""
-        self.cache.set_decode_rows(None)
-        remaining = [len(s.prompt) - s.cached for s in seqs]
-        last_hidden = [None] * len(seqs)
-        for group in prefill_groups(remaining):
-            for row, state in zip(group, self._prefill_group([seqs[i] for i in group])):
-                last_hidden[row] = state
-        for seq in seqs:
-            seq.kv_len = len(seq.prompt)
-        self._sample(seqs, torch.stack(last_hidden))  # one sampling call (and host sync) for all
+    def prefill(self, seqs: list[Sequence], budget: Optional[int] = None) -> list[Sequence]:
+        """Read the prompts of admitted sequences, in order, for about `budget` tokens' worth of
+        work (None: all of them), and sample the first answer token of each whose prompt is then
+        read; returns those. What a budget leaves for later waits for the next call, so the
+        engine can run decode steps in between (chunked prefill).
 
-    def _prefill_group(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One right-padded forward over seqs' uncached prompt tokens: each one's last hidden state."""
+        A prompt goes in chunks of tokens, each attending to the keys and values its slot holds
+        plus itself causally: prompts of similar lengths are right-padded together, one forward
+        per group (`prefill_groups` bounds the padding). A prompt with a bidirectional prefix
+        (ChatGLM-6B) that does not fit the budget whole goes a share of a layer at a time
+        instead (layerwise.py): its budget is tokens x layers. Work counts attention too
+        (`chunk_cost`), so that a budget takes about as long late in a long prompt as early."""
+        self.cache.set_decode_rows(None)
+        left = math.inf if budget is None else budget
+        layers = self.model.config.num_layers
+        chunks: list[tuple[Sequence, int]] = []  # (sequence, where its chunk ends)
+        read: list[tuple[Sequence, Optional[LayerwisePrefill]]] = []  # prompts read by this call
+        for seq in seqs:
+            if left <= 0:
+                break
+            todo = len(seq.prompt) - seq.kv_len
+            if seq in self._layerwise or (seq.layout.prefix_len and todo > left):
+                if seq not in self._layerwise:
+                    self._layerwise[seq] = LayerwisePrefill(self.model, self.cache, seq.prompt, seq.layout,
+                                                            seq.slot, seq.kv_len)
+                state = self._layerwise[seq]
+                left -= state.advance(left * layers, min(budget or todo, todo)) / layers
+                if state.done:
+                    read.append((seq, state))
+            else:
+                size = chunk_size(seq.kv_len, todo, left, self.model.config.hidden_size)
+                chunks.append((seq, seq.kv_len + size))
+                left -= chunk_cost(seq.kv_len, size, self.model.config.hidden_size)
+        for group in prefill_groups([end - seq.kv_len for seq, end in chunks]):
+            grouped = [chunks[i] for i in group]
+            hidden = self._prefill_group(grouped)
+            for row, (seq, end) in enumerate(grouped):
+                if end == len(seq.prompt):
+                    read.append((seq, hidden[row]))
+                else:
+                    seq.kv_len = end
+        if not read:
+            return []
+        finished = [seq for seq, _ in read]
+        last = [state.last_hidden() if isinstance(state, LayerwisePrefill) else state for _, state in read]
+        self._sample(finished, torch.stack(last))  # one sampling call (and host sync) for all
+        for seq in finished:  # only now: a prefill whose sampling raised can run again
+            seq.kv_len = len(seq.prompt)
+            self._layerwise.pop(seq, None)
+        return finished
+
+    def _prefill_group(self, chunks: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """One right-padded forward over each sequence's prompt tokens from its first not yet in
+        the cache to `end`: the hidden state of each chunk's last token."""
         device = self.model.device
-        starts = torch.tensor([s.cached for s in seqs])
-        length = max(len(s.prompt) - s.cached for s in seqs)
+        seqs = [seq for seq, _ in chunks]
+        starts = torch.tensor([s.kv_len for s in seqs])
+        length = max(end - s.kv_len for s, end in chunks)
         tokens = torch.full((len(seqs), length), self.model.config.pad_token_id, dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            tokens[row, :len(seq.prompt) - seq.cached] = torch.tensor(seq.prompt[seq.cached:])
-        # Padding writes past each prompt's end (at the cache's last cell at most); those cells
-        # are overwritten by the next token before any query can see them (a query at p sees
-        # only the prefix and j <= p).
-        positions = torch.stack([s.layout.positions(s.cached, s.cached + length) for s in seqs])
+        for row, (seq, end) in enumerate(chunks):
+            tokens[row, :end - seq.kv_len] = torch.tensor(seq.prompt[seq.kv_len:end])
+        # Padding writes past each chunk's end (at the cache's last cell at most); those cells
+        # are overwritten by the next chunk or token before any query can see them (a query at p
+        # sees only the prefix and j <= p).
+        positions = torch.stack([s.layout.positions(s.kv_len, s.kv_len + length) for s in seqs])
         cache_positions = (starts[:, None] + torch.arange(length)).clamp_(max=self.max_len - 1)
-        last = torch.tensor([len(s.prompt) - 1 - s.cached for s in seqs], device=device)
+        last = torch.tensor([end - 1 - s.kv_len for s, end in chunks], device=device)
         hidden = self._forward(seqs, tokens, positions, cache_positions, int(cache_positions.max()) + 1)
         return hidden[torch.arange(len(seqs), device=device), last]
 

@@ -6,10 +6,12 @@ scheduler thread, once per step:
 
 1. ends requests that were cancelled, passed their deadline (waiting or running) or outlived a
    shutdown's drain time (their slots free up at once);
-2. admits waiting requests, first come first served, while KV-cache slots are free, and prefills
-   them together in one forward;
-3. advances every other live request by one token in one batched forward;
-4. turns new tokens into text events on each request's own queue.
+2. admits waiting requests, first come first served, while KV-cache slots are free;
+3. reads the prompts of admitted requests, oldest first, for at most `prefill_chunk` tokens'
+   worth of work (chunked prefill, decode_batch.DecodeBatch.prefill): a long prompt is read over
+   several steps, so the answers already running keep getting tokens meanwhile;
+4. advances every other live request by one token in one batched forward;
+5. turns new tokens into text events on each request's own queue.
 
 Nothing can leave a caller waiting forever. A forward that raises is retried one request at a
 time, so only the request at fault ends with an error event; a sampler, a decode or an admission
@@ -46,6 +48,15 @@ MAX_FAILED_STEPS = 3  # consecutive failed steps after which the scheduler gives
 JOIN_GRACE_S = 30.0  # close() waits this much past the drain time for the step in progress
 SHUTDOWN_MESSAGE = "the server is shutting down; this answer was cut off"
 INTERNAL_ERROR = "internal error in the engine; see the server log"
+# Prompt tokens' worth of work read per engine step, by device type. CPU: measured with
+# benchmarks/chunked_prefill.py (docs/chunked-prefill.md); GPUs: not measured here, the order of
+# llama.cpp's and vLLM's batches (a GPU reads 512 tokens in about the time of one decode step).
+PREFILL_CHUNK = {"cpu": 64}
+GPU_PREFILL_CHUNK = 512
+
+
+def default_prefill_chunk(device: torch.device) -> int:
+    return PREFILL_CHUNK.get(torch.device(device).type, GPU_PREFILL_CHUNK)
 
 
 @dataclass(eq=False)
@@ -108,13 +119,17 @@ class Engine:
     slots: sequences decoded together at most (KV-cache rows, each of `context_length` tokens);
     max_queue: requests allowed to wait beyond those; step_delay: seconds to sleep per step
     (a debugging aid that makes streams slow enough to watch); cuda_graphs: decode steps over
-    every slot with fixed shapes, compiled into CUDA graphs (decode_batch.DecodeBatch)."""
+    every slot with fixed shapes, compiled into CUDA graphs (decode_batch.DecodeBatch);
+    prefill_chunk: about how many prompt tokens' worth of work a step reads (0: every prompt
+    whole at once; None: `default_prefill_chunk` for the model's device)."""
 
     def __init__(self, tokenizer, model, *, slots: int = 8, max_queue: int = 64, context_length: Optional[int] = None,
                  name: str = "chatglm-6b", random_weights: bool = False, step_delay: float = 0.0,
-                 cuda_graphs: bool = False):
-        if slots < 1 or max_queue < 0:
-            raise ValueError("slots must be >= 1 and max_queue >= 0")
+                 cuda_graphs: bool = False, prefill_chunk: Optional[int] = None):
+        if prefill_chunk is None:
+            prefill_chunk = default_prefill_chunk(model.device)
+        if slots < 1 or max_queue < 0 or prefill_chunk < 0:
+            raise ValueError("slots must be >= 1, max_queue and prefill_chunk >= 0")
         if cuda_graphs and model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA GPU, not on {model.device.type}")
         self.tokenizer = tokenizer
@@ -122,6 +137,7 @@ class Engine:
         self.max_queue = max_queue
         self.slots = slots
         self.step_delay = step_delay
+        self.prefill_chunk = prefill_chunk
         self.batch = DecodeBatch(model, slots, context_length or model.config.max_sequence_length,
                                  vocab_size=tokenizer.vocab_size, compile_options=CUDA_GRAPHS if cuda_graphs else None)
         self.info = model_info(tokenizer, model, name=name, context_length=self.batch.max_len,
@@ -253,17 +269,18 @@ class Engine:
             while not self._closing and not self._waiting and not self._running:
                 self._lock.wait()
             self._end_expired()
-            newcomers = self._admit()
-            ongoing = [job for job in self._running if job not in newcomers and not job.seq.finished]
-            if not newcomers and not ongoing:
+            self._admit()
+            reading = [job for job in self._running if job.seq.prefilling]
+            ongoing = [job for job in self._running if not job.seq.prefilling and not job.seq.finished]
+            if not reading and not ongoing:
                 if not self._closing:  # only requests that cannot start yet: wait, don't spin
                     self._lock.wait(timeout=IDLE_POLL_S)
                 return
-        if newcomers:
-            self._forward(self.batch.prefill, newcomers)
+        if reading:
+            self._forward(lambda seqs: self.batch.prefill(seqs, self.prefill_chunk or None), reading)
         if ongoing:
             self._forward(self.batch.step, ongoing)
-        self._publish(newcomers + ongoing)
+        self._publish([job for job in reading if not job.seq.prefilling] + ongoing)
         if self.step_delay:
             time.sleep(self.step_delay)
 
@@ -279,8 +296,7 @@ class Engine:
             elif drained:
                 self._end(job, "error", error=SHUTDOWN_MESSAGE)
 
-    def _admit(self) -> list[_Job]:
-        admitted = []
+    def _admit(self) -> None:
         while self._waiting and self.batch.free_slots:
             job = self._waiting.popleft()
             try:
@@ -292,9 +308,7 @@ class Engine:
                 continue
             self._counters["prompt_tokens_reused_total"] += job.seq.cached
             self._running.append(job)
-            admitted.append(job)
         self._announce_queue_positions()
-        return admitted
 
     def _forward(self, run, jobs: list[_Job]) -> None:
         """One batched forward; if it fails, each request alone, failing only those that fail."""

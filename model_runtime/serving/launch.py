@@ -36,19 +36,22 @@ def load_for_serving(model: str = "THUDM/chatglm-6b", *, device: str = "auto", d
 def start_engine(model: str = "THUDM/chatglm-6b", *, device: str = "auto", dtype=None,
                  tiny_random: Union[bool, str] = False, slots: Optional[int] = None, max_queue: int = 64,
                  step_delay: float = 0.0, context_length: Optional[int] = None, cuda_graphs: bool = False,
-                 **load_kwargs) -> Engine:
+                 prefill_chunk: Optional[int] = None, **load_kwargs) -> Engine:
     """Load a checkpoint (or build a tiny random one, see load_for_serving) and start an engine on it.
 
     slots: concurrent sequences; by default as many as fit (up to 16) in a quarter of the memory
     left after loading the model.
     context_length: tokens per sequence (prompt plus answer); by default the model's own, at most
-    DEFAULT_CONTEXT (GLM-4's 128k tokens would take 5 GiB of KV cache per slot)."""
+    DEFAULT_CONTEXT (GLM-4's 128k tokens would take 5 GiB of KV cache per slot).
+    prefill_chunk: prompt tokens read per engine step (0: each prompt whole); by default the
+    engine's for the device."""
     tokenizer, net, name = load_for_serving(model, device=device, dtype=dtype, tiny_random=tiny_random, **load_kwargs)
     context_length = context_length or min(net.config.max_sequence_length, DEFAULT_CONTEXT)
     if slots is None:
         slots = default_slots(net, context_length=context_length)
     return Engine(tokenizer, net, slots=slots, max_queue=max_queue, name=name, random_weights=bool(tiny_random),
-                  step_delay=step_delay, context_length=context_length, cuda_graphs=cuda_graphs)
+                  step_delay=step_delay, context_length=context_length, cuda_graphs=cuda_graphs,
+                  prefill_chunk=prefill_chunk)
 
 
 def start_per_call(model: str = "THUDM/chatglm-6b", *, gpu_call: GpuCall = no_host, device: str = "auto",
