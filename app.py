@@ -83,6 +83,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="the output layer's weights: auto is int8 whenever the blocks are quantized and a fused "
                             "int8 kernel runs (CPU in bfloat16, CUDA): a decode step reads half the bytes there, "
                             "logits within ~1%%; float keeps it exact (env CHATGLM_LM_HEAD; default %(default)s)")
+    model.add_argument("--build-kernels", action="store_true",
+                       help="build our C++ CPU kernels for this machine and torch (about 15 s with g++ and ninja), "
+                            "print which code path each takes, and exit: for an install or image-build step. "
+                            "Otherwise they build on the first start that runs a bfloat16 or quantized model on "
+                            "a CPU that has AVX2 or AVX-512, while the weights load")
     model.add_argument("--device", default=env("CHATGLM_DEVICE", "auto"),
                        help="auto, cuda, cpu or mps (env CHATGLM_DEVICE; default %(default)s: CUDA, then MPS, then CPU)")
     model.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=env("CHATGLM_DTYPE"),
@@ -295,6 +300,10 @@ class StopRequests:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.build_kernels:
+        from model_runtime.native.__main__ import main as build_kernels  # brings torch: only for this step
+
+        return build_kernels()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     backend = load_backend(args)  # Ctrl+C or SIGTERM here simply end the process: nothing to drain yet
     stop = StopRequests()

@@ -122,7 +122,7 @@ def kernels_worker(args) -> dict:
     for bits in args.bits:
         layers = [quantize_weight(torch.randn(n, k, generator=generator) / k ** 0.5, bits) for n, k in shapes]
         biases = [torch.zeros(n, dtype=torch.bfloat16) for n, _ in shapes]
-        candidates = [("cpu-avx512", torch.bfloat16), ("cpu-int8pack" if bits == 8 else "cpu-int4pack", torch.bfloat16),
+        candidates = [("cpu-avx512", torch.bfloat16), ("cpu-avx2", torch.bfloat16), ("cpu-int8pack" if bits == 8 else "cpu-int4pack", torch.bfloat16),
                       ("dequant", torch.bfloat16), ("dequant", torch.float32), ("cpu-fbgemm-dynamic", torch.bfloat16)]
         for name, dtype in candidates:
             if KERNELS[name].unavailable(torch.device("cpu"), bits, dtype):

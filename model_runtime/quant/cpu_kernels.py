@@ -23,18 +23,20 @@ def _cpu_bf16_only(device, dtype) -> Optional[str]:
     return None
 
 
-class CpuAvx512Kernel(DequantKernel):
-    """INT8 and INT4 on CPUs with AVX-512 (INT4 also needs AVX512-BF16): our own fused kernel
-    (native/decode_matmul.cpp, built on first use) on the published layout as is, with no
-    second copy. Decode-sized inputs read each weight byte once at close to the memory bandwidth
-    (torch's int8pack / int4pack kernels are compute-bound there: benchmarks/quant.py). Many rows:
-    DequantKernel's path (dequantize into the scratch buffer, one bf16 GEMM)."""
+class CpuNativeKernel(DequantKernel):
+    """INT8 and INT4 on x86-64 CPUs: our own fused kernel (native/decode_matmul.cpp, built on
+    first use) on the published layout as is, with no second copy, on the code path `isa`.
+    Decode-sized inputs read each weight byte once at close to the memory bandwidth (torch's
+    int8pack / int4pack kernels are compute-bound there: benchmarks/quant.py). Many rows:
+    dequantize into the scratch buffer, then one GEMM, in bfloat16 where the CPU multiplies it
+    natively, else in float32 (torch's bfloat16 GEMM converts every element there and is several
+    times slower: benchmarks/cpu_isa.py)."""
 
-    name = "cpu-avx512"
+    isa = ""
 
     @classmethod
     def unavailable(cls, device, bits, dtype):
-        return _cpu_bf16_only(device, dtype) or native.linear_unavailable(bits)
+        return _cpu_bf16_only(device, dtype) or native.linear_unavailable(bits, cls.isa)
 
     @classmethod
     def prepare(cls, weight, scale, bits):
@@ -44,16 +46,32 @@ class CpuAvx512Kernel(DequantKernel):
 
     def __init__(self, weight, scale, bits):
         super().__init__(weight, scale, bits)
-        reason = native.linear_unavailable(bits)
+        reason = native.linear_unavailable(bits, self.isa)
         if reason:
             raise RuntimeError(f"{self.name} {reason}")
         # rows above which dequantize + GEMM is faster (measured at 1-64 rows, full-size shapes)
         self.gemm_above = 32 if bits == 8 else 128
+        self.gemm_dtype = torch.bfloat16 if native.bf16_arithmetic() else torch.float32
 
     def matmul(self, x, bias):
         if x.shape[0] <= self.gemm_above:
-            return native.linear(x, self.weight, self.scale32, bias, self.bits)
-        return super().matmul(x, bias)
+            return native.linear(x, self.weight, self.scale32, bias, self.bits, self.isa)
+        y = F.linear(x.to(self.gemm_dtype), self._q_into(self.gemm_dtype))
+        return scale_output(y, self.scale32, bias, x.dtype)
+
+
+class CpuAvx512Kernel(CpuNativeKernel):
+    """CpuNativeKernel's AVX-512 path (INT4: also AVX512-BF16)."""
+
+    name = "cpu-avx512"
+    isa = "avx512"
+
+
+class CpuAvx2Kernel(CpuNativeKernel):
+    """CpuNativeKernel's AVX2 + FMA path: most laptops, desktops and cloud VMs without AVX-512."""
+
+    name = "cpu-avx2"
+    isa = "avx2"
 
 
 class CpuInt8PackKernel(LinearKernel):
