@@ -126,6 +126,10 @@ class StopRequests:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.build_kernels:
+        from model_runtime.native.__main__ import main as build_kernels  # brings torch: only for this step
+
+        return build_kernels()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     # Ctrl+C or SIGTERM here simply end the process: nothing to drain yet
     backend = FairShareBackend(load_backend(args), per_client=args.max_per_client)

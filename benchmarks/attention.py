@@ -78,7 +78,9 @@ def measure(fn, q, caches, repeats: int) -> tuple[float, float]:
 
 def in_place_kernel(q, k, v):
     """Our kernel on the slot view's whole cache tensor (slot 0, the view's length), as LayerCache calls it."""
-    return native.decode_attention(q[:, 0], k._base, v._base, torch.tensor([0]), torch.tensor([k.shape[2]]))[:, None]
+    isa, _ = native.first_isa(native.decode_attention_unavailable)
+    return native.decode_attention(q[:, 0], k._base, v._base, torch.tensor([0]), torch.tensor([k.shape[2]]),
+                                   isa)[:, None]
 
 
 def main() -> None:
@@ -104,7 +106,7 @@ def main() -> None:
             scratch = torch.empty(score_chunk(kv_heads, d, keys) * kv_heads * d)  # as KVCache holds it
             variants = dict(VARIANTS, **{"single_query_attention": lambda q, k, v: single_query_attention(
                 q, k, v, scratch)})
-            if heads == kv_heads and native.decode_attention_unavailable() is None:
+            if heads == kv_heads and native.first_isa(native.decode_attention_unavailable)[0]:
                 variants["native decode_attention"] = in_place_kernel
             for name, fn in variants.items():
                 with torch.inference_mode():

@@ -33,9 +33,10 @@ def memory_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
     be beaten)."""
     buffer = torch.ones(int(gib * 2**30) // 4)
     reads = [(buffer.sum, buffer.nbytes)]
-    if native.linear_unavailable(16) is None:
+    isa, _ = native.first_isa(lambda isa: native.linear_unavailable(16, isa))
+    if isa:
         weight, x = buffer.view(torch.bfloat16).view(-1, 4096), torch.zeros(1, 4096, dtype=torch.bfloat16)
-        reads.append((lambda: native.linear(x, weight, None, None, 16), buffer.nbytes))
+        reads.append((lambda: native.linear(x, weight, None, None, 16, isa), buffer.nbytes))
     return fastest_read_gbs(reads, repeats)
 
 
@@ -67,10 +68,11 @@ def weights_read_gbs(model, repeats: int = 2) -> float:
     reads = [(torch_sum, total)]
     largest = max(tensors, key=lambda t: t.nbytes)
     bits = {torch.bfloat16: 16, torch.int8: 8}.get(largest.dtype)
-    if largest.dim() == 2 and bits and largest.device.type == "cpu" and native.linear_unavailable(bits) is None:
+    isa = bits and native.first_isa(lambda isa: native.linear_unavailable(bits, isa))[0]
+    if largest.dim() == 2 and isa and largest.device.type == "cpu":
         x = torch.zeros(1, largest.shape[1], dtype=torch.bfloat16)
         scale = None if bits == 16 else torch.ones(largest.shape[0])
-        reads.append((lambda: native.linear(x, largest, scale, None, bits), largest.nbytes))
+        reads.append((lambda: native.linear(x, largest, scale, None, bits, isa), largest.nbytes))
     return fastest_read_gbs(reads, repeats)
 
 

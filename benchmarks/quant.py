@@ -122,7 +122,7 @@ def kernels_worker(args) -> dict:
     for bits in args.bits:
         layers = [quantize_weight(torch.randn(n, k, generator=generator) / k ** 0.5, bits) for n, k in shapes]
         biases = [torch.zeros(n, dtype=torch.bfloat16) for n, _ in shapes]
-        candidates = [("cpu-avx512", torch.bfloat16), ("cpu-int8pack" if bits == 8 else "cpu-int4pack", torch.bfloat16),
+        candidates = [("cpu-avx512", torch.bfloat16), ("cpu-avx2", torch.bfloat16), ("cpu-int8pack" if bits == 8 else "cpu-int4pack", torch.bfloat16),
                       ("dequant", torch.bfloat16), ("dequant", torch.float32), ("cpu-fbgemm-dynamic", torch.bfloat16)]
         for name, dtype in candidates:
             if KERNELS[name].unavailable(torch.device("cpu"), bits, dtype):
@@ -196,13 +196,14 @@ def serve_worker(args) -> dict:
     from model_runtime.serving.decode_batch import DecodeBatch, new_sequence
 
     peak = PhasePeak()
-    row = {"mode": f"int{args.bits[0]}", "rss_before_gib": peak.current_gib()}
+    row = {"mode": "bfloat16" if args.bits[0] == 16 else f"int{args.bits[0]}", "rss_before_gib": peak.current_gib()}
     with peak.phase(row, "load_peak_rss_gib"):
         start = time.perf_counter()
         tokenizer, model = load_model(args.checkpoint, device="cpu", lm_head=args.lm_head)
         row["load_s"] = round(time.perf_counter() - start, 1)
     row["lm_head"] = "int8" if isinstance(model.lm_head, QuantizedOutputLayer) else "float"
-    row["kernel"] = quantized_linears(model)["transformer.layers.0.mlp.dense_h_to_4h"].kernel.name
+    layer = model.transformer.layers[0].mlp.dense_h_to_4h  # bfloat16 (--bits 16): DecodeLinear, or nn.Linear
+    row["kernel"] = layer.kernel.name if hasattr(layer, "kernel") else f"{type(layer).__name__} {getattr(layer, 'isa', '')}"
     row["rss_loaded_gib"] = peak.current_gib()
     generator = torch.Generator().manual_seed(0)
     contexts = (args.prompt, args.long_prompt) if args.long_prompt else (args.prompt,)

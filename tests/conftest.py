@@ -93,3 +93,24 @@ def tiny_glm4(tiny_family_checkpoints):
     from model_runtime.loading.loader import load_model
 
     return load_model(tiny_family_checkpoints["glm4"], device="cpu", dtype="float32")
+
+
+@pytest.fixture(params=["avx512", "avx2"])
+def isa(request, monkeypatch):
+    """Each code path of our CPU kernels in turn (model_runtime/native), forced with
+    CHATGLM_CPU_ISA, with the cached kernel choices recomputed under it and again after; skipped
+    where this CPU lacks it for the test's `bits` parameter (8 when it has none)."""
+    from model_runtime.quant import backends
+    from tests.test_quant import cpu_paths
+
+    bits = request.node.callspec.params.get("bits", 8)
+    if request.param not in cpu_paths(bits):
+        pytest.skip(f"this CPU has no {request.param} path at {bits} bits (or CHATGLM_CPU_ISA turns it off)")
+    caches = (backends._choose_kernel, backends._self_check)
+    for cache in caches:
+        cache.cache_clear()
+    monkeypatch.setenv("CHATGLM_CPU_ISA", request.param)
+    yield request.param
+    monkeypatch.undo()
+    for cache in caches:
+        cache.cache_clear()

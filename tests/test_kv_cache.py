@@ -6,7 +6,6 @@ import torch.nn.functional as F
 
 from model_runtime.models import kv_cache
 from model_runtime.models.kv_cache import KVCache, attention_mask
-from tests.test_quant import cpu_has_avx512
 
 
 # (slot, length after this token), in batch order: fewer than MANY_ROWS rows (SDPA for ungrouped
@@ -66,15 +65,13 @@ def test_single_query_attention_in_chunks_is_as_accurate_as_sdpa(monkeypatch, he
 
 
 @pytest.mark.parametrize("head_dim", [16, 128])  # the tiny models' and the GLM family's
-def test_our_decode_kernel_reads_each_slot_in_place_as_accurately_as_sdpa(head_dim):
-    """ChatGLM-6B's decode path on AVX-512 CPUs (native/decode_attention.cpp): a bfloat16 cache,
-    rows of different lengths (1 to 300 keys) in slots full of other data, peaky scores; against
-    float64 attention over each row's own keys, no worse than SDPA's flash kernel."""
-    if not cpu_has_avx512(8):
-        pytest.skip("this CPU lacks AVX-512")
+def test_our_decode_kernel_reads_each_slot_in_place_as_accurately_as_sdpa(head_dim, isa):
+    """ChatGLM-6B's decode path on x86-64 CPUs (native/decode_attention.cpp), each code path: a
+    bfloat16 cache, rows of different lengths (1 to 300 keys) in slots full of other data, peaky
+    scores; against float64 attention over each row's own keys, no worse than SDPA's flash kernel."""
     cache = KVCache(layers=1, slots=6, heads=8, max_len=320, head_dim=head_dim, dtype=torch.bfloat16, device="cpu")
     layer = cache.layers[0]
-    assert layer.native_decode  # on this CPU, where the build must work
+    assert layer.native_decode == isa  # on this CPU, where the build must work
     assert not KVCache(1, 6, 2, 320, head_dim, torch.bfloat16, "cpu", query_heads=8).layers[0].native_decode
     assert not KVCache(1, 6, 8, 320, head_dim, torch.float32, "cpu").layers[0].native_decode
     generator = torch.Generator().manual_seed(0)

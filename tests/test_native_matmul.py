@@ -1,9 +1,11 @@
-"""Our decode-step matmul for AVX-512 CPUs (model_runtime/native/decode_matmul.cpp), quantized
-and bfloat16: its arithmetic against the float64 reference at every row count and awkward shape,
-that it reads the published weight in place, that bfloat16 models' Linear layers use it only
-where it applies, and that a machine where it cannot be built falls back to torch's kernels and
-says why."""
+"""Our decode-step matmul (model_runtime/native/decode_matmul.cpp), quantized and bfloat16, on
+every code path this CPU runs (AVX-512, AVX2; CHATGLM_CPU_ISA forces each in turn): its
+arithmetic against the float64 reference at every row count and awkward shape, that it reads the
+published weight in place, that bfloat16 models' Linear layers use it only where it applies,
+that a machine where it cannot be built falls back to torch's kernels and says why, and that a
+start where it cannot help never invokes the compiler."""
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +20,10 @@ from model_runtime.quant import backends
 from model_runtime.quant.backends import KERNELS, choose_kernel
 from model_runtime.quant.convert import quantized_linears
 from model_runtime.quant.format import quantize_weight, reference_linear
-from tests.test_quant import cpu_has_avx512, relative_error
+from model_runtime.serving.launch import start_per_call
+from tests.test_quant import cpu_paths, relative_error
 
-pytestmark = pytest.mark.skipif(not cpu_has_avx512(4), reason="this CPU lacks AVX-512 / AVX512-BF16")
+KERNEL_CACHES = (backends._choose_kernel, backends._self_check)
 
 # (out, in) shapes: a row count that is not a whole block of 4, in_features with a half chunk left
 # over (INT4 reads 128 inputs per 64-byte load, INT8 16 per load), and full-size ChatGLM-6B rows.
@@ -28,8 +31,8 @@ SHAPES = {8: [(4097, 48), (13, 16), (512, 4096)], 4: [(4097, 64), (13, 192), (51
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_matches_the_reference_at_every_row_count_and_shape(bits):
-    assert native.linear_unavailable(bits) is None  # builds (g++ and ninja are requirements) and runs here
+def test_matches_the_reference_at_every_row_count_and_shape(bits, isa):
+    assert native.linear_unavailable(bits, isa) is None  # builds (g++ and ninja are requirements) and runs here
     generator = torch.Generator().manual_seed(bits)
     for out_features, in_features in SHAPES[bits]:
         weight, scale = quantize_weight(torch.randn(out_features, in_features, generator=generator), bits)
@@ -38,20 +41,23 @@ def test_matches_the_reference_at_every_row_count_and_shape(bits):
             # bfloat16 values (INT4 multiplies in bfloat16), given in float32 to see the float32 sums:
             # the products are exact, only the order of the float32 sums differs from the reference
             x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16).float()
-            assert relative_error(native.linear(x, weight, scale, bias, bits),
+            assert relative_error(native.linear(x, weight, scale, bias, bits, isa),
                                   reference_linear(x, weight, scale, bits, bias)) < 1e-6, (out_features, rows)
             # bfloat16 activations (the model's): only the output is rounded to bfloat16
             xb = x.to(torch.bfloat16)
-            got = native.linear(xb, weight, scale, bias.to(torch.bfloat16), bits)
+            got = native.linear(xb, weight, scale, bias.to(torch.bfloat16), bits, isa)
             assert got.dtype == torch.bfloat16
             assert relative_error(got, reference_linear(xb, weight, scale, bits, bias.to(torch.bfloat16))) < 4e-3
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_reads_the_published_weight_in_place_and_switches_to_a_gemm_for_prefill(bits):
+def test_reads_the_published_weight_in_place_and_switches_to_a_gemm_for_prefill(bits, isa, monkeypatch):
     weight, scale = quantize_weight(torch.randn(256, 512), bits)
-    kernel = KERNELS["cpu-avx512"].prepare(weight, scale, bits)
-    assert kernel.name == "cpu-avx512"
+    kernel = KERNELS[f"cpu-{isa}"].prepare(weight, scale, bits)
+    assert kernel.name == f"cpu-{isa}"
+    # the prefill GEMM in bfloat16 only where the CPU multiplies it natively (and the path may use it)
+    assert kernel.gemm_dtype == (torch.bfloat16 if isa == "avx512" and "avx512_bf16" in native.cpu_flags()
+                                 else torch.float32)
     assert kernel.weight.data_ptr() == weight.data_ptr()  # no second copy of the weights
     assert kernel.nbytes() == weight.numel() + scale.numel() * (2 + 4)  # + float16 and float32 scales
     assert all(torch.equal(a, b) for a, b in zip(kernel.published(), (weight, scale)))
@@ -60,17 +66,17 @@ def test_reads_the_published_weight_in_place_and_switches_to_a_gemm_for_prefill(
         assert relative_error(kernel(x), reference_linear(x, weight, scale, bits)) < 6e-3
 
 
-def test_a_quantized_model_runs_on_it(tiny_checkpoint):
-    for bits in (8, 4):
-        _, model = load_model(tiny_checkpoint, device="cpu", dtype="bfloat16", quantize=bits)
-        assert {layer.kernel.name for layer in quantized_linears(model).values()} == {"cpu-avx512"}
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_quantized_model_runs_on_it(tiny_checkpoint, bits, isa):
+    _, model = load_model(tiny_checkpoint, device="cpu", dtype="bfloat16", quantize=bits)
+    assert {layer.kernel.name for layer in quantized_linears(model).values()} == {f"cpu-{isa}"}
 
 
 def test_a_machine_that_cannot_build_it_gets_torchs_kernels_and_the_reason(monkeypatch, caplog):
     def no_compiler(**kwargs):
         raise RuntimeError("Ninja is required to load C++ extensions")
 
-    caches = (native.build_error, native.decode_attention_unavailable, backends._choose_kernel, backends._self_check)
+    caches = (native._build, *KERNEL_CACHES)
     for cache in caches:
         cache.cache_clear()
     monkeypatch.setattr(native.cpp_extension, "load", no_compiler)
@@ -78,17 +84,18 @@ def test_a_machine_that_cannot_build_it_gets_torchs_kernels_and_the_reason(monke
         with caplog.at_level(logging.INFO, logger=backends.__name__):
             assert choose_kernel("cpu", 8, torch.bfloat16).name == "cpu-int8pack"
         assert "could not be built (RuntimeError: Ninja is required" in caplog.text
-        with pytest.raises(RuntimeError, match="cpu-avx512 could not be built"):
-            KERNELS["cpu-avx512"](*quantize_weight(torch.randn(8, 64), 8), 8)
+        with pytest.raises(RuntimeError, match="cpu-avx2 could not be built"):
+            KERNELS["cpu-avx2"](*quantize_weight(torch.randn(8, 64), 8), 8)
     finally:
         monkeypatch.undo()
         for cache in caches:
             cache.cache_clear()
-    assert choose_kernel("cpu", 8, torch.bfloat16).name == "cpu-avx512"  # the real build is back
+    assert choose_kernel("cpu", 8, torch.bfloat16).name == f"cpu-{cpu_paths(8)[0]}"  # the real build is back
 
 
-def test_bfloat16_weights_match_the_reference_as_closely_as_torch():
-    assert native.linear_unavailable(16) is None
+@pytest.mark.parametrize("bits", [16])
+def test_bfloat16_weights_match_the_reference_as_closely_as_torch(bits, isa):
+    assert native.linear_unavailable(bits, isa) is None
     generator = torch.Generator().manual_seed(16)
     for out_features, in_features in ((4097, 32), (13, 96), (512, 4096)):
         weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
@@ -96,17 +103,19 @@ def test_bfloat16_weights_match_the_reference_as_closely_as_torch():
         for rows in (1, 3, 4, 5, 9):
             x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
             expected = F.linear(x.double(), weight.double(), bias.double())
-            got = native.linear(x, weight, None, bias, 16)
+            got = native.linear(x, weight, None, bias, 16, isa)
             assert got.dtype == torch.bfloat16
             assert relative_error(got, expected) <= 1.1 * relative_error(F.linear(x, weight, bias), expected) + 1e-6
 
 
-def test_a_bfloat16_model_decodes_through_it_and_prefills_through_torch(tiny_checkpoint, monkeypatch):
+@pytest.mark.parametrize("bits", [16])
+def test_a_bfloat16_model_decodes_through_it_and_prefills_through_torch(tiny_checkpoint, monkeypatch, bits, isa):
     _, model = load_model(tiny_checkpoint, device="cpu", dtype="bfloat16")
     _, reference = load_model(tiny_checkpoint, device="cpu", dtype="float32")
     swapped = [name for name, module in model.named_modules() if type(module) is DecodeLinear]
     plain = [name for name, module in reference.named_modules() if type(module) is nn.Linear]
     assert swapped == plain and swapped  # every float Linear (in_features are multiples of 32 here)
+    assert {model.get_submodule(name).isa for name in swapped} == {isa}
     assert model.lm_head.weight is model.transformer.word_embeddings.weight  # the tie survives
     assert list(model.state_dict()) == list(reference.state_dict())
     layer = model.transformer.layers[0].mlp.dense_h_to_4h
@@ -121,3 +130,55 @@ def test_a_bfloat16_model_decodes_through_it_and_prefills_through_torch(tiny_che
     x = torch.randn(2, layer.in_features).to(torch.bfloat16)
     layer(x).float().sum().backward()  # with autograd: torch's path, so gradients flow
     assert layer.weight.grad is not None and len(calls) == 2
+
+
+@pytest.mark.parametrize("why", ["a CPU without AVX2", "CHATGLM_CPU_ISA=none", "a model that computes on the GPU"])
+def test_a_start_where_our_kernels_cannot_help_never_invokes_the_compiler(tiny_checkpoint, monkeypatch, caplog, why):
+    """Decided before building: no compiler, torch's kernels everywhere, and the reason logged once."""
+    builds = []
+    monkeypatch.setattr(native.cpp_extension, "load", lambda **kwargs: builds.append(kwargs["name"]))
+    monkeypatch.setattr(native, "_logged", set())
+    for cache in (native._build, *KERNEL_CACHES):
+        cache.cache_clear()
+    if why == "a CPU without AVX2":
+        monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"sse4_2", "avx", "f16c"}))
+    elif why == "CHATGLM_CPU_ISA=none":
+        monkeypatch.setenv(native.ISA_VARIABLE, "none")
+    try:
+        with caplog.at_level(logging.INFO):
+            if why == "a model that computes on the GPU":  # ZeroGPU: the model waits in CPU memory between calls
+                model = start_per_call(tiny_random=True, dtype="bfloat16", quantize=8, device="cuda").runner.model
+                cache = None  # made on the GPU, inside a call
+            else:
+                _, model = load_model(tiny_checkpoint, device="cpu", dtype="bfloat16", quantize=8)
+                cache = model.new_kv_cache(2, 64)
+    finally:
+        for cache_ in (native._build, *KERNEL_CACHES):
+            cache_.cache_clear()
+    assert builds == []
+    assert {layer.kernel.name for layer in quantized_linears(model).values()} == {"cpu-int8pack"}
+    assert not any(isinstance(module, DecodeLinear) for module in model.modules())
+    if cache is not None:
+        assert cache.layers[0].native_decode is None
+        assert caplog.text.count("decode attention: torch's kernels (avx512 ") == 1
+        assert caplog.text.count("bfloat16 Linear layers: torch's kernels (avx512 ") == 1
+
+
+def test_the_build_folder_is_keyed_and_a_killed_build_never_blocks_the_next_start(monkeypatch, tmp_path):
+    """A build killed halfway leaves torch's lock file, on which every later build would wait
+    forever; the folder is named by a hash of the torch version and the sources."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    name = native.extension_name()
+    folder = Path(native.cpp_extension._get_build_directory(name, False))
+    (folder / "lock").touch()
+    seen = []
+    monkeypatch.setattr(native.cpp_extension, "load",
+                        lambda **kwargs: seen.append((kwargs["name"], (folder / "lock").exists())))
+    native._build.cache_clear()
+    try:
+        assert native.build_error() is None
+    finally:
+        native._build.cache_clear()
+    assert seen == [(name, False)]
+    monkeypatch.setattr(native.torch, "__version__", "9.9.9")
+    assert native.extension_name() != name  # another torch: another folder, never a stale build

@@ -1,6 +1,7 @@
 """INT8 / INT4 weight-only quantization: the published storage format, every backend against the
 plain dequantize-then-matmul reference, and quantized loading, saving and reloading."""
 import json
+import os
 import shutil
 
 import numpy as np
@@ -104,12 +105,18 @@ def shipped_kernels(bits, dtype):
             if bits in kernel.bit_widths and kernel.unavailable(torch.device("cpu"), bits, dtype) is None]
 
 
-def cpu_has_avx512(bits):
-    """Whether this CPU has what our own kernel (cpu-avx512) needs, read from /proc/cpuinfo (not
-    from the kernel's own check): where it does, a kernel that fails to build fails the tests."""
+def cpu_paths(bits):
+    """The code paths of our own kernel (cpu-avx512, cpu-avx2) this CPU has for that weight width
+    (8 also stands for attention), fastest first, read from /proc/cpuinfo (not from the kernel's
+    own check: where the CPU has one, a kernel that fails to build fails the tests), at or below
+    CHATGLM_CPU_ISA where that is set."""
     with open("/proc/cpuinfo") as cpuinfo:
-        flags = next(line for line in cpuinfo if line.startswith("flags")).split()
-    return {"avx512f", "avx512bw"} <= set(flags) and (bits == 8 or "avx512_bf16" in flags)
+        flags = set(next(line for line in cpuinfo if line.startswith("flags")).split())
+    has = {"avx512": {"avx512f", "avx512bw"} <= flags and (bits == 8 or "avx512_bf16" in flags),
+           "avx2": {"avx2", "fma"} <= flags}
+    forced = os.environ.get("CHATGLM_CPU_ISA")
+    allowed = {"avx512": ("avx512", "avx2"), "avx2": ("avx2",), "none": ()}.get(forced, ("avx512", "avx2"))
+    return [isa for isa in allowed if has[isa]]
 
 
 def relative_error(got, expected):
@@ -131,7 +138,7 @@ def test_every_backend_matches_the_reference(bits, dtype):
     assert "dequant" in names
     if dtype == torch.bfloat16:  # the fused CPU kernels for this width must be among them here
         assert ("cpu-int8pack" if bits == 8 else "cpu-int4pack") in names
-        assert ("cpu-avx512" in names) == cpu_has_avx512(bits)
+        assert [name for name in names if name in ("cpu-avx512", "cpu-avx2")] == [f"cpu-{isa}" for isa in cpu_paths(bits)]
     for name in names:
         kernel = KERNELS[name].prepare(weight, scale, bits)
         published = kernel.published()
@@ -169,8 +176,8 @@ def test_int4pack_shapes_it_cannot_hold_fall_back_to_dequant():
 
 def test_kernel_choice_and_its_errors():
     for bits in (8, 4):
-        ours = cpu_has_avx512(bits)
-        assert choose_kernel("cpu", bits, torch.bfloat16).name == ("cpu-avx512" if ours else f"cpu-int{bits}pack")
+        ours = cpu_paths(bits)
+        assert choose_kernel("cpu", bits, torch.bfloat16).name == (f"cpu-{ours[0]}" if ours else f"cpu-int{bits}pack")
     assert choose_kernel("cpu", 8, torch.float32).name == "dequant"  # the fused ops are slow in fp32
     with pytest.raises(QuantizationError, match="'cpu-int8pack' is INT8 only.*'dequant'"):
         choose_kernel("cpu", 4, torch.bfloat16, backend="cpu-int8pack")

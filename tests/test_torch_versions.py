@@ -42,7 +42,7 @@ class _AtenAsIn:
 @pytest.fixture
 def aten_as_in(monkeypatch):
     """Installs an `_AtenAsIn`, with the kernel choice (cached once per process) recomputed under
-    it and again after it is gone. Our own CPU kernel (cpu-avx512, first in the "auto" order, no
+    it and again after it is gone. Our own CPU kernel (cpu-avx512 / cpu-avx2, first in the "auto" order, no
     aten op involved) is switched off meanwhile: these tests are about torch's kernels behind it."""
     caches = (backends._choose_kernel, backends._self_check, cpu_kernels.int4pack_block_rows)
 
@@ -50,7 +50,7 @@ def aten_as_in(monkeypatch):
         for cache in caches:
             cache.cache_clear()
         monkeypatch.setattr(torch.ops, "aten", _AtenAsIn(changes))
-        monkeypatch.setattr(native, "linear_unavailable", lambda bits: "is switched off by this test")
+        monkeypatch.setattr(native, "linear_unavailable", lambda bits, isa: "is switched off by this test")
 
     yield install
     monkeypatch.undo()

@@ -145,6 +145,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--lm-head", "CHATGLM_LM_HEAD", "the output layer's weights: auto is int8 whenever the blocks are "
             "quantized and a fused int8 kernel runs (CPU in bfloat16, CUDA): a decode step reads half the bytes "
             "there, logits within ~1%; float keeps it exact", MODEL, default="auto", choices=("auto", "int8", "float")),
+    Setting("--build-kernels", "CHATGLM_BUILD_KERNELS", "build our C++ CPU kernels for this machine and torch "
+            "(about 15 s with g++ and ninja), print which code path each takes, and exit: for an install or "
+            "image-build step. Otherwise they build on the first start that runs a bfloat16 or quantized model on a "
+            "CPU that has AVX2 or AVX-512, while the weights load", MODEL, default=False, kind="switch"),
     Setting("--device", "CHATGLM_DEVICE", "auto, cuda, cpu or mps (auto: CUDA, then MPS, then CPU)", MODEL,
             default="auto"),
     Setting("--dtype", "CHATGLM_DTYPE", "weights and activations; only float32 gives the same greedy answer "

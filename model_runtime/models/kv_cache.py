@@ -82,13 +82,19 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.view(1, 1, heads, d).to(q.dtype)
 
 
-def native_decode_attention(device, dtype, grouped: bool, head_dim: int) -> bool:
-    """Whether decode steps use our kernel (native/decode_attention.cpp): CPU, a bfloat16 cache,
-    ungrouped heads (ChatGLM-6B), AVX-512 and a build. Per ChatGLM-6B layer at 512 / 2048 keys,
-    2 threads, each layer's cache cold: 0.37 / 1.1 ms against SDPA's 2.0 / 8.6 ms
-    (benchmarks/attention.py)."""
-    return (torch.device(device).type == "cpu" and dtype == torch.bfloat16 and not grouped
-            and head_dim in native.ATTENTION_HEAD_DIMS and native.decode_attention_unavailable() is None)
+def native_decode_attention(device, dtype, grouped: bool, head_dim: int) -> Optional[str]:
+    """The code path of our kernel (native/decode_attention.cpp: "avx512" or "avx2") that decode
+    steps use, or None for torch's: CPU, a bfloat16 cache, ungrouped heads (ChatGLM-6B), a CPU
+    with AVX-512 or AVX2 and a build (where that is all that is missing, it says why once). Per
+    ChatGLM-6B layer at 512 / 2048 keys, 2 threads, each layer's cache cold: 0.37 / 1.1 ms
+    against SDPA's 2.0 / 8.6 ms (benchmarks/attention.py)."""
+    if not (torch.device(device).type == "cpu" and dtype == torch.bfloat16 and not grouped
+            and head_dim in native.ATTENTION_HEAD_DIMS):
+        return None
+    isa, passed_over = native.first_isa(native.decode_attention_unavailable)
+    if isa is None:
+        native.log_fallback_once("decode attention", passed_over)
+    return isa
 
 
 class LayerCache:
@@ -104,10 +110,10 @@ class LayerCache:
     gathered and attended to under the visibility mask."""
 
     def __init__(self, shape: tuple[int, ...], dtype, device, scratch: Optional[torch.Tensor] = None,
-                 grouped: bool = False, native_decode: bool = False):
+                 grouped: bool = False, native_decode: Optional[str] = None):
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.native_decode = native_decode
+        self.native_decode = native_decode  # our kernel's code path, or None
         self.decode_rows: Optional[Sequence[tuple[int, int]]] = None
         self.decode_slots_lengths: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # decode_rows for our kernel
         self.whole = False  # row i of the forward is slot i, for every slot: read the whole cache in place
@@ -151,7 +157,8 @@ class LayerCache:
         """One new token per row: it sees every cached column of its slot up to its own (GLM's
         bidirectional prefix lies before it too), so no mask is needed."""
         if self.native_decode:
-            return native.decode_attention(q[:, 0], self.k, self.v, *self.decode_slots_lengths)[:, None]
+            return native.decode_attention(q[:, 0], self.k, self.v, *self.decode_slots_lengths,
+                                           self.native_decode)[:, None]
         out = torch.empty_like(q)
         many = len(rows) >= MANY_ROWS
         one_chunk = SCORE_CHUNK_ELEMENTS // (self.k.shape[1] * self.k.shape[3])  # keys widened in one go

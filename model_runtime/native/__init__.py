@@ -1,20 +1,37 @@
 """Our C++ CPU kernels, for the two places where torch's own are far from the memory bandwidth in
 a decode step: Linear layers with few input rows, bfloat16 or quantized (decode_matmul.cpp), and
-one-query-row attention to the KV cache (decode_attention.cpp). Both need AVX-512 (and
-AVX512-BF16 for bfloat16 and INT4 weights), checked at run time.
+one-query-row attention to the KV cache (decode_attention.cpp).
 
-They are built with torch's extension builder the first time a process asks for them on a machine
-(about 15 s with g++ and ninja; later processes load the cached build) and registered as
-`torch.ops.chatglm`. Everything here degrades to a reason string (another OS or CPU, no compiler,
-a failed build): the callers then use torch's kernels and log why."""
+One build holds a code path per instruction set (`ISAS`, fastest first): "avx512" (AVX-512; for
+bfloat16 and INT4 weights also AVX512-BF16) and "avx2" (AVX2 + FMA: Intel Core since Haswell,
+AMD since Zen). The environment variable CHATGLM_CPU_ISA=avx512|avx2|none caps the path (to test
+or compare the lower ones on one machine; "none": torch's kernels only).
+
+Start-up: everything that can be decided without the compiler is decided first (the OS, the
+CPU's flags, CHATGLM_CPU_ISA): where no path runs, nothing is built. Otherwise the extension is
+built with torch's extension builder the first time a process asks for it (about 15 s with g++
+and ninja) into a folder named by a hash of the torch version, the sources and the flags (a
+torch upgrade or an edited kernel never loads a stale build), and later processes load it.
+`build_in_background()` lets the build run while a model loads; `python -m model_runtime.native`
+(or `chatglm-webdemo --build-kernels`) builds it ahead, at install time. A build killed halfway
+leaves torch's lock file behind, which would make every later start wait forever: builds here
+hold an OS file lock (released when the process dies), so a torch lock found while holding it is
+stale and removed. A model that only stays in CPU memory and computes elsewhere (ZeroGPU: on the
+GPU inside each call) loads under `switched_off`, which builds nothing. Everything degrades to a
+reason string: callers then use torch's kernels and log why, once."""
 from __future__ import annotations
 
+import fcntl
 import functools
+import hashlib
 import logging
+import os
 import platform
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch.utils import cpp_extension
@@ -22,56 +39,165 @@ from torch.utils import cpp_extension
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("decode_matmul.cpp", "decode_attention.cpp")]
-EXTENSION = "chatglm_native_kernels"
+CFLAGS = ["-O3", "-fopenmp"]
+ISA_VARIABLE = "CHATGLM_CPU_ISA"
+ISAS = ("avx512", "avx2")  # our code paths, fastest first
+ISA_FLAGS = {"avx512": {"avx512f", "avx512bw"}, "avx2": {"avx2", "fma"}}  # as /proc/cpuinfo names them
+BF16_FLAG = "avx512_bf16"  # the avx512 path's `vdpbf16ps` (bfloat16 and INT4 weights)
 IN_FEATURES_MULTIPLE = {16: 32, 8: 16, 4: 64}  # what `linear`'s loads assume, per weight width
 ATTENTION_HEAD_DIMS = (16, 32, 64, 128, 256)  # what decode_attention is built for
 
+_build_lock = threading.Lock()
+_logged: set[str] = set()
+_switched_off: list[str] = []  # reasons of the `switched_off` blocks running now
+
 
 @functools.lru_cache(maxsize=None)
-def build_error() -> Optional[str]:
-    """None once the extension is loaded into this process, else why it cannot be."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (empty where it does not)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return frozenset(next((line for line in cpuinfo if line.startswith("flags")), ":").split(":")[1].split())
+    except OSError:
+        return frozenset()
+
+
+def forced_isa() -> Optional[str]:
+    """CHATGLM_CPU_ISA when set (an ISAS name or "none"), else None."""
+    value = os.environ.get(ISA_VARIABLE, "").strip().lower()
+    if value and value not in (*ISAS, "none"):
+        raise ValueError(f"{ISA_VARIABLE}={value!r}: use one of {', '.join(ISAS)}, none")
+    return value or None
+
+
+@contextmanager
+def switched_off(reason: str) -> Iterator[None]:
+    """No path of ours (and no build) inside this block, for `reason`: for loading a model that
+    computes elsewhere. Decisions made inside stay made (kernel choices are cached per process)."""
+    _switched_off.append(reason)
+    try:
+        yield
+    finally:
+        _switched_off.remove(reason)
+
+
+def bf16_arithmetic() -> bool:
+    """Whether the CPU multiplies bfloat16 natively (AVX512-BF16) and the avx512 path is allowed:
+    otherwise torch's bfloat16 GEMMs convert every element and float32 ones are faster."""
+    return BF16_FLAG in cpu_flags() and path_unavailable("avx512") is None
+
+
+def path_unavailable(isa: str, bits: Optional[int] = None) -> Optional[str]:
+    """Why our `isa` path cannot run here (for `linear` at `bits`; None: any kernel), from what is
+    known without building: the platform, CHATGLM_CPU_ISA and the CPU's flags; None if it can."""
+    if _switched_off:
+        return f"is not used: {_switched_off[-1]}"
     if sys.platform != "linux" or platform.machine() != "x86_64":
         return "is built for Linux on x86-64 only"
-    log.info("loading %s (built once per machine with g++, about 15 s)", EXTENSION)
+    forced = forced_isa()
+    if forced is not None and (forced == "none" or ISAS.index(isa) < ISAS.index(forced)):
+        return f"is turned off by {ISA_VARIABLE}={forced}"
+    needs = ISA_FLAGS[isa] | ({BF16_FLAG} if isa == "avx512" and bits in (16, 4) else set())
+    missing = sorted(needs - cpu_flags())
+    return f"needs a CPU with {', '.join(flag.upper() for flag in missing)}" if missing else None
+
+
+def extension_name() -> str:
+    """The extension's name and build folder: a hash of the torch version, sources and flags."""
+    digest = hashlib.sha256(torch.__version__.encode())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    digest.update(" ".join(CFLAGS).encode())
+    return f"chatglm_native_{digest.hexdigest()[:12]}"
+
+
+@functools.lru_cache(maxsize=None)
+def _build() -> Optional[str]:
+    name = extension_name()
+    folder = Path(cpp_extension._get_build_directory(name, False))
+    log.info("loading %s (built once per machine and torch version with g++, about 15 s)", name)
     try:
-        cpp_extension.load(name=EXTENSION, sources=[str(path) for path in SOURCES], extra_cflags=["-O3", "-fopenmp"],
-                           is_python_module=False, verbose=False)
+        with open(folder.with_name(folder.name + ".flock"), "w") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)  # released by the OS if this process dies
+            stale = folder / "lock"  # torch's lock: we hold the only right to build, so it is stale
+            if stale.exists():
+                log.warning("removing %s, left by a build that was killed", stale)
+                stale.unlink()
+            cpp_extension.load(name=name, sources=[str(path) for path in SOURCES], extra_cflags=CFLAGS,
+                               is_python_module=False, verbose=False)
     except Exception as error:  # noqa: BLE001 - a missing compiler or ninja, a failed build
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         return f"could not be built ({type(error).__name__}: {first_line}; it needs g++ and ninja)"
     return None
 
 
-def linear_unavailable(bits: int) -> Optional[str]:
-    """None when `linear` with weights of this width (16: bfloat16, 8 / 4: quantized) runs here
-    (loading the extension), else why not."""
-    reason = build_error()
-    if reason is None and not torch.ops.chatglm.linear_supported(bits):
-        reason = "needs a CPU with AVX-512" + ("" if bits == 8 else " and AVX512-BF16")
+def build_error() -> Optional[str]:
+    """None once the extension is loaded into this process (building it if needed), else why it
+    cannot be. Never invokes the compiler where no path of ours runs on this CPU."""
+    reasons = [path_unavailable(isa) for isa in ISAS]
+    if all(reasons):
+        return "; ".join(f"{isa} {reason}" for isa, reason in zip(ISAS, reasons))
+    with _build_lock:  # one build per process, even with build_in_background running
+        return _build()
+
+
+def build_in_background() -> None:
+    """Start loading (or building) the extension in a thread, for a start-up that has other work
+    (reading a checkpoint); whoever needs it next waits for the build. No thread, and no
+    compiler, where no path of ours runs here."""
+    if not all(path_unavailable(isa) for isa in ISAS):
+        threading.Thread(target=build_error, name="native-kernel-build", daemon=True).start()
+
+
+def log_fallback_once(what: str, reasons: str) -> None:
+    """Say once per process why `what` runs on torch's kernels instead of ours."""
+    message = f"{what}: torch's kernels ({reasons})"
+    if message not in _logged:
+        _logged.add(message)
+        log.info("%s", message)
+
+
+def first_isa(unavailable: Callable[[str], Optional[str]]) -> tuple[Optional[str], str]:
+    """The fastest path for which unavailable(isa) is None (or None), and why the faster ones
+    were passed over."""
+    reasons = []
+    for isa in ISAS:
+        reason = unavailable(isa)
+        if reason is None:
+            return isa, "; ".join(reasons)
+        reasons.append(f"{isa} {reason}")
+    return None, "; ".join(reasons)
+
+
+def linear_unavailable(bits: int, isa: str) -> Optional[str]:
+    """None when `linear` with weights of this width (16: bfloat16, 8 / 4: quantized) runs on
+    the `isa` path here (loading the extension), else why not."""
+    reason = path_unavailable(isa, bits) or build_error()
+    if reason is None and not torch.ops.chatglm.linear_supported(bits, isa):
+        reason = "is not supported by this CPU (the extension's own check)"
     return reason
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-           bits: int) -> torch.Tensor:
+           bits: int, isa: str) -> torch.Tensor:
     """x @ w^T (* scale) + bias, summed in float32, in x's dtype (x: [rows, in_features]). bits 16:
     a bfloat16 weight, no scale; 8 / 4: the published quantized layout (quant/format.py) and its
-    per-row scale. Ask `linear_unavailable(bits)` first: it loads the extension."""
-    return torch.ops.chatglm.linear(x, weight, scale, bias, bits)
+    per-row scale. Ask `linear_unavailable(bits, isa)` first: it loads the extension."""
+    return torch.ops.chatglm.linear(x, weight, scale, bias, bits, isa)
 
 
-@functools.lru_cache(maxsize=None)
-def decode_attention_unavailable() -> Optional[str]:
-    """None when `decode_attention` runs here (loading the extension), else why not."""
-    reason = build_error()
-    if reason is None and not torch.ops.chatglm.decode_attention_supported():
-        reason = "needs a CPU with AVX-512"
+def decode_attention_unavailable(isa: str) -> Optional[str]:
+    """None when `decode_attention` runs on the `isa` path here (loading the extension), else why not."""
+    reason = path_unavailable(isa) or build_error()
+    if reason is None and not torch.ops.chatglm.decode_attention_supported(isa):
+        reason = "is not supported by this CPU (the extension's own check)"
     return reason
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
-                     lengths: torch.Tensor) -> torch.Tensor:
+                     lengths: torch.Tensor, isa: str) -> torch.Tensor:
     """One query row per sequence, q [rows, heads, d], attending to the first lengths[i] positions
     of cache slot slots[i] of k, v [slots, heads, max_len, d] (bfloat16, read in place; as many
     key/value heads as query heads; d in ATTENTION_HEAD_DIMS): [rows, heads, d] in q's dtype.
-    Ask `decode_attention_unavailable` first."""
-    return torch.ops.chatglm.decode_attention(q, k, v, slots, lengths)
+    Ask `decode_attention_unavailable(isa)` first."""
+    return torch.ops.chatglm.decode_attention(q, k, v, slots, lengths, isa)

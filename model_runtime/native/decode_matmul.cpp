@@ -1,4 +1,5 @@
-// Linear layers for a few rows of activations (decode steps) on AVX-512 CPUs, streaming the
+// Linear layers for a few rows of activations (decode steps) on x86-64 CPUs with AVX-512 or with
+// AVX2 + FMA (one build, a code path per instruction set, chosen by the caller), streaming the
 // weights once: bfloat16 weights [N, K], or the published ChatGLM quantized layout read in place
 // (quant/format.py): int8 [N, K], or int8 [N, K/2] with the even input element in the high nibble,
 // with a float per-row scale; an optional bias.
@@ -16,8 +17,16 @@
 //     `vdpbf16ps` (32 products per instruction); the activations are permuted once per call so
 //     that the nibbles of a 64-byte load line up with them. INT8 widens bytes to float32.
 //     bfloat16 weights go to `vdpbf16ps` as they are.
-// Products are exact (bf16 x 8-bit integer); only the float32 summation order differs from the
-// float64 reference. (INT4 rounds float32 activations to bf16; the model's are bf16 already.) Built on first use by model_runtime/native (torch.utils.cpp_extension).
+//   - AVX2 has no bfloat16 dot product, and only 16 vector registers: activations in float32, rows
+//     of the weight widened to float32 in registers and multiplied with FMA, at most 2 activation
+//     rows per pass. INT4: a 32-byte load is 8 words of 8 nibbles; nibble j of every word becomes
+//     a signed integer with two shifts (left, then arithmetic right) and a float with one convert,
+//     the activations permuted once per call to line up with it. bfloat16: the even element of
+//     each 32-bit word is the word shifted left by 16, the odd one the word with its low half
+//     cleared (activations split into evens and odds once per call). INT8: bytes widened.
+// Products are exact (bf16 x 8-bit integer; float32 x integer in FMA); only the float32 summation
+// order differs from the float64 reference. (AVX-512 INT4 rounds float32 activations to bf16; the
+// model's are bf16 already.) Built on first use by model_runtime/native (torch.utils.cpp_extension).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/constant_pad_nd.h>
@@ -29,21 +38,23 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 
 namespace {
 
 constexpr int64_t kBlockRows = 4;   // weight rows streamed together
-constexpr int kMaxGroup = 4;        // activation rows computed per pass over a block
+constexpr int kMaxGroup = 4;        // activation rows computed per pass over a block (AVX-512; AVX2: 2)
 constexpr int64_t kGrainBlocks = 16;
 
 // Where a block starts: pointers to its weight rows (`row_len` elements each; past the last row,
-// row n0 again: computed and discarded) and zeroed accumulators.
-template <int M, typename W>
-__attribute__((target("avx512f"), always_inline)) inline void start_block(
-    const W* q, int64_t row_len, int64_t n0, int64_t rows, const W* (&w)[kBlockRows], __m512 (&acc)[M][kBlockRows]) {
+// row n0 again: computed and discarded) and zeroed accumulators (V: __m512 or __m256; no
+// intrinsics here, so that both instruction sets' kernels inline it).
+template <int M, typename W, typename V>
+__attribute__((always_inline)) inline void start_block(
+    const W* q, int64_t row_len, int64_t n0, int64_t rows, const W* (&w)[kBlockRows], V (&acc)[M][kBlockRows]) {
   for (int r = 0; r < kBlockRows; ++r) {
     w[r] = q + (n0 + (r < rows ? r : 0)) * row_len;
-    for (int m = 0; m < M; ++m) acc[m][r] = _mm512_setzero_ps();
+    for (int m = 0; m < M; ++m) acc[m][r] = V{};
   }
 }
 
@@ -52,6 +63,28 @@ template <int M>
 __attribute__((target("avx512f"), always_inline)) inline void finish_block(__m512 (&acc)[M][kBlockRows], float* sums) {
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < kBlockRows; ++r) sums[m * kBlockRows + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+// AVX2: with one activation row, alternate steps go to a second set of accumulators (`odd`), so
+// that twice as many FMAs overlap (one set waits on the FMA latency: 4 bytes per cycle at INT4);
+// with more rows there are enough chains already, and `odd` is `acc`, or unused.
+template <int M>
+__attribute__((target("avx2,fma"), always_inline)) inline void finish_block(
+    __m256 (&acc)[M][kBlockRows], __m256 (&odd)[M][kBlockRows], float* sums) {
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < kBlockRows; ++r) {
+      const __m256 sum = M == 1 && &acc != &odd ? _mm256_add_ps(acc[m][r], odd[m][r]) : acc[m][r];
+      const __m128 half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+      const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+      sums[m * kBlockRows + r] = _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+    }
+}
+
+// The L2 prefetch of the next block's rows, one 64-byte line ahead per row (see the top).
+template <typename W>
+__attribute__((always_inline)) inline void prefetch_next_block(const W* (&w)[kBlockRows], int64_t at, int64_t row_len) {
+  for (int r = 0; r < kBlockRows; ++r)
+    _mm_prefetch(reinterpret_cast<const char*>(w[r] + at + kBlockRows * row_len), _MM_HINT_T1);
 }
 
 // Sums of one block: acc[m * kBlockRows + r] for rows n0 + r of the weight.
@@ -63,9 +96,7 @@ void int8_block(const float* x, int64_t K, const int8_t* q, int64_t n0, int64_t 
   const int8_t* w[kBlockRows];
   start_block<M>(q, K, n0, rows, w, acc);
   for (int64_t k = 0; k < K; k += 16) {
-    if ((k & 63) == 0)
-      for (int r = 0; r < kBlockRows; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(w[r] + k + kBlockRows * K), _MM_HINT_T1);
+    if ((k & 63) == 0) prefetch_next_block(w, k, K);
     __m512 wf[kBlockRows];
     for (int r = 0; r < kBlockRows; ++r)
       wf[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + k))));
@@ -98,10 +129,9 @@ void int4_block(const uint16_t* x, int64_t K, const uint8_t* q, int64_t n0, int6
   start_block<M>(q, row_bytes, n0, rows, w, acc);
   for (int64_t c = 0; c < row_bytes; c += 64) {
     __m512i packed[kBlockRows];
-    for (int r = 0; r < kBlockRows; ++r) {
+    for (int r = 0; r < kBlockRows; ++r)
       packed[r] = _mm512_maskz_loadu_epi8(c + 64 <= row_bytes ? ~__mmask64{0} : __mmask64{0xFFFFFFFF}, w[r] + c);
-      _mm_prefetch(reinterpret_cast<const char*>(w[r] + c + kBlockRows * row_bytes), _MM_HINT_T1);
-    }
+    prefetch_next_block(w, c, row_bytes);
     const uint16_t* xc = x + 2 * c;
     for (int i = 0; i < 4; ++i) {
       __m512bh xv[M];
@@ -125,10 +155,8 @@ void bf16_block(const uint16_t* x, int64_t K, const uint16_t* q, int64_t n0, int
   start_block<M>(q, K, n0, rows, w, acc);
   for (int64_t k = 0; k < K; k += 32) {
     __m512bh wb[kBlockRows];
-    for (int r = 0; r < kBlockRows; ++r) {
-      wb[r] = (__m512bh)_mm512_loadu_si512(w[r] + k);
-      _mm_prefetch(reinterpret_cast<const char*>(w[r] + k + kBlockRows * K), _MM_HINT_T1);
-    }
+    for (int r = 0; r < kBlockRows; ++r) wb[r] = (__m512bh)_mm512_loadu_si512(w[r] + k);
+    prefetch_next_block(w, k, K);
     for (int m = 0; m < M; ++m) {
       const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
       for (int r = 0; r < kBlockRows; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wb[r], xv);
@@ -137,19 +165,95 @@ void bf16_block(const uint16_t* x, int64_t K, const uint16_t* q, int64_t n0, int
   finish_block<M>(acc, sums);
 }
 
+// The AVX2 + FMA kernels: the same blocks, float32 activations and FMA (see the top).
+
+// x: float32 [M, K] (K a multiple of 16).
+template <int M>
+__attribute__((target("avx2,fma")))
+void int8_block_avx2(const float* x, int64_t K, const int8_t* q, int64_t n0, int64_t rows, float* sums) {
+  __m256 acc[M][kBlockRows], odd[M][kBlockRows];
+  const int8_t* w[kBlockRows];
+  start_block<M>(q, K, n0, rows, w, acc);
+  start_block<M>(q, K, n0, rows, w, odd);
+  for (int64_t k = 0; k < K; k += 8) {
+    if ((k & 63) == 0) prefetch_next_block(w, k, K);
+    auto& into = M == 1 && (k & 8) ? odd : acc;
+    for (int r = 0; r < kBlockRows; ++r) {
+      const __m256 wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w[r] + k))));
+      for (int m = 0; m < M; ++m) into[m][r] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x + m * K + k), into[m][r]);
+    }
+  }
+  finish_block<M>(acc, odd, sums);
+}
+
+// x: float32 [M, K/64, 8, 8], x[m, c, j, t] = input element 64c + 8t + (j ^ 1): the one that
+// nibble j (bits 4j..4j+3) of 32-bit word t of the c-th 32-byte chunk of a row multiplies.
+// K is a multiple of 64.
+template <int M>
+__attribute__((target("avx2,fma")))
+void int4_block_avx2(const float* x, int64_t K, const uint8_t* q, int64_t n0, int64_t rows, float* sums) {
+  const int64_t row_bytes = K / 2;
+  __m256 acc[M][kBlockRows], odd[M][kBlockRows];
+  const uint8_t* w[kBlockRows];
+  start_block<M>(q, row_bytes, n0, rows, w, acc);
+  start_block<M>(q, row_bytes, n0, rows, w, odd);
+  for (int64_t c = 0; c < row_bytes; c += 32) {
+    if ((c & 63) == 0) prefetch_next_block(w, c, row_bytes);
+    __m256i packed[kBlockRows];
+    for (int r = 0; r < kBlockRows; ++r) packed[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + c));
+    const float* xc = x + 2 * c;
+    for (int j = 0; j < 8; ++j) {
+      auto& into = M == 1 && (j & 1) ? odd : acc;
+      for (int r = 0; r < kBlockRows; ++r) {
+        const __m256 wf = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(packed[r], 28 - 4 * j), 28));
+        for (int m = 0; m < M; ++m) into[m][r] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(xc + m * K + 8 * j), into[m][r]);
+      }
+    }
+  }
+  finish_block<M>(acc, odd, sums);
+}
+
+// x: float32 [M, K/16, 2, 8], x[m, c, p, t] = input element 16c + 2t + p (evens, then odds, of
+// each 16); K a multiple of 32.
+template <int M>
+__attribute__((target("avx2,fma")))
+void bf16_block_avx2(const float* x, int64_t K, const uint16_t* q, int64_t n0, int64_t rows, float* sums) {
+  const __m256i high_half = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m256 acc[M][kBlockRows], odd[M][kBlockRows];
+  auto& into_odd = M == 1 ? odd : acc;
+  const uint16_t* w[kBlockRows];
+  start_block<M>(q, K, n0, rows, w, acc);
+  start_block<M>(q, K, n0, rows, w, odd);
+  for (int64_t k = 0; k < K; k += 16) {
+    if ((k & 31) == 0) prefetch_next_block(w, k, K);
+    for (int r = 0; r < kBlockRows; ++r) {
+      const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + k));
+      const __m256 evens = _mm256_castsi256_ps(_mm256_slli_epi32(words, 16));
+      const __m256 odds = _mm256_castsi256_ps(_mm256_and_si256(words, high_half));
+      for (int m = 0; m < M; ++m) {
+        acc[m][r] = _mm256_fmadd_ps(evens, _mm256_loadu_ps(x + m * K + k), acc[m][r]);
+        into_odd[m][r] = _mm256_fmadd_ps(odds, _mm256_loadu_ps(x + m * K + k + 8), into_odd[m][r]);
+      }
+    }
+  }
+  finish_block<M>(acc, odd, sums);
+}
+
 template <typename X, typename W>
 using BlockFn = void (*)(const X*, int64_t, const W*, int64_t, int64_t, float*);
 
-template <typename X, typename W>
+// by_group[g - 1]: the kernel for g activation rows per pass (up to G).
+template <typename X, typename W, size_t G>
 void run_blocks(const X* x, int64_t x_stride, int64_t M, int64_t K, const W* q, int64_t N, const float* scale,
-                const float* bias, float* out, const BlockFn<X, W>* by_group) {
+                const float* bias, float* out, const BlockFn<X, W> (&by_group)[G]) {
+  static_assert(G <= kMaxGroup);
   const int64_t blocks = (N + kBlockRows - 1) / kBlockRows;
   at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t begin, int64_t end) {
     float sums[kMaxGroup * kBlockRows];
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n0 = b * kBlockRows, rows = std::min(kBlockRows, N - n0);
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxGroup) {
-        const int64_t group = std::min<int64_t>(kMaxGroup, M - m0);
+      for (int64_t m0 = 0; m0 < M; m0 += G) {
+        const int64_t group = std::min<int64_t>(G, M - m0);
         by_group[group - 1](x + m0 * x_stride, K, q, n0, rows, sums);
         for (int64_t m = 0; m < group; ++m)
           for (int64_t r = 0; r < rows; ++r) {
@@ -161,10 +265,41 @@ void run_blocks(const X* x, int64_t x_stride, int64_t M, int64_t K, const W* q, 
   });
 }
 
+// Whether this CPU runs the `isa` path ("avx512" or "avx2") at that width (checked at run time:
+// the file is built with per-function target attributes, so it compiles on any x86-64).
+bool supported(int64_t bits, const std::string& isa) {
+  __builtin_cpu_init();
+  if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = isa == "avx512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  return bits == 8 ? avx512 : avx512 && __builtin_cpu_supports("avx512bf16");  // 16 and 4: vdpbf16ps
+}
+
+// The activations as the kernels of that path and width read them (see each kernel): [M, row
+// stride] values in a contiguous tensor.
+at::Tensor activations_for(const at::Tensor& x, int64_t bits, bool avx512) {
+  const int64_t M = x.size(0), K = x.size(1);
+  if (bits == 8) return x.to(at::kFloat).contiguous();
+  if (bits == 16) {
+    return avx512 ? x.to(at::kBFloat16).contiguous()
+                  : x.to(at::kFloat).view({M, K / 16, 8, 2}).transpose(2, 3).contiguous();
+  }
+  if (!avx512) {
+    const at::Tensor order = at::tensor({1, 0, 3, 2, 5, 4, 7, 6}, x.options().dtype(at::kLong));
+    return x.to(at::kFloat).view({M, K / 64, 8, 8}).index_select(3, order).transpose(2, 3).contiguous();
+  }
+  const at::Tensor order = at::tensor({1, 0, 3, 2}, x.options().dtype(at::kLong));
+  const int64_t padded = (K + 127) / 128 * 128;
+  return at::constant_pad_nd(x.to(at::kBFloat16), {0, padded - K}).view({M, padded / 128, 32, 4})
+      .index_select(3, order).transpose(2, 3).contiguous();
+}
+
 // bits 16: bfloat16 weights, no scale; 8 / 4: the published quantized layout with its scale.
+// isa: "avx512" or "avx2", the code path (the caller picks it: model_runtime/native).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
-                  const c10::optional<at::Tensor>& bias, int64_t bits) {
+                  const c10::optional<at::Tensor>& bias, int64_t bits, c10::string_view isa_name) {
   TORCH_CHECK(bits == 16 || bits == 8 || bits == 4, "bits must be 16, 8 or 4");
+  const std::string isa(isa_name);
+  TORCH_CHECK(supported(bits, isa), "this CPU cannot run the ", isa, " path at ", bits, " bits");
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && weight.is_contiguous() &&
               weight.scalar_type() == (bits == 16 ? at::kBFloat16 : at::kChar),
               "x [M, K] and a contiguous weight (bfloat16 for 16 bits, else int8) expected");
@@ -184,43 +319,41 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::opti
     TORCH_CHECK(bias32.numel() == N, "one bias per output row expected");
   }
   const float* bias_ptr = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
+  const float* scale_ptr = scale32.defined() ? scale32.data_ptr<float>() : nullptr;
+  const bool avx512 = isa == "avx512";
+  const at::Tensor xs = activations_for(x, bits, avx512);
+  const int64_t stride = xs.numel() / std::max<int64_t>(M, 1);
+  const auto* x16 = reinterpret_cast<const uint16_t*>(xs.data_ptr());
+  const auto* x32 = reinterpret_cast<const float*>(xs.data_ptr());
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
   if (bits == 16) {
+    const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr());
     static const BlockFn<uint16_t, uint16_t> by_group[] = {bf16_block<1>, bf16_block<2>, bf16_block<3>, bf16_block<4>};
-    const at::Tensor xb = x.to(at::kBFloat16).contiguous();
-    run_blocks(reinterpret_cast<const uint16_t*>(xb.data_ptr()), K, M, K,
-               reinterpret_cast<const uint16_t*>(weight.data_ptr()), N, nullptr, bias_ptr, out.data_ptr<float>(),
-               by_group);
+    static const BlockFn<float, uint16_t> by_group_avx2[] = {bf16_block_avx2<1>, bf16_block_avx2<2>};
+    avx512 ? run_blocks(x16, stride, M, K, w, N, scale_ptr, bias_ptr, o, by_group)
+           : run_blocks(x32, stride, M, K, w, N, scale_ptr, bias_ptr, o, by_group_avx2);
   } else if (bits == 8) {
+    const int8_t* w = weight.data_ptr<int8_t>();
     static const BlockFn<float, int8_t> by_group[] = {int8_block<1>, int8_block<2>, int8_block<3>, int8_block<4>};
-    const at::Tensor x32 = x.to(at::kFloat).contiguous();
-    run_blocks(x32.data_ptr<float>(), K, M, K, weight.data_ptr<int8_t>(), N, scale32.data_ptr<float>(), bias_ptr,
-               out.data_ptr<float>(), by_group);
+    static const BlockFn<float, int8_t> by_group_avx2[] = {int8_block_avx2<1>, int8_block_avx2<2>};
+    avx512 ? run_blocks(x32, stride, M, K, w, N, scale_ptr, bias_ptr, o, by_group)
+           : run_blocks(x32, stride, M, K, w, N, scale_ptr, bias_ptr, o, by_group_avx2);
   } else {
+    const auto* w = reinterpret_cast<const uint8_t*>(weight.data_ptr());
     static const BlockFn<uint16_t, uint8_t> by_group[] = {int4_block<1>, int4_block<2>, int4_block<3>, int4_block<4>};
-    const at::Tensor order = at::tensor({1, 0, 3, 2}, x.options().dtype(at::kLong));
-    const int64_t padded = (K + 127) / 128 * 128;
-    const at::Tensor xb = at::constant_pad_nd(x.to(at::kBFloat16), {0, padded - K}).view({M, padded / 128, 32, 4})
-                              .index_select(3, order).transpose(2, 3).contiguous();
-    run_blocks(reinterpret_cast<const uint16_t*>(xb.data_ptr()), padded, M, K,
-               reinterpret_cast<const uint8_t*>(weight.data_ptr()), N, scale32.data_ptr<float>(), bias_ptr,
-               out.data_ptr<float>(), by_group);
+    static const BlockFn<float, uint8_t> by_group_avx2[] = {int4_block_avx2<1>, int4_block_avx2<2>};
+    avx512 ? run_blocks(x16, stride, M, K, w, N, scale_ptr, bias_ptr, o, by_group)
+           : run_blocks(x32, stride, M, K, w, N, scale_ptr, bias_ptr, o, by_group_avx2);
   }
   return out.to(x.scalar_type());
-}
-
-// Whether this CPU runs the kernel of that width (checked at run time: the file is built with
-// per-function target attributes, so it compiles on any x86-64).
-bool supported(int64_t bits) {
-  __builtin_cpu_init();
-  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-  return bits == 8 ? avx512 : avx512 && __builtin_cpu_supports("avx512bf16");  // 16 and 4: vdpbf16ps
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(chatglm, m) {
-  m.def("linear(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, int bits) -> Tensor");
-  m.def("linear_supported(int bits) -> bool", &supported);
+  m.def("linear(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, int bits, str isa) -> Tensor");
+  m.def("linear_supported(int bits, str isa) -> bool",
+        [](int64_t bits, c10::string_view isa) { return supported(bits, std::string(isa)); });
 }
 TORCH_LIBRARY_IMPL(chatglm, CPU, m) { m.impl("linear", &linear); }

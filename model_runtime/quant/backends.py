@@ -5,6 +5,8 @@ Backends (`KERNELS`):
   cpu-avx512          CPU with AVX-512 (INT4: and AVX512-BF16), bfloat16 activations: our own
                       kernel (native/decode_matmul.cpp, built with g++ on first use), on the published
                       layout as is; the first choice where it builds and the CPU has it.
+  cpu-avx2            the same kernel's AVX2 + FMA path, for CPUs without AVX-512 (or with
+                      CHATGLM_CPU_ISA=avx2, which turns the avx512 path off).
   cpu-int8pack        CPU, INT8, bfloat16 activations: torch's fused `_weight_int8pack_mm`, on the
                       published int8 layout as is (no second copy).
   cpu-int4pack        CPU, INT4, bfloat16 activations: torch's `_weight_int4pack_mm_for_cpu`, the
@@ -17,8 +19,9 @@ torch's kernels are the fallback where ours cannot build or run. Their private a
 between torch releases (requirements.txt allows 2.8-2.13). Every kernel says why it cannot run
 (no compiler, op missing, unknown layout) and passes a self-check on small random shapes before
 first use; "auto" takes the next one, and finally dequant, logging the reason.
-The CPU kernels switch to "dequantize the layer into a reused scratch buffer, then one bf16 GEMM"
-for inputs of more than `gemm_above` rows (prompt prefill), which is several times faster there.
+The CPU kernels switch to "dequantize the layer into a reused scratch buffer, then one GEMM" for
+inputs of more than `gemm_above` rows (prompt prefill), which is several times faster there (ours
+in float32 where the CPU has no bfloat16 arithmetic).
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ from typing import Optional, Union
 
 import torch
 
-from .cpu_kernels import CpuAvx512Kernel, CpuFbgemmDynamicKernel, CpuInt4PackKernel, CpuInt8PackKernel
+from .cpu_kernels import (CpuAvx2Kernel, CpuAvx512Kernel, CpuFbgemmDynamicKernel, CpuInt4PackKernel,
+                          CpuInt8PackKernel)
 from .cuda_kernels import CudaTorchKernel
 from .format import QuantizationError, check_bits, quantize_weight, reference_linear
 from .kernel import DequantKernel, LinearKernel
@@ -36,9 +40,9 @@ from .kernel import DequantKernel, LinearKernel
 log = logging.getLogger(__name__)
 
 KERNELS = {kernel.name: kernel for kernel in
-           (DequantKernel, CpuAvx512Kernel, CpuInt8PackKernel, CpuInt4PackKernel, CpuFbgemmDynamicKernel,
+           (DequantKernel, CpuAvx512Kernel, CpuAvx2Kernel, CpuInt8PackKernel, CpuInt4PackKernel, CpuFbgemmDynamicKernel,
             CudaTorchKernel)}
-_AUTO = {"cpu": ("cpu-avx512", "cpu-int8pack", "cpu-int4pack"), "cuda": ("cuda-torch",)}
+_AUTO = {"cpu": ("cpu-avx512", "cpu-avx2", "cpu-int8pack", "cpu-int4pack"), "cuda": ("cuda-torch",)}
 
 
 @functools.lru_cache(maxsize=None)

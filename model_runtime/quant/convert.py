@@ -15,7 +15,7 @@ from torch import nn
 
 from ..models.config import CheckpointError
 from .backends import choose_kernel
-from .cpu_kernels import CpuAvx512Kernel, CpuInt8PackKernel
+from .cpu_kernels import CpuInt8PackKernel, CpuNativeKernel
 from .cuda_kernels import CudaTorchKernel
 from .format import QuantizationError, check_bits
 from .linear import QuantizedLinear, QuantizedOutputLayer
@@ -23,7 +23,7 @@ from .memory import trim_heap
 
 
 LM_HEADS = ("auto", "int8", "float")
-FUSED_INT8 = (CpuAvx512Kernel, CpuInt8PackKernel, CudaTorchKernel)  # where an INT8 output layer is faster than a float one
+FUSED_INT8 = (CpuNativeKernel, CpuInt8PackKernel, CudaTorchKernel)  # where an INT8 output layer is faster than a float one
 
 
 def output_layer_in_int8(lm_head: str, config, bits: Optional[int], device: Union[str, torch.device],
@@ -42,7 +42,7 @@ def output_layer_in_int8(lm_head: str, config, bits: Optional[int], device: Unio
                                 "load it with lm_head='auto' or 'int8', or load the float checkpoint")
     if stored or lm_head == "float" or (lm_head == "auto" and not bits):
         return stored  # no kernel to ask about (asking logs why a fused one cannot run)
-    fused = choose_kernel(device, 8, dtype) in FUSED_INT8
+    fused = issubclass(choose_kernel(device, 8, dtype), FUSED_INT8)
     if lm_head == "int8" and not fused:
         raise QuantizationError(
             f"an INT8 output layer needs a fused int8 kernel (CPU with bfloat16, or CUDA); on {torch.device(device)} "

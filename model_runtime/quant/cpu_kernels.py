@@ -23,18 +23,21 @@ def _cpu_bf16_only(device, dtype) -> Optional[str]:
     return None
 
 
-class CpuAvx512Kernel(DequantKernel):
-    """INT8 and INT4 on CPUs with AVX-512 (INT4 also needs AVX512-BF16): our own fused kernel
-    (native/decode_matmul.cpp, built on first use) on the published layout as is, with no
-    second copy. Decode-sized inputs read each weight byte once at close to the memory bandwidth
-    (torch's int8pack / int4pack kernels are compute-bound there: benchmarks/quant.py). Many rows:
-    DequantKernel's path (dequantize into the scratch buffer, one bf16 GEMM)."""
+class CpuNativeKernel(DequantKernel):
+    """INT8 and INT4 on x86-64 CPUs: our own fused kernel (native/decode_matmul.cpp, built on
+    first use) on the published layout as is, with no second copy, on the code path `isa`.
+    Decode-sized inputs read each weight byte once at close to the memory bandwidth (torch's
+    int8pack / int4pack kernels are compute-bound there: benchmarks/quant.py). Many rows:
+    dequantize into the scratch buffer, then one GEMM, in bfloat16 where the CPU multiplies it
+    natively, else in float32 (torch's bfloat16 GEMM converts every element there and is several
+    times slower: benchmarks/cpu_isa.py)."""
 
-    name = "cpu-avx512"
+    isa = ""
+    gemm_above_rows: dict[int, int] = {}  # by bits: rows above which dequantize + GEMM is faster
 
     @classmethod
     def unavailable(cls, device, bits, dtype):
-        return _cpu_bf16_only(device, dtype) or native.linear_unavailable(bits)
+        return _cpu_bf16_only(device, dtype) or native.linear_unavailable(bits, cls.isa)
 
     @classmethod
     def prepare(cls, weight, scale, bits):
@@ -44,16 +47,35 @@ class CpuAvx512Kernel(DequantKernel):
 
     def __init__(self, weight, scale, bits):
         super().__init__(weight, scale, bits)
-        reason = native.linear_unavailable(bits)
+        reason = native.linear_unavailable(bits, self.isa)
         if reason:
             raise RuntimeError(f"{self.name} {reason}")
-        # rows above which dequantize + GEMM is faster (measured at 1-64 rows, full-size shapes)
-        self.gemm_above = 32 if bits == 8 else 128
+        self.gemm_above = self.gemm_above_rows[bits]
+        self.gemm_dtype = torch.bfloat16 if native.bf16_arithmetic() else torch.float32
 
     def matmul(self, x, bias):
         if x.shape[0] <= self.gemm_above:
-            return native.linear(x, self.weight, self.scale32, bias, self.bits)
-        return super().matmul(x, bias)
+            return native.linear(x, self.weight, self.scale32, bias, self.bits, self.isa)
+        y = F.linear(x.to(self.gemm_dtype), self._q_into(self.gemm_dtype))
+        return scale_output(y, self.scale32, bias, x.dtype)
+
+
+class CpuAvx512Kernel(CpuNativeKernel):
+    """CpuNativeKernel's AVX-512 path (INT4: also AVX512-BF16)."""
+
+    name = "cpu-avx512"
+    isa = "avx512"
+    gemm_above_rows = {8: 32, 4: 128}  # measured at 1-64 rows, full-size shapes, against a bfloat16 GEMM
+
+
+class CpuAvx2Kernel(CpuNativeKernel):
+    """CpuNativeKernel's AVX2 + FMA path: most laptops, desktops and cloud VMs without AVX-512."""
+
+    name = "cpu-avx2"
+    isa = "avx2"
+    # against dequantize + float32 GEMM, 16384x4096 at 8-128 rows (2-core Zen 4, forced): the kernel
+    # is still faster at 128 rows (INT8 0.79 against 0.91 s, INT4 0.99 against 1.31 s)
+    gemm_above_rows = {8: 128, 4: 128}
 
 
 class CpuInt8PackKernel(LinearKernel):

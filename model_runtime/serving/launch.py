@@ -3,9 +3,13 @@ continuous-batching `Engine`, or `PerCallBackend` for hosts that lend a GPU per 
 from __future__ import annotations
 
 import tempfile
+from contextlib import nullcontext
 from typing import Optional, Union
 
-from ..loading.device import free_memory
+import torch
+
+from .. import native
+from ..loading.device import free_memory, pick_device
 from ..loading.loader import load_model
 from ..tiny.checkpoint import write_tiny_checkpoint
 from .engine import Engine
@@ -45,6 +49,8 @@ def start_engine(model: str = "THUDM/chatglm-6b", *, device: str = "auto", dtype
     DEFAULT_CONTEXT (GLM-4's 128k tokens would take 5 GiB of KV cache per slot).
     prefill_chunk: prompt tokens read per engine step (0: each prompt whole); by default the
     engine's for the device."""
+    if pick_device(device).type == "cpu":
+        native.build_in_background()  # our CPU kernels (if this CPU runs them) build while the weights load
     tokenizer, net, name = load_for_serving(model, device=device, dtype=dtype, tiny_random=tiny_random, **load_kwargs)
     context_length = context_length or min(net.config.max_sequence_length, DEFAULT_CONTEXT)
     if slots is None:
@@ -60,9 +66,13 @@ def start_per_call(model: str = "THUDM/chatglm-6b", *, gpu_call: GpuCall = no_ho
                    **load_kwargs) -> PerCallBackend:
     """Load the model into this process's memory (CPU: the GPU exists only inside calls) and
     serve each answer as one `gpu_call` (per_call.py); `device` is where calls compute ("auto":
-    CUDA when the call has it). dtype defaults to bfloat16 (every GPU ZeroGPU lends computes in it)."""
-    tokenizer, net, name = load_for_serving(model, device="cpu", dtype=dtype or (None if tiny_random else "bfloat16"),
-                                            tiny_random=tiny_random, **load_kwargs)
+    CUDA when the call has it). dtype defaults to bfloat16 (every GPU ZeroGPU lends computes in it).
+    Where calls compute on a GPU, the CPU copy gets none of our CPU kernels (nothing is built)."""
+    on_gpu = device not in ("auto", "cpu") or (device == "auto" and (gpu_call is not no_host or torch.cuda.is_available()))
+    with native.switched_off("the model computes on the GPU inside calls") if on_gpu else nullcontext():
+        tokenizer, net, name = load_for_serving(model, device="cpu",
+                                                dtype=dtype or (None if tiny_random else "bfloat16"),
+                                                tiny_random=tiny_random, **load_kwargs)
     return PerCallBackend(tokenizer, net, gpu_call=gpu_call, device=device, name=name,
                           random_weights=bool(tiny_random), max_gpu_s=max_gpu_s, max_active=max_active,
                           context_length=context_length or min(net.config.max_sequence_length, DEFAULT_CONTEXT),
