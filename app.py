@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 
-from webdemo import limits
+from webdemo import connections, limits
 from webdemo.access import AccessPolicy
 from webdemo.hf_spaces import ZEROGPU_API_MESSAGE, running_on_spaces, zero_gpu, zerogpu_call
 
@@ -50,6 +50,20 @@ def positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
+def non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError("must be at least 0")
+    return number
+
+
+def positive_float(value: str) -> float:
+    number = float(value)
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError("must be a number > 0")
     return number
 
 
@@ -146,6 +160,27 @@ def parse_args(argv=None) -> argparse.Namespace:
                         default=float(env("CHATGLM_DRAIN_SECONDS", 10)),
                         help="on SIGTERM, refuse new requests and let running answers finish for this long; the "
                              "rest end with an error (env CHATGLM_DRAIN_SECONDS; default %(default)s)")
+    server.add_argument("--header-timeout", type=positive_float, metavar="SECONDS",
+                        default=env("CHATGLM_HEADER_TIMEOUT", str(connections.HEADER_TIMEOUT_S)),
+                        help="a connection that has not sent a whole request head this long after it opened (or "
+                             "after its last answer) is closed (env CHATGLM_HEADER_TIMEOUT; default %(default)s)")
+    server.add_argument("--body-timeout", type=positive_float, metavar="SECONDS",
+                        default=env("CHATGLM_BODY_TIMEOUT", str(connections.BODY_TIMEOUT_S)),
+                        help="a request body that stops arriving this long ends its connection; answers, however "
+                             "long, have no such limit (env CHATGLM_BODY_TIMEOUT; default %(default)s)")
+    server.add_argument("--keep-alive", type=positive_float, metavar="SECONDS",
+                        default=env("CHATGLM_KEEP_ALIVE", str(connections.KEEP_ALIVE_S)),
+                        help="an idle connection is closed after this long (env CHATGLM_KEEP_ALIVE; "
+                             "default %(default)s)")
+    server.add_argument("--max-connections", type=positive_int, default=env("CHATGLM_MAX_CONNECTIONS"), metavar="N",
+                        help="open connections in all; never more than the open-file limit leaves room for "
+                             f"(env CHATGLM_MAX_CONNECTIONS; default: that room, at most {connections.MAX_TOTAL})")
+    server.add_argument("--max-connections-per-client", type=non_negative_int, metavar="N",
+                        default=env("CHATGLM_MAX_CONNECTIONS_PER_CLIENT",
+                                    str(0 if running_on_spaces() else connections.MAX_PER_CLIENT)),
+                        help="open connections from one address (IPv6: one /64); 0 for none, behind a proxy where "
+                             "every connection comes from the proxy (env CHATGLM_MAX_CONNECTIONS_PER_CLIENT; "
+                             "default %(default)s; 0 on Hugging Face Spaces)")
     server.add_argument("--host", default=default_host,
                         help="address to listen on; 0.0.0.0 for all interfaces (env CHATGLM_HOST; "
                              "default %(default)s; 0.0.0.0 on Hugging Face Spaces)")
@@ -221,6 +256,12 @@ def access_policy(args: argparse.Namespace) -> AccessPolicy:
 
 def server_limits(args: argparse.Namespace) -> limits.Limits:
     return limits.Limits(max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout)
+
+
+def connection_limits(args: argparse.Namespace) -> connections.ConnectionLimits:
+    return connections.ConnectionLimits(
+        header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout, keep_alive_s=args.keep_alive,
+        max_per_client=args.max_connections_per_client, max_total=args.max_connections)
 
 
 def load_backend(args: argparse.Namespace):
@@ -306,6 +347,7 @@ def main(argv=None) -> int:
     request_limits = server_limits(args)
     page = build_page(backend, concurrency_limit=args.concurrency, limits=request_limits)  # storage key: storage_key.py
     server = start_server(page, backend, policy=access_policy(args), limits=request_limits,
+                          connection_limits=connection_limits(args),
                           concurrency=args.concurrency, queue_size=args.queue_size, host=args.host, port=args.port,
                           share=args.share and not running_on_spaces(),
                           chat_api_unavailable=ZEROGPU_API_MESSAGE if args.zerogpu else None)

@@ -6,7 +6,9 @@ added afterwards races the first requests. The page is therefore launched on `Gu
 Gradio `App` (the `_app` that `gr.Server` hands to `launch()` too) whose ASGI stack has the
 gate of access.py outermost: Starlette builds the stack for the server's first ASGI call (the
 lifespan startup, before any connection is accepted). The API is a FastAPI app of its own
-behind the same gate, so Gradio's CORS and compression layers never touch /v1.
+behind the same gate, so Gradio's CORS and compression layers never touch /v1. Below the
+ASGI layer, connections.py bounds how long a connection may take to send its request and how
+many connections a client, and everyone, may hold open.
 
 Shutdown: stop accepting (every new request gets 503), let the backend finish its answers for up
 to drain_s seconds and cut off the rest (their streams end with an error), then stop the HTTP
@@ -27,6 +29,7 @@ from model_runtime.protocol import ChatBackend
 
 from .access import AccessGate, AccessPolicy, error_response
 from .api import add_api_routes
+from .connections import ConnectionGuard, ConnectionLimits, use_guarded_server
 from .limits import Limits
 from .ui import ChatPage
 
@@ -93,11 +96,13 @@ class RunningServer:
 
 
 def start_server(page: ChatPage, backend: ChatBackend, *, policy: AccessPolicy = AccessPolicy(),
-                 limits: Limits = Limits(), concurrency: int = 64, queue_size: int = 100, host: str = "127.0.0.1",
+                 limits: Limits = Limits(), connection_limits: ConnectionLimits = ConnectionLimits(),
+                 concurrency: int = 64, queue_size: int = 100, host: str = "127.0.0.1",
                  port: Optional[int] = None, share: bool = False, quiet: bool = False,
                  chat_api_unavailable: Optional[str] = None) -> RunningServer:
     """Serve `page` and the API on host:port and return at once (the server runs in a thread).
     concurrency bounds the blocking work (parsing, tokenizing) done for requests at once;
+    connection_limits: deadlines and caps for every connection (connections.py);
     chat_api_unavailable: why /v1/chat/completions answers 503 here (None: it serves)."""
     problem = policy.startup_problem(host, share)
     if problem is not None:
@@ -107,10 +112,13 @@ def start_server(page: ChatPage, backend: ChatBackend, *, policy: AccessPolicy =
     add_api_routes(api, backend, limits=limits, cache_salt=policy.cache_salt(), concurrency=concurrency,
                    max_streams=concurrency + queue_size, chat_unavailable=chat_api_unavailable)
     app = GuardedApp(api, policy=policy, limits=limits, limiter=limiter)
+    app.connection_guard = ConnectionGuard(connection_limits)  # deadlines and caps per connection
+    use_guarded_server()
     login_hint = "Log in with your user name and password" if policy.login else None
     if policy.api_key:
         login_hint = (login_hint + ", or" if login_hint else "Log in") + " with any user name and the API key as password"
     page.launch(queue_size=queue_size, app=app, server_name=host, server_port=port, share=share, quiet=quiet,
                 auth=policy.accepts_login if policy.required else None, auth_message=login_hint,
                 prevent_thread_lock=True)
+    app.connection_guard.check_installed(page.blocks.server)
     return RunningServer(page, backend, app, page.blocks.local_url)
