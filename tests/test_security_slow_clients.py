@@ -183,6 +183,24 @@ def test_the_per_client_cap_refuses_a_greedy_address_only(server):
     assert health(server.url, source=greedy)[0] == 200
 
 
+def test_websocket_upgrades_give_their_slot_back(server):
+    """A connection handed to uvicorn's websocket protocol no longer reports its close to ours;
+    its slot must come back anyway, or refused upgrades would use up a client's share (and the
+    server's)."""
+    client = "127.0.0.40"
+    upgrade = (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+               b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    for _ in range(10):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10, source_address=(client, 0))
+        sock.sendall(upgrade)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 403")  # no websocket route answers
+        sock.close()
+    time.sleep(1)
+    with slow_connections(64 + 1, server.port, [client]) as sent:
+        time.sleep(0.5)
+        assert sum(closed_by_server(sock) for sock in sent) == 1  # the 65th: all 64 slots were free
+
+
 def raw_request(port: int, head: bytes) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.sendall(head)
