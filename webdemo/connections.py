@@ -206,7 +206,12 @@ class ConnectionGuard:
                 self.per_client[connection.client_key] = left
 
     def _sweep(self, loop) -> None:
-        now = time.monotonic()
+        try:
+            self._close_overdue(time.monotonic())
+        finally:  # whatever happens, the deadlines keep being enforced
+            self._sweep_timer = loop.call_later(self.tick_s, self._sweep, loop) if self.open else None
+
+    def _close_overdue(self, now: float) -> None:
         for connection in list(self.open):
             if connection.upgraded:
                 if connection.transport.is_closing():
@@ -222,7 +227,6 @@ class ConnectionGuard:
             if missed is not None:
                 self.release(connection)
                 connection.transport.abort()
-        self._sweep_timer = loop.call_later(self.tick_s, self._sweep, loop) if self.open else None
 
     def check_installed(self, server) -> None:
         """Fail loudly if the running server does not use this guard (see `GuardedServer`)."""
@@ -244,7 +248,6 @@ class GuardedServer(gradio_http_server.Server):
         guard = getattr(config.app, "connection_guard", None)
         if guard is not None:
             config.http, config.backlog = guard.protocol, guard.backlog
-            config.timeout_keep_alive = guard.limits.keep_alive_s
         super().__init__(config, *args, **kwargs)
 
 
