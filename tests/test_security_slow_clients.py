@@ -3,7 +3,8 @@
 fast, the server's file descriptors below the limit and its log a few lines; the header
 deadline closes them; the per-client cap refuses a greedy address while another gets through;
 a stalled body is cut, while a slow but steady body and an answer streaming past every
-deadline are not. Plus the pieces alone: the log filter, the caps' arithmetic, the hook check."""
+deadline are not. Plus the pieces alone: the log filter, the caps' arithmetic, the hook check,
+the flags."""
 from __future__ import annotations
 
 import json
@@ -22,6 +23,7 @@ import httpx
 import pytest
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+import app
 from tests.browser.app_server import AppServer
 from webdemo.connections import ConnectionGuard, ConnectionLimits, RateLimitedLog, client_key
 
@@ -329,3 +331,40 @@ def test_a_server_without_the_guard_fails_loudly():
     with pytest.raises(RuntimeError, match="not installed"):
         guard.check_installed(plain)
     guard.check_installed(SimpleNamespace(config=SimpleNamespace(http_protocol_class=guard.protocol)))
+
+
+CONNECTION_ENV = {"CHATGLM_HEADER_TIMEOUT": "4", "CHATGLM_BODY_TIMEOUT": "6.5", "CHATGLM_KEEP_ALIVE": "2",
+                  "CHATGLM_MAX_CONNECTIONS": "500", "CHATGLM_MAX_CONNECTIONS_PER_CLIENT": "0"}
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in [*CONNECTION_ENV, "SPACE_ID", "SYSTEM"]:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_the_flags_and_their_variables_set_the_limits(clean_env):
+    assert app.connection_limits(app.parse_args([])) == ConnectionLimits()
+    assert app.connection_limits(app.parse_args(["--header-timeout", "1.5", "--max-connections-per-client", "8"])) \
+        == ConnectionLimits(header_timeout_s=1.5, max_per_client=8)
+    for name, value in CONNECTION_ENV.items():
+        clean_env.setenv(name, value)
+    assert app.connection_limits(app.parse_args([])) == ConnectionLimits(4, 6.5, 2, max_per_client=0, max_total=500)
+
+
+def test_on_spaces_there_is_no_per_client_cap(clean_env):
+    clean_env.setenv("SPACE_ID", "someone/chatglm")  # every connection comes from the Spaces proxy
+    assert app.connection_limits(app.parse_args([])).max_per_client == 0
+
+
+@pytest.mark.parametrize("argv, env", [
+    (["--header-timeout", "0"], {}), (["--body-timeout", "inf"], {}), ([], {"CHATGLM_KEEP_ALIVE": "-1"}),
+    (["--max-connections", "0"], {}), ([], {"CHATGLM_MAX_CONNECTIONS_PER_CLIENT": "-1"}),
+])
+def test_bad_limits_are_refused(clean_env, argv, env):
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_info:
+        app.parse_args(argv)
+    assert exit_info.value.code == 2
