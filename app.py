@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 
-from webdemo import limits, settings
+from webdemo import connections, limits, settings
 from webdemo.access import AccessPolicy
 from webdemo.fair_share import FairShareBackend
 from webdemo.hf_spaces import ZEROGPU_API_MESSAGE, running_on_spaces, zero_gpu, zerogpu_call
@@ -34,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.concurrency = settings.CONCURRENCY[args.zerogpu]
     if args.queue_size is None:
         args.queue_size = settings.QUEUE_SIZE[args.zerogpu]
+    if args.max_connections_per_client is None:  # behind Spaces' proxy or the share tunnel every peer is the proxy
+        args.max_connections_per_client = 0 if running_on_spaces() or args.share else connections.MAX_PER_CLIENT
     if args.pre_seq_len is not None and not args.ptuning_checkpoint:
         parser.error("--pre-seq-len (CHATGLM_PRE_SEQ_LEN) is the prefix length of a P-tuning checkpoint: "
                      "give --ptuning-checkpoint DIR too")
@@ -52,6 +54,12 @@ def access_policy(args: argparse.Namespace) -> AccessPolicy:
 
 def server_limits(args: argparse.Namespace) -> limits.Limits:
     return limits.Limits(max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout)
+
+
+def connection_limits(args: argparse.Namespace) -> connections.ConnectionLimits:
+    return connections.ConnectionLimits(
+        header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout, keep_alive_s=args.keep_alive,
+        max_per_client=args.max_connections_per_client, max_total=args.max_connections)
 
 
 def load_backend(args: argparse.Namespace):
@@ -142,6 +150,7 @@ def main(argv=None) -> int:
     request_limits = server_limits(args)
     page = build_page(backend, concurrency_limit=args.concurrency, limits=request_limits)  # storage key: storage_key.py
     server = start_server(page, backend, policy=access_policy(args), limits=request_limits,
+                          connection_limits=connection_limits(args),
                           concurrency=args.concurrency, queue_size=args.queue_size, host=args.host, port=args.port,
                           share=args.share and not running_on_spaces(),
                           chat_api_unavailable=ZEROGPU_API_MESSAGE if args.zerogpu else None)

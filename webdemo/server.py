@@ -6,7 +6,9 @@ added afterwards races the first requests. The page is therefore launched on `Gu
 Gradio `App` (the `_app` that `gr.Server` hands to `launch()` too) whose ASGI stack has the
 gate of access.py outermost: Starlette builds the stack for the server's first ASGI call (the
 lifespan startup, before any connection is accepted). The API is a FastAPI app of its own
-behind the same gate, so Gradio's CORS and compression layers never touch /v1.
+behind the same gate, so Gradio's CORS and compression layers never touch /v1. Below the
+ASGI layer, connections.py bounds how long a connection may take to send its request and how
+many connections a client, and everyone, may hold open.
 
 Shutdown: stop accepting (every new request gets 503), let the backend finish its answers for up
 to drain_s seconds and cut off the rest (their streams end with an error), then stop the HTTP
@@ -27,8 +29,9 @@ from gradio.routes import App, ORJSONResponse
 from model_runtime.protocol import ChatBackend
 
 from .access import AccessGate, AccessPolicy, error_response
-from .clients import GuessThrottle, HostAllowList, default_allowed_hosts, host_name, space_host
 from .api import add_api_routes
+from .clients import GuessThrottle, HostAllowList, default_allowed_hosts, host_name, space_host
+from .connections import ConnectionGuard, ConnectionLimits, use_guarded_server
 from .limits import Limits
 from .ui import ChatPage
 
@@ -97,11 +100,13 @@ class RunningServer:
 
 
 def start_server(page: ChatPage, backend: ChatBackend, *, policy: AccessPolicy = AccessPolicy(),
-                 limits: Limits = Limits(), concurrency: int = 64, queue_size: int = 100, host: str = "127.0.0.1",
+                 limits: Limits = Limits(), connection_limits: ConnectionLimits = ConnectionLimits(),
+                 concurrency: int = 64, queue_size: int = 100, host: str = "127.0.0.1",
                  port: Optional[int] = None, share: bool = False, quiet: bool = False,
                  chat_api_unavailable: Optional[str] = None, throttle: Optional[GuessThrottle] = None) -> RunningServer:
     """Serve `page` and the API on host:port and return at once (the server runs in a thread).
     concurrency bounds the blocking work (parsing, tokenizing) done for requests at once;
+    connection_limits: deadlines and caps for every connection (connections.py);
     chat_api_unavailable: why /v1/chat/completions answers 503 here (None: it serves); throttle: of
     failed logins and keys (default: clients.GuessThrottle's defaults)."""
     problem = policy.startup_problem(host, share)
@@ -114,12 +119,15 @@ def start_server(page: ChatPage, backend: ChatBackend, *, policy: AccessPolicy =
     hosts = HostAllowList(policy.allowed_hosts if policy.allowed_hosts is not None
                           else default_allowed_hosts(host, share, space_host()))
     app = GuardedApp(api, policy=policy, limits=limits, limiter=limiter, hosts=hosts, throttle=throttle)
+    app.connection_guard = ConnectionGuard(connection_limits)  # deadlines and caps per connection
+    use_guarded_server()
     login_hint = "Log in with your user name and password" if policy.login else None
     if policy.api_key:
         login_hint = (login_hint + ", or" if login_hint else "Log in") + " with any user name and the API key as password"
     page.launch(queue_size=queue_size, app=app, server_name=host, server_port=port, share=share, quiet=quiet,
                 auth=policy.accepts_login if policy.required else None, auth_message=login_hint,
                 prevent_thread_lock=True)
+    app.connection_guard.check_installed(page.blocks.server)
     if page.blocks.share_url and policy.allowed_hosts is None:
         hosts.add(host_name(urlsplit(page.blocks.share_url).netloc))  # a custom share server's name too
     return RunningServer(page, backend, app, page.blocks.local_url)

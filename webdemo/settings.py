@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from . import limits
+from . import connections, limits
 from .fair_share import DEFAULT_PER_CLIENT
 from .hf_spaces import running_on_spaces
 
@@ -44,6 +44,16 @@ def non_negative_int(value: str) -> int:
         number = -1
     if number < 0:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value!r}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not 0 < number < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}")
     return number
 
 
@@ -214,6 +224,22 @@ SETTINGS: tuple[Setting, ...] = (
             metavar="SECONDS"),
     Setting("--step-delay", "CHATGLM_STEP_DELAY", "sleep this long after every decode step; for tests and for "
             "watching Stop work", SERVER, default=0.0, convert=non_negative_float, metavar="SECONDS"),
+    Setting("--header-timeout", "CHATGLM_HEADER_TIMEOUT", "a connection that has not sent a whole request head "
+            "this long after it opened (or after its last answer) is closed", LIMITS,
+            default=connections.HEADER_TIMEOUT_S, convert=positive_float, metavar="SECONDS"),
+    Setting("--body-timeout", "CHATGLM_BODY_TIMEOUT", "a request body that stops arriving this long ends its "
+            "connection; answers, however long, have no such limit", LIMITS, default=connections.BODY_TIMEOUT_S,
+            convert=positive_float, metavar="SECONDS"),
+    Setting("--keep-alive", "CHATGLM_KEEP_ALIVE", "an idle connection is closed after this long", LIMITS,
+            default=connections.KEEP_ALIVE_S, convert=positive_float, metavar="SECONDS"),
+    Setting("--max-connections", "CHATGLM_MAX_CONNECTIONS", "open connections in all; never more than the open-file "
+            "limit leaves room for", LIMITS, convert=positive_int, metavar="N",
+            shown=f"that room, at most {connections.MAX_TOTAL}"),
+    Setting("--max-connections-per-client", "CHATGLM_MAX_CONNECTIONS_PER_CLIENT", "open connections from one address "
+            "(IPv6: one /64); 0 for none, behind a proxy where every connection comes from the proxy", LIMITS,
+            convert=non_negative_int, metavar="N",
+            shown=f"`{connections.MAX_PER_CLIENT}` (`0` on Spaces and with --share, whose visitors all arrive "
+                  "through one proxy)"),
     Setting("--max-per-client", "CHATGLM_MAX_PER_CLIENT", "answers one client (address) may have running or waiting "
             "at once, page and /v1 together; more are refused with 429", LIMITS, default=DEFAULT_PER_CLIENT,
             convert=positive_int, metavar="N"),

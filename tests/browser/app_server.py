@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -24,11 +25,12 @@ class AppServer:
 
     program: other arguments for Python in place of `app.py --tiny-random` (a script that takes
     --host and --port too); env: more environment variables; log_dir: where the log goes;
-    port: a given port (a restarted server on the same origin sees the same browser storage)."""
+    port: a given port (a restarted server on the same origin sees the same browser storage);
+    open_files: the server's RLIMIT_NOFILE (soft and hard), like `ulimit -n` before starting it."""
 
     def __init__(self, *flags: str, startup_timeout: float = 180.0, program: tuple[str, ...] = ("app.py", "--tiny-random"),
                  env: Optional[dict] = None, log_dir: Optional[Path] = None, headers: Optional[dict] = None,
-                 port: Optional[int] = None):
+                 port: Optional[int] = None, open_files: Optional[int] = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
@@ -37,7 +39,9 @@ class AppServer:
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [sys.executable, *program, "--host", "127.0.0.1", "--port", str(self.port), *flags],
-            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            preexec_fn=None if open_files is None else
+            lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files)))
         self._client = None
         self.headers = headers  # sent by `client` (e.g. the API key of --require-api-key)
         self._wait_until_up(startup_timeout)
