@@ -27,54 +27,24 @@ CONCURRENCY = {False: 64, True: 4}  # by ZeroGPU mode
 QUEUE_SIZE = {False: 100, True: 32}
 
 
-def positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
-    return number
+def number_in(kind: type, low: float, high: float, what: str, *, open_low: bool = False) -> Callable[[str], Any]:
+    """A converter to `kind` that takes low..high (low excluded with open_low), else says `what`."""
+    def convert(value: str):
+        try:
+            number = kind(value)
+        except ValueError:
+            number = math.nan
+        if not ((low < number) if open_low else (low <= number)) or not number <= high or number == math.inf:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
+        return number
+    return convert
 
 
-def non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = -1
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value!r}")
-    return number
-
-
-def positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
-    if not 0 < number < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}")
-    return number
-
-
-def non_negative_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
-    if not 0 <= number < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
-    return number
-
-
-def port_number(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = -1
-    if not 0 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}")
-    return number
+positive_int = number_in(int, 1, math.inf, "a whole number >= 1")
+non_negative_int = number_in(int, 0, math.inf, "a whole number >= 0")
+positive_float = number_in(float, 0, math.inf, "a number > 0", open_low=True)
+non_negative_float = number_in(float, 0, math.inf, "a number >= 0")
+port_number = number_in(int, 0, 65535, "a port number")
 
 
 def auth_pair(value: str) -> tuple[str, str]:
