@@ -211,8 +211,18 @@ def test_websocket_upgrades_give_their_slot_back(server):
         assert count_closed(sent, 1) == 1  # the 65th: all 64 slots were free
 
 
-def raw_request(port: int, head: bytes) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+def test_a_stream_of_malformed_requests_does_not_flood_the_log(server):
+    log_start = Path(server.log_path).stat().st_size
+    for index in range(200):  # uvicorn logs a warning for each
+        sock = raw_request(server.port, b"NOT HTTP AT ALL\r\n\r\n", source=f"127.0.0.{50 + index % 10}")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 400")
+        sock.close()
+    size, lines = log_growth(server, log_start)
+    assert len(lines) <= 2 and size < 512, lines
+
+
+def raw_request(port: int, head: bytes, source: str = "127.0.0.1") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
     sock.sendall(head)
     return sock
 

@@ -187,7 +187,7 @@ class ConnectionGuard:
                 log.warning("refused a connection from %s: %d connections are open, all busy (--max-connections)",
                             key, len(self.open))
                 return False
-            log.warning("closed a connection from %s that had sent no request yet, to make room: %d connections "
+            log.warning("closed an idle connection from %s (no request in progress) to make room: %d connections "
                         "are open (--max-connections)", waiting.client_key, len(self.open))
             self.release(waiting)
             waiting.transport.abort()
