@@ -35,9 +35,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..protocol import InvalidRequest, Message, SamplingParams
 from .formats import ChatFormat, History, clean_answer
+from .reasoning import THINK_OPEN
 from .tool_calls import GLM4_TOOLS, NotACall
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _LITERALS = 0x100000  # Supplementary Private Use Area-B: stands for special strings inside message text
 DEFAULT_SAMPLING = SamplingParams(max_length=8192, top_p=0.8, temperature=0.6)
 
@@ -123,8 +123,8 @@ class TemplateFormat(ChatFormat):
         self._stop_ids = stop_ids
         # Tools: the template declares them if it reads `tools`; calls are GLM-4's "NAME\n{json}".
         self.tool_dialect = GLM4_TOOLS if re.search(r"\btools\b", source) else None
-        self._specials = sorted(tokenizer.special_tokens, key=len, reverse=True)
-        self._literal_of = {chr(_LITERALS + i): name for i, name in enumerate(self._specials)}
+        specials = sorted(tokenizer.special_tokens, key=len, reverse=True)  # longest first: none hides another
+        self._literal_of = {chr(_LITERALS + i): name for i, name in enumerate(specials)}
         self._literal_pattern = re.compile(f"([{''.join(self._literal_of)}])") if self._literal_of else None
         prompt = self.render(tokenizer, [{"role": "user", "content": "?"}])
         self.opens_thinking = prompt.rstrip().endswith(THINK_OPEN)
