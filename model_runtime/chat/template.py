@@ -34,6 +34,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..protocol import InvalidRequest, Message, SamplingParams
+from ..tokenizers.common import json_object_file
 from .formats import ChatFormat, History, clean_answer
 from .reasoning import THINK_OPEN
 from .tool_calls import GLM4_TOOLS, NotACall
@@ -87,19 +88,6 @@ def pair_messages(query: str, history: History, system: Optional[str]) -> list[d
     for user_text, answer in history:
         messages += [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
     return messages + [{"role": "user", "content": query}]
-
-
-def json_object_file(path: Path) -> dict:
-    """A checkpoint's JSON object file, {} when absent; ValueError naming it when it is not one."""
-    if not path.is_file():
-        return {}
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return raw
 
 
 def _int_list(value) -> list[int]:
