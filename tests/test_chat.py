@@ -12,6 +12,7 @@ from model_runtime.chat.planning import answer_reserve, pairs_from_messages, pla
 from model_runtime.chat.stream import CHAT_BATCHES, stream_answer
 from model_runtime.protocol import InvalidRequest, Message, SamplingParams
 from model_runtime.tiny.glm4 import write_tiny_tiktoken
+from model_runtime.tiny.glm_hf import GLM4_0414_TEMPLATE, write_tiny_json_tokenizer
 from model_runtime.tokenizers.glm2 import ChatGLM2Tokenizer
 from model_runtime.tokenizers.glm4 import GLM4Tokenizer
 from model_runtime.tokenizers.glm6b import ChatGLMTokenizer
@@ -240,11 +241,12 @@ class CountingTokenizer:
         return self.tokenizer.decode(tokens)
 
 
-@pytest.mark.parametrize("family", ["chatglm", "chatglm3", "glm4"])
+@pytest.mark.parametrize("family", ["chatglm", "chatglm3", "glm4", "glm4-0414"])
 def test_incremental_decoding_equals_a_whole_decode_at_every_length(family, tmp_path):
     tokenizer = {"chatglm": lambda: ChatGLMTokenizer(reference_file("tokenizers/chatglm-6b-ice_text.model")),
                  "chatglm3": lambda: ChatGLM2Tokenizer(reference_file("tokenizers/chatglm2-3-tokenizer.model")),
-                 "glm4": lambda: GLM4Tokenizer(write_tiny_tiktoken(tmp_path))}[family]()
+                 "glm4": lambda: GLM4Tokenizer(write_tiny_tiktoken(tmp_path)),
+                 "glm4-0414": lambda: write_tiny_json_tokenizer(tmp_path, GLM4_0414_TEMPLATE, "tiny")}[family]()
     texts = ["你好！我是人工智能助手。 def main():\n    print('hello  world')\t# x\n\n$$x^2$$ 😀👍🏽 café  " * 6,
              "   leading spaces\n\n\n and   many    blanks, 中文，标点。" * 8]
     encode = (lambda t: tokenizer.encode(t, add_special_tokens=False)) if family == "chatglm" else tokenizer.encode

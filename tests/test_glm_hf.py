@@ -162,3 +162,23 @@ def test_unsupported_rope_scaling_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(CheckpointError, match="rope scaling"):
         read_config(tmp_path)
+
+
+def test_a_published_style_config_reads_with_the_real_sizes(tmp_path):
+    """GLM-4-9B-0414's config.json as published (top-level rope fields, torch_dtype, eos list):
+    read as the 0414 network with GLM-4-9B-chat's sizes, 9.4 billion parameters."""
+    raw = {"architectures": ["Glm4ForCausalLM"], "model_type": "glm4", "attention_bias": True,
+           "attention_dropout": 0.0, "eos_token_id": [151329, 151336, 151338], "head_dim": 128, "hidden_act": "silu",
+           "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 13696, "max_position_embeddings": 32768,
+           "num_attention_heads": 32, "num_hidden_layers": 40, "num_key_value_heads": 2, "pad_token_id": 151329,
+           "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "tie_word_embeddings": False,
+           "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 151552}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    config = read_config(tmp_path)
+    assert (config.family, config.rotary_dim, config.kv_heads, config.eos_token_ids) == \
+        ("glm4-0414", 64, 2, (151329, 151336, 151338))
+    assert 9.3e9 < sum(config.parameter_counts()) < 9.5e9
+    with torch.device("meta"):  # the full-size network's shapes, nothing allocated
+        model = HFGLMModel(config)
+    assert sum(p.numel() for p in model.parameters()) == sum(config.parameter_counts())
+    assert model.rotary.base == 10000.0 and len(model.model.layers) == 40

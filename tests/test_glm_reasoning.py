@@ -73,6 +73,19 @@ def scripted(tokenizer, model, answer_for):
     return fake
 
 
+def weather_script(tokenizer, thinks: bool):
+    """Answers (for `scripted`): a call of get_weather until the prompt holds a tool result, then
+    FINAL; each after THINKING when the model thinks."""
+    observation = tokenizer.special_id("<|observation|>")
+    thought = f"\n{THINKING}\n</think>" if thinks else ""
+
+    def answer_for(prompt):
+        if observation in prompt:
+            return tokenizer.encode_text(f"{thought}\n{FINAL}") + [tokenizer.eos_token_id]
+        return tokenizer.encode_text(f'{thought}get_weather\n{{"city": "北京"}}') + [observation]
+    return answer_for
+
+
 @pytest.fixture
 def z1_server(tiny_hf):
     tokenizer, model = tiny_hf["z1"]
@@ -117,15 +130,7 @@ def test_tools_round_trip_in_the_0414_format(tiny_hf, tiny):
     """The model writes the function name, a newline and the JSON arguments (Z1 after its
     thinking), then stops at <|observation|>; the result goes back under <|observation|>."""
     tokenizer, model = tiny_hf[tiny]
-    observation = tokenizer.special_id("<|observation|>")
-    thought = f"\n{THINKING}\n</think>" if tiny == "z1" else ""
-
-    def answer_for(prompt):
-        if observation in prompt:
-            return tokenizer.encode_text(f"{thought}\n{FINAL}") + [tokenizer.eos_token_id]
-        return tokenizer.encode_text(f'{thought}get_weather\n{{"city": "北京"}}') + [observation]
-
-    fake = scripted(tokenizer, model, answer_for)
+    fake = scripted(tokenizer, model, weather_script(tokenizer, thinks=tiny == "z1"))
     with serving((tokenizer, fake), step_delay=0.0) as server:
         client = api(server)
         messages = [{"role": "user", "content": QUESTION}]

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from model_runtime.protocol import ChatRequest, Message, SamplingParams, Tool
-from tests.test_glm_reasoning import THINKING, scripted, tiny_hf  # noqa: F401 (fixture)
+from tests.test_glm_reasoning import THINKING, scripted, tiny_hf, weather_script  # noqa: F401 (fixture)
 from tests.test_tools_api import FINAL, QUESTION, RESULT, WEATHER
 from tests.webdemo_server import MODEL_NAME, serving
 from webdemo.remote import OpenAIBackend
@@ -18,14 +18,7 @@ TOOLS = (Tool("get_weather", json.dumps(WEATHER["function"], ensure_ascii=False)
 @pytest.fixture
 def remote(tiny_hf):  # noqa: F811
     tokenizer, model = tiny_hf["z1"]
-    observation = tokenizer.special_id("<|observation|>")
-
-    def answer_for(prompt):
-        if observation in prompt:
-            return tokenizer.encode_text(f"\n{THINKING}\n</think>\n{FINAL}") + [tokenizer.eos_token_id]
-        return tokenizer.encode_text(f'\n{THINKING}\n</think>get_weather\n{{"city": "北京"}}') + [observation]
-
-    fake = scripted(tokenizer, model, answer_for)
+    fake = scripted(tokenizer, model, weather_script(tokenizer, thinks=True))
     with serving((tokenizer, fake), step_delay=0.0) as server:
         backend = OpenAIBackend(server.url + "/v1", context_length=4096)
         try:

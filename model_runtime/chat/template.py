@@ -34,10 +34,11 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..protocol import InvalidRequest, Message, SamplingParams
+from ..tokenizers.common import json_object_file
 from .formats import ChatFormat, History, clean_answer
+from .reasoning import THINK_OPEN
 from .tool_calls import GLM4_TOOLS, NotACall
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _LITERALS = 0x100000  # Supplementary Private Use Area-B: stands for special strings inside message text
 DEFAULT_SAMPLING = SamplingParams(max_length=8192, top_p=0.8, temperature=0.6)
 
@@ -89,19 +90,6 @@ def pair_messages(query: str, history: History, system: Optional[str]) -> list[d
     return messages + [{"role": "user", "content": query}]
 
 
-def json_object_file(path: Path) -> dict:
-    """A checkpoint's JSON object file, {} when absent; ValueError naming it when it is not one."""
-    if not path.is_file():
-        return {}
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return raw
-
-
 def _int_list(value) -> list[int]:
     values = value if isinstance(value, list) else [value]
     return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
@@ -123,8 +111,8 @@ class TemplateFormat(ChatFormat):
         self._stop_ids = stop_ids
         # Tools: the template declares them if it reads `tools`; calls are GLM-4's "NAME\n{json}".
         self.tool_dialect = GLM4_TOOLS if re.search(r"\btools\b", source) else None
-        self._specials = sorted(tokenizer.special_tokens, key=len, reverse=True)
-        self._literal_of = {chr(_LITERALS + i): name for i, name in enumerate(self._specials)}
+        specials = sorted(tokenizer.special_tokens, key=len, reverse=True)  # longest first: none hides another
+        self._literal_of = {chr(_LITERALS + i): name for i, name in enumerate(specials)}
         self._literal_pattern = re.compile(f"([{''.join(self._literal_of)}])") if self._literal_of else None
         prompt = self.render(tokenizer, [{"role": "user", "content": "?"}])
         self.opens_thinking = prompt.rstrip().endswith(THINK_OPEN)

@@ -14,12 +14,11 @@ Two facts of `ice_text.model` that callers may notice:
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Iterable
 
-from .common import checked_id, load_sentencepiece, without_lone_surrogates
+from .common import checked_id, json_object_file, load_sentencepiece, token_string, without_lone_surrogates
 
 MAX_BLANK = 80
 _ENCODE_PATTERN = re.compile(r"\n|\t| {2,}")
@@ -46,11 +45,6 @@ def _whitespace_piece(match: re.Match) -> str:
 def encode_whitespace(text: str) -> str:
     """Rewrite newlines, tabs and space runs into ChatGLM pieces (what SentencePiece sees)."""
     return _ENCODE_PATTERN.sub(_whitespace_piece, text)
-
-
-def _token_string(value) -> str:
-    """Configs saved by transformers may store a token as an AddedToken dict."""
-    return value["content"] if isinstance(value, dict) else value
 
 
 class ChatGLMTokenizer:
@@ -103,14 +97,9 @@ class ChatGLMTokenizer:
         config_file = directory / "tokenizer_config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"{config_file} not found")
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{config_file} is not valid JSON: {error}") from None
-        if not isinstance(config, dict):
-            raise ValueError(f"{config_file} must hold a JSON object")
+        config = json_object_file(config_file)
         token_keys = ("bos_token", "eos_token", "gmask_token", "mask_token", "pad_token", "unk_token")
-        options = {key: _token_string(config[key]) for key in token_keys if key in config}
+        options = {key: token_string(config[key]) for key in token_keys if key in config}
         for key in ("num_image_tokens", "remove_space", "do_lower_case"):
             if key in config:
                 options[key] = config[key]

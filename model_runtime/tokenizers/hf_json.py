@@ -14,13 +14,9 @@ from typing import Iterable
 
 from tokenizers import Tokenizer
 
-from ..chat.template import TemplateFormat, json_object_file
+from ..chat.template import TemplateFormat
+from .common import json_object_file, token_string
 from .special_tokens import SpecialTokens, checked_text
-
-
-def _token_string(value) -> str | None:
-    """tokenizer_config.json stores a token as a string or an AddedToken dict."""
-    return value.get("content") if isinstance(value, dict) else value
 
 
 def read_chat_template(folder: Path, tokenizer_config: dict) -> str:
@@ -61,7 +57,7 @@ class JSONTokenizer(SpecialTokens):
         self.special_tokens = {token.content: i for i, token in self._rendered.get_added_tokens_decoder().items()
                                if token.special}
         self.index_special_tokens = {i: name for name, i in self.special_tokens.items()}
-        self.token_strings = {key: _token_string(config[key]) for key in ("bos_token", "eos_token", "pad_token",
+        self.token_strings = {key: token_string(config[key]) for key in ("bos_token", "eos_token", "pad_token",
                                                                           "unk_token") if config.get(key)}
         self.eos_token_id = self._id_of(self.token_strings.get("eos_token", "<|endoftext|>"))
         self.pad_token_id = self._id_of(self.token_strings.get("pad_token")) or self.eos_token_id
