@@ -112,7 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="prompt tokens read per engine step, between the decode steps of the answers already "
                             "running, so a long prompt never stalls them (ChatGLM-6B: as much work, a few layers "
                             "at a time); 0 reads each prompt whole at once (env CHATGLM_PREFILL_CHUNK; default "
-                            "64 on CPUs, see docs/chunked-prefill.md; 512 on GPUs)")
+                            "32 on CPUs, see docs/chunked-prefill.md; 512 on GPUs)")
     model.add_argument("--context-length", type=positive_int, default=env("CHATGLM_CONTEXT_LENGTH"),
                        help="tokens per conversation, prompt plus answer (env CHATGLM_CONTEXT_LENGTH; default: the "
                             "model's own, at most 8192; with --backend openai the remote model's, default 8192)")
