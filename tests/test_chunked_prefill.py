@@ -125,27 +125,25 @@ def request(query, max_new_tokens=40):
 @pytest.mark.parametrize("family", ["chatglm", "glm4"])
 def test_engine_streams_keep_going_while_a_long_prompt_is_read(models, family):
     tokenizer, model = models[family]
-    answers = {}
-    for chunk in (0, 8):
-        engine = Engine(tokenizer, model, slots=2, prefill_chunk=chunk)
+    texts, tokens_meanwhile = {}, {}
+    for chunk in (0, 4):
+        engine = Engine(tokenizer, model, slots=2, prefill_chunk=chunk, step_delay=0.02)
         try:
             running = iter(engine.submit(request("你好", max_new_tokens=200)))
             while next(running).kind != "delta":
                 pass
-            newcomer = engine.submit(request(LONG_QUERY))
-            newcomer_events = iter(newcomer)
-            while next(newcomer_events).kind != "delta":
+            before = engine.stats()["tokens_generated_total"]
+            newcomer = iter(engine.submit(request(LONG_QUERY)))
+            while next(newcomer).kind != "delta":
                 pass
-            during = engine.stats()["tokens_generated_total"]
-            rest = list(newcomer_events)
-            answers[chunk] = (rest[-1].text, list(running)[-1].text)
-            assert rest[-1].finish_reason in ("stop", "length")
+            tokens_meanwhile[chunk] = engine.stats()["tokens_generated_total"] - before
+            texts[chunk] = (list(newcomer)[-1].text, list(running)[-1].text)
         finally:
             engine.close()
-        # tokens the running answer got while the newcomer was read: one step's worth unchunked
-        (answers.setdefault("during", {}))[chunk] = during
-    assert answers[8][:2] == answers[0][:2]
-    assert answers["during"][8] >= answers["during"][0] + 3
+    assert texts[4] == texts[0]
+    # Read whole, the prompt takes one step; in chunks of 4 tokens' work, 40 or more, each
+    # giving the running answer a token (a slow test machine adds a few steps to both).
+    assert tokens_meanwhile[4] >= tokens_meanwhile[0] + 20
 
 
 @pytest.mark.parametrize("family", ["chatglm", "glm4"])

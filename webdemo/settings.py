@@ -149,7 +149,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--prefill-chunk", "CHATGLM_PREFILL_CHUNK", "prompt tokens read per engine step, between the decode "
             "steps of the answers already running, so a long prompt never stalls them (ChatGLM-6B: as much work, a "
             "few layers at a time); 0 reads each prompt whole at once", MODEL, convert=non_negative_int,
-            metavar="TOKENS", shown="the engine's, measured in docs/chunked-prefill.md"),
+            metavar="TOKENS", shown="`32` on CPUs (measured: docs/chunked-prefill.md), `512` on GPUs"),
     Setting("--zerogpu", "CHATGLM_ZEROGPU", "run each answer as one spaces.GPU call on a model kept in CPU memory "
             "(no engine thread; /v1 chat answers 503); auto: on when the Space's hardware is ZeroGPU", ZEROGPU,
             default="auto", choices=("auto", "on", "off")),

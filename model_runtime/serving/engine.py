@@ -51,7 +51,7 @@ INTERNAL_ERROR = "internal error in the engine; see the server log"
 # Prompt tokens' worth of work read per engine step, by device type. CPU: measured with
 # benchmarks/chunked_prefill.py (docs/chunked-prefill.md); GPUs: not measured here, the order of
 # llama.cpp's and vLLM's batches (a GPU reads 512 tokens in about the time of one decode step).
-PREFILL_CHUNK = {"cpu": 64}
+PREFILL_CHUNK = {"cpu": 32}
 GPU_PREFILL_CHUNK = 512
 
 
