@@ -23,6 +23,7 @@ so ratios are taken per round, and the load average is printed beside each phase
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -30,7 +31,8 @@ import time
 
 import torch
 
-from benchmarks.common import CACHE, CHATGLM_6B, fastest_read_gbs, print_table, report, run_worker
+from benchmarks.common import CACHE, CHATGLM_6B, fastest_read_gbs, print_table, read_paths, report, run_worker
+from benchmarks.quant import best_time
 from model_runtime import native
 from model_runtime.quant.backends import KERNELS
 from model_runtime.quant.format import quantize_weight
@@ -39,16 +41,11 @@ SHAPES = [(3 * 4096, 4096), (4096, 4096), (16384, 4096), (4096, 16384)]  # one C
 
 
 def cpu_model() -> str:
+    """The CPU's model name and the flags that pick our paths."""
     with open("/proc/cpuinfo") as cpuinfo:
-        return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "unknown")
-
-
-def runnable_paths(bits: int) -> list[str]:
-    """The paths this CPU runs at that width, whatever CHATGLM_CPU_ISA says (the op itself only
-    checks the CPU)."""
-    if native.build_error():
-        return []
-    return [isa for isa in native.ISAS if torch.ops.chatglm.linear_supported(bits, isa)]
+        name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "unknown")
+    flags = [flag for flag in ("avx2", "fma", "avx512f", "avx512bw", native.BF16_FLAG) if flag in native.cpu_flags()]
+    return f"{name} ({', '.join(flags)})"
 
 
 def plain_read_gbs(weights: list[torch.Tensor], repeats: int = 2) -> float:
@@ -57,28 +54,18 @@ def plain_read_gbs(weights: list[torch.Tensor], repeats: int = 2) -> float:
     words = [w.view(-1).view(torch.int64) for w in weights]
     total = sum(w.nbytes for w in weights)
     reads = [(lambda: [w.sum() for w in words], total)]
-    for isa in runnable_paths(16):
+    for isa in read_paths(16):
         as_bf16 = [w.view(-1).view(torch.bfloat16).view(-1, 4096) for w in weights]
         x = torch.zeros(1, 4096, dtype=torch.bfloat16)
         reads.append((lambda isa=isa: [native.linear(x, w, None, None, 16, isa) for w in as_bf16], total))
     return fastest_read_gbs(reads, repeats)
 
 
-def best_seconds(fn, repeats: int = 3) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def kernel_rows(rounds: int, prefill_rows: int) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     rows = []
     for bits in (4, 8, 16):
-        paths = runnable_paths(bits)
+        paths = read_paths(bits)
         if not paths:
             continue
         if bits == 16:
@@ -93,7 +80,7 @@ def kernel_rows(rounds: int, prefill_rows: int) -> list[dict]:
         for _ in range(rounds):
             ceilings.append(plain_read_gbs([w for w, _ in layers]))
             for isa in paths:
-                seconds = best_seconds(lambda: [native.linear(x, w, s, None, bits, isa)
+                seconds = best_time(lambda: [native.linear(x, w, s, None, bits, isa)
                                                 for x, (w, s) in zip(xs, layers)])
                 speeds[isa].append(nbytes / seconds / 1e9)
                 ratios[isa].append(speeds[isa][-1] / ceilings[-1])
@@ -132,7 +119,7 @@ def prefill(bits, isa, layers, rows, generator) -> dict:
     xs = [torch.randn(rows, w.shape[1] * (2 if bits == 4 else 1), generator=generator).to(torch.bfloat16)
           for w, _ in layers]
     with torch.inference_mode():
-        seconds = best_seconds(lambda: [linear(x) for linear, x in zip(linears, xs)], repeats=1)
+        seconds = best_time(lambda: [linear(x) for linear, x in zip(linears, xs)], repeats=1)
     return {"prefill_gemm": gemm, f"prefill{rows}_ms_per_block": round(seconds * 1e3, 1),
             f"prefill{rows}_linears_tok_s": round(rows / (CHATGLM_6B["num_layers"] * seconds), 1)}
 
@@ -151,6 +138,7 @@ def model_rows(args) -> list[dict]:
         for isa in args.paths:
             row = quant_worker("serve", bits, args, {native.ISA_VARIABLE: isa}, checkpoint=source)
             rows.append({"path": isa, **row})
+            print(json.dumps(rows[-1]), flush=True)  # in the log as it comes: the whole run is long
     return rows
 
 
@@ -178,6 +166,7 @@ def quant_worker(kind: str, bits: int, args, env: dict, **extra) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kernels-only", action="store_true")
+    parser.add_argument("--skip-kernels", action="store_true", help="only the model runs")
     parser.add_argument("--rounds", type=int, default=5, help="kernel rounds (ceiling, then every path)")
     parser.add_argument("--prefill-rows", type=int, default=512)
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 8, 16], help="model widths (16: bfloat16)")
@@ -187,19 +176,21 @@ def main() -> None:
     parser.add_argument("--long-prompt", type=int, default=512)
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--name", default="cpu_isa", help="results/NAME.json")
     args = parser.parse_args()
     started = time.perf_counter()
     print(f"{cpu_model()}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}", flush=True)
-    kernels = kernel_rows(args.rounds, args.prefill_rows)
-    print("\nKernels, the four Linear layers of one full-size block, one row (decode) and "
-          f"{args.prefill_rows} rows (prefill):")
-    print_table(kernels)
+    kernels = [] if args.skip_kernels else kernel_rows(args.rounds, args.prefill_rows)
+    if kernels:
+        print("\nKernels, the four Linear layers of one full-size block, one row (decode) and "
+              f"{args.prefill_rows} rows (prefill):")
+        print_table(kernels)
     rows = [] if args.kernels_only else model_rows(args)
     extra = {"cpu_model": cpu_model(), "kernels": kernels, "layers": args.layers, "prompt_tokens": args.prompt,
              "long_prompt_tokens": args.long_prompt, "decode_tokens": args.tokens, "repeats": args.repeats,
              "wall_s": round(time.perf_counter() - started), "load_average_end": round(os.getloadavg()[0], 1)}
     print()
-    report("cpu_isa-kernels" if args.kernels_only else "cpu_isa", rows or [{"note": "kernels only"}], extra)
+    report(args.name, rows or [{"note": "kernels only"}], extra)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ class LayerCache:
     Attention reads it in place where it can. In a decode step (`decode_rows` set by the decode
     batch: each row's slot and length) every row attends to its own slot, so a step reads the
     keys and values its rows hold and copies nothing, whatever the other slots hold: all rows
-    in one call of our CPU kernel where `native_decode` (ChatGLM-6B on AVX-512), else row by row
+    in one call of our CPU kernel where `native_decode` (ChatGLM-6B on AVX-512 or AVX2), else row by row
     (on CPUs without AMX `single_query_attention` for grouped heads, and for ungrouped ones' rows
     from LONG_ROW keys to one widened chunk in steps of MANY_ROWS rows or more; else SDPA).
     Otherwise (a prefill, or a P-tuning prefix in front) the rows' first kv_len columns are
