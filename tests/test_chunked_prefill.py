@@ -12,20 +12,27 @@ from model_runtime.loading.loader import load_model
 from model_runtime.protocol import ChatRequest, Message, SamplingParams
 from model_runtime.serving.decode_batch import DecodeBatch, chunk_cost, generate, new_sequence
 from model_runtime.serving.engine import Engine
+from model_runtime.tiny.checkpoint import write_tiny_checkpoint
+from model_runtime.tiny.glm_hf import TINY_HF
 
 FAMILIES = ("chatglm", "chatglm2", "chatglm3", "glm4")
+HF_FAMILIES = tuple(TINY_HF)  # GLM-4-0414, GLM-Z1, glm-4-9b-chat-hf: causal, on glm2's blocks
 GREEDY = SamplingParams(max_length=400, max_new_tokens=12, temperature=0)
 LONG_QUERY = "请告诉我明天北京的天气怎么样，还有上海和广州的。" * 6 + " Then say it again in English, please."
 
 
 @pytest.fixture(scope="module")
-def models(tiny_model, tiny_family_checkpoints):
-    loaded = {family: load_model(folder, device="cpu", dtype="float32")
-              for family, folder in tiny_family_checkpoints.items()}
+def models(tiny_model, tiny_family_checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-hf")
+    folders = {**tiny_family_checkpoints, **{family: write_tiny_checkpoint(root / family, family=family)
+                                             for family in HF_FAMILIES}}
+    loaded = {family: load_model(folder, device="cpu", dtype="float32") for family, folder in folders.items()}
     return {"chatglm": tiny_model, **loaded}
 
 
 def encode(tokenizer, query):
+    if hasattr(tokenizer, "encode_text"):  # a tokenizer.json checkpoint: its template lays out chats
+        return tokenizer.encode_text(query)
     return chat_format_for(tokenizer).encode(tokenizer, query, [])
 
 
@@ -50,7 +57,7 @@ def prompt_cache(batch, seq):
     return [torch.cat([layer.k[seq.slot, :, :n], layer.v[seq.slot, :, :n]]) for layer in batch.cache.layers]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + HF_FAMILIES)
 @pytest.mark.parametrize("budget", [4, 24, 60])
 def test_chunked_prefill_equals_one_forward(models, family, budget):
     tokenizer, model = models[family]
