@@ -20,7 +20,7 @@ from webdemo.hf_spaces import ZEROGPU_API_MESSAGE, running_on_spaces, zero_gpu, 
 
 DEFAULT_MODEL = "THUDM/chatglm-6b"
 TRUE = ("1", "true", "yes", "on")
-TINY_FAMILIES = ("chatglm", "chatglm2", "chatglm3", "glm4")
+TINY_FAMILIES = ("chatglm", "chatglm2", "chatglm3", "glm4", "glm4-0414", "z1", "glm4-hf")
 CONCURRENCY = {False: 64, True: 4}  # by ZeroGPU mode
 QUEUE_SIZE = {False: 100, True: 32}
 

@@ -11,7 +11,7 @@ import argparse
 import sys
 import threading
 
-from .chat.stream import stream_chat
+from .chat.stream import sampling_with_defaults, stream_answer
 from .loading.loader import load_model
 from .models.config import CheckpointError
 from .protocol import InvalidRequest
@@ -56,26 +56,37 @@ def add_chat_arguments(chat: argparse.ArgumentParser) -> None:
     chat.add_argument("--system", default=None, help="a system prompt (ChatGLM3 / GLM-4; put before the first "
                       "question for the others)")
     chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--hide-thinking", action="store_true",
+                      help="a reasoning model's (GLM-Z1) thinking is not printed (by default it is, dimmed)")
+
+
+DIM, NORMAL = "\033[2m", "\033[0m"
 
 
 def stream_one_answer(model, tokenizer, query, history, args) -> list:
-    """Print one streamed answer; Ctrl+C stops it early. Returns the history with this turn."""
+    """Print one streamed answer (a reasoning model's thinking first, dimmed, unless
+    --hide-thinking); Ctrl+C stops it early. Returns the history with this turn (the visible
+    reply only)."""
     cancel = threading.Event()
-    new_history, shown = history + [(query, "")], ""
-    answers = stream_chat(model, tokenizer, query, history, max_length=args.max_length, top_p=args.top_p,
-                          temperature=args.temperature, seed=args.seed, cancel=cancel, system=args.system)
+    params = sampling_with_defaults(tokenizer, args.max_length, args.top_p, args.temperature, seed=args.seed)
+    answers = stream_answer(model, tokenizer, query, history, params, cancel, system=args.system)
+    shown = thought = ""
     print("ChatGLM: ", end="", flush=True)
     try:
-        for response, new_history in answers:
-            print(response[len(shown):], end="", flush=True)
-            shown = response
+        for update in answers:
+            if update.thinking != thought and not args.hide_thinking:
+                print(f"{DIM}{update.thinking[len(thought):]}{NORMAL}", end="", flush=True)
+            if update.text != shown:
+                print(("\n" if thought and not shown and not args.hide_thinking else "") + update.text[len(shown):],
+                      end="", flush=True)
+            shown, thought = update.text, update.thinking
     except KeyboardInterrupt:
         cancel.set()
-        for response, new_history in answers:  # let the generator end cleanly ("cancelled")
-            pass
+        for update in answers:  # let the generator end cleanly ("cancelled")
+            shown = update.text
         print(" [stopped]", end="")
     print()
-    return new_history
+    return history + [(query, shown)]
 
 
 def run_chat(args: argparse.Namespace) -> int:

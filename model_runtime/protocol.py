@@ -170,13 +170,17 @@ class ChatEvent:
     finish_reason: Optional[FinishReason] = None
     error: Optional[str] = None
     tool_calls: tuple[ToolCall, ...] = ()  # on "done" with finish_reason "tool_calls"
+    # Reasoning models (ModelInfo.reasoning): the thinking so far, apart from `text` (the visible
+    # reply), and what this event added to it; a delta event may carry thinking only.
+    reasoning: str = ""
+    reasoning_delta: str = ""
 
     @property
     def finished(self) -> bool:
         return self.kind == "done"
 
 
-TOOL_MODELS = "ChatGLM3-6B and GLM-4-9B-chat"  # the models trained to call functions
+TOOL_MODELS = "ChatGLM3-6B and GLM-4-9B-chat (and GLM-4-0414, GLM-Z1)"  # the models trained to call functions
 
 
 @dataclass(frozen=True)
@@ -195,6 +199,9 @@ class ModelInfo:
     # What was loaded on top of the base weights, one line each (a LoRA adapter, a P-tuning v2
     # prefix), for the page and /v1/models to say which fine-tune answers.
     fine_tunes: tuple[str, ...] = ()
+    # GLM-Z1: every answer starts with thinking (ChatEvent.reasoning), which the history sent back
+    # leaves out.
+    reasoning: bool = False
 
 
 class ChatStream(Protocol):

@@ -294,8 +294,15 @@ def add_api_routes(app: FastAPI, backend: ChatBackend, *, limits: Limits = Limit
 
 def _answer_message(event: ChatEvent) -> dict:
     if not event.tool_calls:
-        return {"role": "assistant", "content": event.text}
-    return {"role": "assistant", "content": event.text or None, "tool_calls": tool_calls_json(event.tool_calls)}
+        return {"role": "assistant", "content": event.text, **_reasoning(event.reasoning)}
+    return {"role": "assistant", "content": event.text or None, **_reasoning(event.reasoning),
+            "tool_calls": tool_calls_json(event.tool_calls)}
+
+
+def _reasoning(thinking: str) -> dict:
+    """A reasoning model's thinking beside `content`, under the field name vLLM and other
+    OpenAI-compatible servers use (`reasoning_content`); nothing for the others."""
+    return {"reasoning_content": thinking} if thinking else {}
 
 
 def _final_event(handle: ChatStream) -> Optional[ChatEvent]:
@@ -341,6 +348,8 @@ async def _sse_chunks(handle: ChatStream, request_id: str, backend: ChatBackend,
         yield chunk({"role": "assistant", "content": ""})
         while True:
             event = await anyio.to_thread.run_sync(next, events, None, limiter=waits, abandon_on_cancel=True)
+            if event is not None and event.kind == "delta" and event.reasoning_delta:
+                yield chunk(_reasoning(event.reasoning_delta))
             if event is not None and event.kind == "delta" and event.delta:
                 yield chunk({"content": event.delta})
             if event is not None and not event.finished:
@@ -348,6 +357,8 @@ async def _sse_chunks(handle: ChatStream, request_id: str, backend: ChatBackend,
             if event is None or not _is_complete(event):
                 yield f"data: {json.dumps(_error_from(event, backend).body(), ensure_ascii=False)}\n\n"
                 return
+            if event.reasoning_delta:
+                yield chunk(_reasoning(event.reasoning_delta))
             last_delta = {"content": event.delta} if event.delta else {}
             if event.tool_calls:  # OpenAI's order: text, then each call's name, then its arguments
                 for delta in ([last_delta] if last_delta else []) + tool_call_deltas(event.tool_calls):

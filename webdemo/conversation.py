@@ -62,7 +62,8 @@ def read_tool_calls(value: Any) -> list[dict]:
 def _read_message(item: Any) -> Optional[dict]:
     """One message of a stored or sent conversation in the page's shape, or None if it is junk:
     {"role": "user" | "assistant", "content"}, an assistant's {"content", "tool_calls"} (content
-    null read as ""), or {"role": "tool", "tool_call_id", "content"}. Other keys are ignored."""
+    null read as "") or {"content", "reasoning"}, or {"role": "tool", "tool_call_id", "content"}.
+    Other keys are ignored."""
     if not isinstance(item, dict):
         return None
     role, content = item.get("role"), item.get("content")
@@ -79,7 +80,16 @@ def _read_message(item: Any) -> Optional[dict]:
         call_id = item.get("tool_call_id")
         return {"role": role, "tool_call_id": call_id, "content": content} \
             if isinstance(call_id, str) and TOOL_CALL_ID.fullmatch(call_id) else None
+    if role == "assistant" and isinstance(item.get("reasoning"), str) and item["reasoning"]:
+        return answer_message(content, item["reasoning"][:MAX_MESSAGE_CHARS])
     return {"role": role, "content": content} if role in ("user", "assistant") else None
+
+
+def answer_message(text: str, reasoning: str = "") -> dict:
+    """A stored answer; a reasoning model's thinking beside it ("reasoning": shown on the page,
+    kept across reloads, never sent back to the model)."""
+    return {"role": "assistant", "content": text, "reasoning": reasoning} if reasoning else \
+        {"role": "assistant", "content": text}
 
 
 def clean_history(value: Any, max_items: int = MAX_MESSAGES) -> list[dict]:
@@ -285,6 +295,7 @@ class Progress:
     completion_tokens: int = 0
     dropped_turns: int = 0
     tokens_per_second: Optional[float] = None
+    reasoning: str = ""  # a reasoning model's thinking so far
 
 
 def stream_answer(backend: ChatBackend, history: list[dict], query: str, params: SamplingParams,
@@ -316,7 +327,8 @@ def stream_answer(backend: ChatBackend, history: list[dict], query: str, params:
                 continue
             last_sent = now
             yield Progress(event.text, finished, event.finish_reason, event.error, event.queue_position,
-                           event.prompt_tokens, event.completion_tokens, event.dropped_turns, speed)
+                           event.prompt_tokens, event.completion_tokens, event.dropped_turns, speed,
+                           event.reasoning)
     finally:
         if not finished:
             stream.cancel()

@@ -92,6 +92,8 @@ MESSAGES = {
         "no_message": "There is no user message at that place.",
         "tool_called": "🛠 Called `{name}`",
         "tool_result": "📎 Result of `{name}`",
+        "thinking": "💭 Thinking",
+        "thinking_running": "💭 Thinking…",
         "tools_left_out": "This model cannot call tools: the tool calls and results in this chat are shown "
                           "but not sent to it.",
     },
@@ -123,6 +125,8 @@ MESSAGES = {
         "no_message": "该位置没有用户消息。",
         "tool_called": "🛠 调用 `{name}`",
         "tool_result": "📎 `{name}` 的结果",
+        "thinking": "💭 思考过程",
+        "thinking_running": "💭 思考中…",
         "tools_left_out": "此模型不能调用工具：本对话中的工具调用和结果只显示，不发送给模型。",
     },
 }

@@ -124,6 +124,13 @@ def chat_message(role: str, content: str) -> dict:
     return {"role": role, "content": {"type": "text", "text": escape_markdown(content)}}
 
 
+def thinking_message(title: str, thinking: str) -> dict:
+    """A reasoning model's thinking as a collapsed, titled Chatbot message (Gradio's metadata
+    message), shown above its answer; the text is the model's, escaped as answers are."""
+    return {"role": "assistant", "content": {"type": "text", "text": escape_markdown(thinking)},
+            "metadata": {"title": title, "status": "done"}}
+
+
 def code_block(text: str, language: str = "") -> str:
     """`text` as a fenced code block, shown literally: the fence is longer than any run of
     backticks in it, so nothing in the text can close it."""

@@ -33,16 +33,16 @@ import gradio as gr
 from model_runtime.protocol import ChatBackend, EngineBusy, InvalidRequest
 
 from .access import CLIENT_HEADER
-from .conversation import (ActiveStreams, Progress, check_message, check_settings, clean_history, failure,
-                           fit_history, has_tool_messages, message_text, readout, stream_answer)
+from .conversation import (ActiveStreams, Progress, answer_message, check_message, check_settings, clean_history,
+                           failure, fit_history, has_tool_messages, message_text, readout, stream_answer)
 from .exports import SessionExports
 from .i18n import PAGE_TEXTS, pick_language, say
 from .importing import MAX_IMPORT_BYTES, ImportRefused, decode_upload, read_export
 from .library import (ANSWER_RESERVE_BYTES, MAX_CONVERSATIONS, Library, LibraryInvalid, empty_library, imported_chat,
                       json_bytes, read_library, store_limit)
 from .limits import LimitExceeded, Limits
-from .render import (LATEX_DELIMITERS, chat_message, conversation_html, conversation_json, tool_arguments_text,
-                     tool_message)
+from .render import (LATEX_DELIMITERS, chat_message, conversation_html, conversation_json, thinking_message,
+                     tool_arguments_text, tool_message)
 from .sealed_store import StoreSeal, StoreUnreadable
 from .storage_key import sealing_secret
 from .storage_key import storage_secret as kept_storage_secret
@@ -181,11 +181,16 @@ def _rows(history: list[dict], lang: str, pending: bool = False) -> list[tuple[i
     shows as an ellipsis while it runs (pending), else as a note that there was none (stopped
     before its first word). A tool call message shows its text, if any, then each call, and a
     tool result shows as one message: collapsed, titled with the tool's name. Shown only: the
-    page runs no tool."""
+    page runs no tool. A reasoning model's thinking shows above its answer, collapsed and titled
+    (running until the answer's first word)."""
     rows = []
     names: dict[str, str] = {}  # call id -> tool name, for the results
     for number, message in enumerate(history):
         calls = message.get("tool_calls", ())
+        if message.get("reasoning"):
+            running = pending and number == len(history) - 1 and not message["content"]
+            rows.append((number, thinking_message(say(lang, "thinking_running" if running else "thinking"),
+                                                  message["reasoning"])))
         if message["role"] == "tool":
             name = names.get(message["tool_call_id"], "?")
             rows.append((number, tool_message(say(lang, "tool_result", name=name), message["content"])))
@@ -371,10 +376,10 @@ def build_page(backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, t
                 if active.abandoned_after(session, started):  # another answer or conversation owns the page:
                     yield (gr.skip(),) * 9  # the last yield is sent again when the event completes
                     return
-                if empty_answer_size + json_bytes(progress.text) - 2 > store_bytes:
+                if empty_answer_size + json_bytes(progress.text) + json_bytes(progress.reasoning) - 2 > store_bytes:
                     gr.Warning(say(lang, "answer_cut_store"))
                     return
-                chat.messages = turn[:-1] + [{"role": "assistant", "content": progress.text}]
+                chat.messages = turn[:-1] + [answer_message(progress.text, progress.reasoning)]
                 shown = shown_before + _display(chat.messages[-1:], lang, pending=not progress.finished)
                 store_now = progress.finished or time.monotonic() - stored_at >= STORE_INTERVAL_S
                 stored_at = time.monotonic() if store_now else stored_at

@@ -61,7 +61,7 @@ def process_response(text: str) -> str:
     return _PUNCT_NEAR_CJK[1].sub(lambda m: m[1] + _HALF_TO_FULL[m[2]], text)
 
 
-def _clean(text: str) -> str:
+def clean_answer(text: str) -> str:
     """ChatGLM2/3 and GLM-4 answer clean-up: strip (this also drops ChatGLM3/GLM-4's empty
     metadata line, the "\\n" an answer starts with) and the date placeholder."""
     return text.strip().replace("[[训练时间]]", "2023年")
@@ -75,6 +75,8 @@ class ChatFormat:
     causal = False  # the whole prompt is a bidirectional prefix: no KV reuse across turns
     default_sampling = SamplingParams(max_length=2048, top_p=0.7, temperature=0.95)
     tool_dialect: Optional[ToolDialect] = None  # how the model writes function calls, if it was trained to
+    renders_template = False  # True: the checkpoint's Jinja template lays out whole conversations (template.py)
+    opens_thinking = False  # True: every answer starts inside a <think> block (GLM-Z1)
 
     def encode(self, tokenizer, query: str, history: History, system: Optional[str] = None) -> list[int]:
         query, history = with_system_in_first_query(query, history, system)
@@ -105,7 +107,7 @@ class ChatGLM2Format(ChatFormat):
         return frozenset({tokenizer.eos_token_id})
 
     def process_response(self, text: str) -> str:
-        return _clean(text)
+        return clean_answer(text)
 
 
 class RoleFormat(ChatFormat):
@@ -153,7 +155,7 @@ class RoleFormat(ChatFormat):
         return frozenset({tokenizer.eos_token_id} | {tokenizer.special_id(name) for name in self.stop_names})
 
     def process_response(self, text: str) -> str:
-        return _clean(text)
+        return clean_answer(text)
 
 
 class GLM4Format(RoleFormat):

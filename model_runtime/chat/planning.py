@@ -8,7 +8,9 @@ fit costs, however long the history is (see `plan_prompt`).
 
 Conversations with tools (ChatGLM3, GLM-4: tool definitions, calls, results) are planned by
 `plan_tool_conversation`: a turn is a user message and all that follows it up to the next one,
-so a call is never kept without its result or the question that led to it.
+so a call is never kept without its result or the question that led to it. Checkpoints with a
+chat template (GLM-4-0414, GLM-Z1) render whole conversations with it, tools or not
+(`plan_template_conversation`), keeping the newest turns that fit.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Optional, Sequence as Seq
 
 from ..protocol import TOOL_MODELS, InvalidRequest, Message, Tool, ToolChoice
 from .formats import History, chat_format_for, with_system_in_first_query
+from .template import template_messages
 from .tool_calls import ToolReader
 
 
@@ -133,7 +136,10 @@ def plan_messages(tokenizer, messages: Seq[Message], max_length: int, tools: Seq
                   tool_choice: ToolChoice = ToolChoice()) -> PromptPlan:
     """`plan_prompt` for role messages: models with a system role (ChatGLM3, GLM-4) keep the
     system messages as one system prompt; the others get them in front of the first query.
-    With tools, or tool calls and results in the conversation: `plan_tool_conversation`."""
+    With tools, or tool calls and results in the conversation: `plan_tool_conversation`; with
+    a chat template: `plan_template_conversation`."""
+    if chat_format_for(tokenizer).renders_template:
+        return plan_template_conversation(tokenizer, messages, max_length, tools, tool_choice)
     if tools or any(m.role == "tool" or m.tool_calls for m in messages):
         return plan_tool_conversation(tokenizer, messages, max_length, tools, tool_choice)
     system = None
@@ -188,6 +194,44 @@ def plan_tool_conversation(tokenizer, messages: Seq[Message], max_length: int, t
     prompt = head + [t for tokens in reversed(kept) for t in tokens] + tail
     reader = ToolReader(chat_format.tool_dialect, tuple(t.name for t in offered), forced) if offered else None
     return PromptPlan(prompt, len(turns) - len(kept), chat_format.stop_ids(tokenizer), reader)
+
+
+def plan_template_conversation(tokenizer, messages: Seq[Message], max_length: int, tools: Seq[Tool] = (),
+                               tool_choice: ToolChoice = ToolChoice()) -> PromptPlan:
+    """The prompt of a conversation rendered by the checkpoint's chat template: every system
+    message, the newest turns that fit (a turn as in `plan_tool_conversation`), the tools the
+    request offers (as the client sent them), and the template's generation prompt, followed by
+    the function's name when `tool_choice` names the call to make."""
+    chat_format = chat_format_for(tokenizer)
+    uses_tools = bool(tools) or any(m.role == "tool" or m.tool_calls for m in messages)
+    if uses_tools and chat_format.tool_dialect is None:
+        raise InvalidRequest(f"this model cannot call tools: tool calling needs {TOOL_MODELS}")
+    offered, forced = _offered_tools(tools, tool_choice)
+    if chat_format.opens_thinking:
+        forced = None  # the answer starts with thinking: the call comes after it, as the model decides
+    functions = [{"type": "function", "function": json.loads(tool.function_json)} for tool in offered] or None
+    system = [m for m in messages if m.role == "system"]
+    turns = _tool_turns([m for m in messages if m.role != "system"])
+    budget = max_length - answer_reserve(max_length)
+    tail = tokenizer.encode(f"{forced}\n", add_special_tokens=False) if forced else []
+    prompts: dict[int, list[int]] = {}
+
+    def prompt_keeping(kept: int) -> list[int]:
+        if kept not in prompts:
+            shown = system + [m for turn in turns[len(turns) - kept:] for m in turn]
+            prompts[kept] = chat_format.encode_messages(tokenizer, template_messages(shown), functions) + tail
+        return prompts[kept]
+
+    def fits_more(extra: int) -> bool:  # the newest turn and `extra` turns before it
+        return len(prompt_keeping(extra + 1)) <= budget
+
+    if not fits_more(0):
+        raise InvalidRequest(
+            f"the last turn{' and the tools' if offered else ''} need {len(prompt_keeping(1))} tokens, more than the "
+            f"{budget} prompt tokens that maximum length {max_length} leaves: shorten them or raise the maximum length")
+    kept = _most_that_fit(fits_more, len(turns) - 1, len(turns) - 1) + 1
+    reader = ToolReader(chat_format.tool_dialect, tuple(t.name for t in offered), forced) if offered else None
+    return PromptPlan(prompt_keeping(kept), len(turns) - kept, chat_format.stop_ids(tokenizer), reader)
 
 
 def _offered_tools(tools: Seq[Tool], tool_choice: ToolChoice) -> tuple[list[Tool], Optional[str]]:

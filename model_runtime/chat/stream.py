@@ -21,6 +21,7 @@ class AnswerUpdate:
     completion_tokens: int
     dropped_turns: int
     finish_reason: Optional[str] = None  # set on the last update: stop, length or cancelled
+    thinking: str = ""  # a reasoning model's thinking so far (GLM-Z1); `text` is the visible reply
 
 
 # model.chat's own one-slot decode batch per model, kept between calls so that a conversation's
@@ -60,7 +61,7 @@ def stream_answer(model, tokenizer, query: str, history: Seq[tuple[str, str]], p
 
     def snapshot(delta, finish_reason=None):
         return AnswerUpdate(text.shown, delta, len(plan.tokens), len(seq.generated), plan.dropped_turns,
-                            finish_reason)
+                            finish_reason, text.thinking)
 
     try:
         batch.prefill([seq])
@@ -68,7 +69,7 @@ def stream_answer(model, tokenizer, query: str, history: Seq[tuple[str, str]], p
             if cancel is not None and cancel.is_set():
                 break
             delta = text.update(seq.generated)
-            if delta:
+            if delta or text.reasoning_delta:
                 yield snapshot(delta)
             if text.stopped:
                 break
@@ -80,6 +81,19 @@ def stream_answer(model, tokenizer, query: str, history: Seq[tuple[str, str]], p
     yield snapshot(delta, "stop" if text.stopped else seq.finish_reason or "cancelled")
 
 
+def sampling_with_defaults(tokenizer, max_length: Optional[int] = None, top_p: Optional[float] = None,
+                           temperature: Optional[float] = None, top_k: int = 50,
+                           repetition_penalty: Optional[float] = None, seed: Optional[int] = None) -> SamplingParams:
+    """Sampling settings, those left out (None) at the model's reference defaults."""
+    defaults = chat_format_for(tokenizer).default_sampling
+    return SamplingParams(
+        max_length=defaults.max_length if max_length is None else max_length,
+        top_p=defaults.top_p if top_p is None else top_p,
+        temperature=defaults.temperature if temperature is None else temperature, top_k=top_k,
+        repetition_penalty=defaults.repetition_penalty if repetition_penalty is None else repetition_penalty,
+        seed=seed)
+
+
 def stream_chat(model, tokenizer, query: str, history: Optional[History] = None, max_length: Optional[int] = None,
                 top_p: Optional[float] = None, temperature: Optional[float] = None, top_k: int = 50,
                 repetition_penalty: Optional[float] = None, seed: Optional[int] = None,
@@ -88,13 +102,7 @@ def stream_chat(model, tokenizer, query: str, history: Optional[History] = None,
     Sampling settings left out take the model's reference defaults (ChatGLM-6B: max_length 2048,
     top_p 0.7, temperature 0.95; see chat.formats for the others)."""
     history = list(history or [])
-    defaults = chat_format_for(tokenizer).default_sampling
-    params = SamplingParams(
-        max_length=defaults.max_length if max_length is None else max_length,
-        top_p=defaults.top_p if top_p is None else top_p,
-        temperature=defaults.temperature if temperature is None else temperature, top_k=top_k,
-        repetition_penalty=defaults.repetition_penalty if repetition_penalty is None else repetition_penalty,
-        seed=seed)
+    params = sampling_with_defaults(tokenizer, max_length, top_p, temperature, top_k, repetition_penalty, seed)
     for update in stream_answer(model, tokenizer, query, history, params, cancel, system=system):
         yield update.text, history + [(query, update.text)]
 

@@ -1,5 +1,8 @@
 """Which GLM a checkpoint holds, from its own files (no flags): config, tokenizer and network class.
 
+- transformers' own GLM layouts, by `architectures` / `model_type`: `Glm4ForCausalLM` / "glm4"
+  (GLM-4-0414, GLM-Z1) and `GlmForCausalLM` / "glm" (glm-4-9b-chat-hf), with a tokenizer.json
+  and a Jinja chat template (models/glm_hf.py, tokenizers/hf_json.py).
 - ChatGLM-6B: config.json has ChatGLM-6B's fields (`inner_hidden_size`, `position_encoding_2d`).
 - GLM-4: the later layout with a tiktoken-format tokenizer.model (or a vocabulary of 150k+).
 - ChatGLM2 vs ChatGLM3 (same network, same tokenizer.model, different chat formats): the names the
@@ -19,14 +22,16 @@ from ..models.base import GLMModel
 from ..models.config import CheckpointError, read_config_json
 from ..models.glm2 import ChatGLM2Model, GLM2Config
 from ..models.glm6b import ChatGLMModel, GLMConfig
+from ..models.glm_hf import HF_FAMILIES, HFGLMConfig, HFGLMModel
 from ..tokenizers.glm2 import ChatGLM2Tokenizer
 from ..tokenizers.glm4 import GLM4Tokenizer, is_tiktoken_file
 from ..tokenizers.glm6b import ChatGLMTokenizer
+from ..tokenizers.hf_json import JSONTokenizer
 
 log = logging.getLogger(__name__)
 
-AnyConfig = Union[GLMConfig, GLM2Config]
-AnyTokenizer = Union[ChatGLMTokenizer, ChatGLM2Tokenizer, GLM4Tokenizer]
+AnyConfig = Union[GLMConfig, GLM2Config, HFGLMConfig]
+AnyTokenizer = Union[ChatGLMTokenizer, ChatGLM2Tokenizer, GLM4Tokenizer, JSONTokenizer]
 
 
 def _names(raw: dict, folder: Path) -> list[str]:
@@ -45,11 +50,22 @@ def is_glm6b_config(raw: dict) -> bool:
     return "padded_vocab_size" not in raw and "ffn_hidden_size" not in raw
 
 
+def hf_family(raw: dict) -> str | None:
+    """"glm4-0414" or "glm4-hf" for transformers' own GLM layouts (architectures first, then
+    model_type), None for the others."""
+    architectures = raw.get("architectures") or []
+    for family, (model_type, architecture) in HF_FAMILIES.items():
+        if architecture in architectures:
+            return family
+    return next((family for family, (model_type, _) in HF_FAMILIES.items() if raw.get("model_type") == model_type), None)
+
+
 def detect_family(raw: dict, folder: Path) -> str:
-    """"chatglm", "chatglm2", "chatglm3" or "glm4" for a config.json dict and its folder."""
-    if raw.get("model_type", "chatglm") == "glm":
-        raise CheckpointError(f"{folder / 'config.json'}: model_type 'glm' is transformers' own port of GLM-4 "
-                              "(glm-4-9b-chat-hf), which is not supported: use THUDM/glm-4-9b-chat")
+    """"chatglm", "chatglm2", "chatglm3", "glm4", "glm4-0414" or "glm4-hf" for a config.json dict
+    and its folder."""
+    family = hf_family(raw)
+    if family:
+        return family
     if is_glm6b_config(raw):
         return "chatglm"
     if raw.get("model_type", "chatglm") != "chatglm":
@@ -85,6 +101,8 @@ def read_config(folder: Union[str, Path]) -> AnyConfig:
     family = detect_family(raw, folder)
     if family == "chatglm":
         return GLMConfig.from_dict(raw, source=str(path))
+    if family in HF_FAMILIES:
+        return HFGLMConfig.from_dict(raw, source=str(path), family=family)
     return GLM2Config.from_dict(raw, source=str(path), family=family)
 
 
@@ -94,7 +112,10 @@ def load_tokenizer(folder: Union[str, Path], config: AnyConfig):
     try:
         if config.family == "chatglm":
             return ChatGLMTokenizer.from_pretrained(folder)
-        tokenizer = _load_later_tokenizer(folder, config.family)
+        if config.family in HF_FAMILIES:
+            tokenizer = JSONTokenizer(folder, config.family)
+        else:
+            tokenizer = _load_later_tokenizer(folder, config.family)
     except (OSError, ValueError) as error:
         raise CheckpointError(str(error)) from None
     if tokenizer.vocab_size > config.vocab_size:
@@ -122,5 +143,7 @@ def _load_later_tokenizer(folder: Path, family: str):
 
 
 def model_class(config: AnyConfig) -> type[GLMModel]:
-    """ChatGLMModel for ChatGLM-6B, ChatGLM2Model for the later ones."""
+    """ChatGLMModel for ChatGLM-6B, HFGLMModel for transformers' layouts, ChatGLM2Model for the others."""
+    if config.family in HF_FAMILIES:
+        return HFGLMModel
     return ChatGLMModel if config.family == "chatglm" else ChatGLM2Model

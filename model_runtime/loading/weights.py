@@ -20,8 +20,8 @@ from ..quant.memory import trim_heap
 from .adapters import Adapter
 from .checkpoint import read_shard
 
-IGNORED_TENSORS = ("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq",  # recomputed
-                   "lm_head.weight")  # ChatGLM-6B: tied to the embeddings
+IGNORED_TENSORS = ("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq")  # recomputed
+TIED_HEAD = "lm_head.weight"  # ChatGLM-6B, and transformers' tied models: the embeddings' matrix
 
 
 def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
@@ -65,14 +65,15 @@ def load_weights(model: GLMModel, files: list[Path], adapter: Optional[Adapter] 
     provided_elsewhere: name prefixes the files need not hold (a P-tuning checkpoint's prefix encoder)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     quantized = quantized_linears(model)  # filled through load_tensor: float weights quantized on arrival
-    expected = {name for name in params if name != "lm_head.weight" and not name.startswith(provided_elsewhere)} \
+    own_head = not model.tied_lm_head and (TIED_HEAD in params or "lm_head" in quantized)
+    expected = {name for name in params if (name != TIED_HEAD or own_head) and not name.startswith(provided_elsewhere)} \
         | {f"{name}.weight" for name in quantized}
     seen: set[str] = set()
     release = hasattr(mmap, "MADV_DONTNEED")
     for path in files:
         ranges = None
         for name, tensor in read_shard(path):
-            if name.endswith(IGNORED_TENSORS):
+            if name.endswith(IGNORED_TENSORS) or (name == TIED_HEAD and not own_head):
                 continue
             if release and ranges is None:
                 ranges = _mapped_ranges(path)  # the shard is mapped by now (if it is at all)

@@ -31,6 +31,9 @@ class GLMModel(nn.Module):
 
     causal = False
     tied_lm_head = False  # True: lm_head shares the word embeddings' matrix (ChatGLM-6B)
+    # The Linear layers of every block that quantize(bits) replaces, by their path in a block.
+    quantized_layers: tuple[str, ...] = ("attention.query_key_value", "attention.dense",
+                                         "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
     fine_tunes: tuple[str, ...] = ()  # what the loader put on top of the base weights (adapter, prefix)
 
     def __init__(self, config):
@@ -51,13 +54,17 @@ class GLMModel(nn.Module):
             model = cls(config).to(dtype)
         if quantize:
             replace_linears(model, quantize, device, quant_backend)
-        if int8_output_layer and not cls.tied_lm_head:
+        if int8_output_layer and not model.tied_lm_head:
             replace_output_layer(model)
         model.to_empty(device=device)
         model._after_to_empty(device)
         if torch.device(device).type == "cpu" and dtype == torch.bfloat16:
             use_decode_linears(model)  # the float Linear layers' decode steps on our kernel
         return model.eval()
+
+    def set_output_layer(self, layer: nn.Module) -> None:
+        """Put `layer` where the logits are computed (an INT8 output layer: quant.convert)."""
+        self.lm_head = layer
 
     def _after_to_empty(self, device: torch.device) -> None:
         """Restore what `to_empty` loses (tied weights, buffers that are not in checkpoints)."""

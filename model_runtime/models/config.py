@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 
 class CheckpointError(RuntimeError):
@@ -77,3 +77,52 @@ class ModelConfig:
                 raise CheckpointError(f"{source}: {name} must be a positive integer, got {value!r}")
         if self.quantization_bit not in (0, 4, 8):
             raise CheckpointError(f"{source}: quantization_bit must be 0, 4 or 8, got {self.quantization_bit!r}")
+
+
+@dataclass(frozen=True)
+class CausalGLMConfig(ModelConfig):
+    """What the configs of the causal GLMs with grouped key/value heads share (ChatGLM2/3 and
+    GLM-4-9B-chat in glm2.py, transformers' GLM layouts in glm_hf.py): the family, which the
+    loader works out (`loading.family`) or configs this runtime writes store as `glm_family`;
+    an eos id or list; the grouping check; the parameter count of the blocks' Linear layers.
+    Subclasses have `family`, `eos_token_id`, `hidden_size`, `num_attention_heads` and
+    `output_layer_bit` fields and the `head_dim`, `kv_heads`, `inner_hidden_size` names."""
+
+    FAMILIES: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+
+    @property
+    def causal(self) -> bool:
+        return True
+
+    def block_linear_parameters(self) -> int:
+        """Parameters of one block's Linear layers (q, k, v, output, gate+up, down): what quantizes."""
+        h, f, d = self.hidden_size, self.inner_hidden_size, self.head_dim
+        q, kv = self.num_attention_heads * d, self.kv_heads * d
+        return h * (q + 2 * kv) + q * h + h * 2 * f + f * h
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config.json", family: Optional[str] = None) -> "CausalGLMConfig":
+        """family: which of FAMILIES; by default config.json's `glm_family`."""
+        return super().from_dict(dict(raw, glm_family=family) if family else raw, source)
+
+    @classmethod
+    def _converted(cls, values: dict, raw: dict, source: str) -> dict:
+        if isinstance(values.get("eos_token_id"), list):
+            values["eos_token_id"] = tuple(values["eos_token_id"])
+        if raw.get("glm_family") is not None:
+            values["family"] = raw["glm_family"]
+        return values
+
+    def _check(self, source: str) -> None:
+        super()._check(source)
+        if self.family not in self.FAMILIES:
+            raise CheckpointError(f"{source}: unknown GLM family {self.family!r}")
+        if self.num_attention_heads % self.kv_heads:
+            raise CheckpointError(f"{source}: {self.num_attention_heads} attention heads do not split into "
+                                  f"{self.kv_heads} key/value groups")
+        if self.output_layer_bit not in (0, 8):
+            raise CheckpointError(f"{source}: output_layer_bit must be 0 or 8, got {self.output_layer_bit!r}")

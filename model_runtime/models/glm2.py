@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import GLMModel
-from .config import CheckpointError, ModelConfig
+from .config import CausalGLMConfig, CheckpointError
 from .kv_cache import LayerCache
 from .prefix import PrefixEncoder
 
@@ -34,7 +34,7 @@ FAMILIES = ("chatglm2", "chatglm3", "glm4")
 
 
 @dataclass(frozen=True)
-class GLM2Config(ModelConfig):
+class GLM2Config(CausalGLMConfig):
     """The sizes and ids of a ChatGLM2/ChatGLM3/GLM-4 checkpoint (field names follow config.json).
 
     `family` is not a field of the published config.json files: `loading.family.read_config` works it out
@@ -42,6 +42,7 @@ class GLM2Config(ModelConfig):
     properties below give the names the shared code (generation loop, engine, loader) uses for
     ChatGLM-6B's config."""
 
+    FAMILIES: ClassVar[tuple[str, ...]] = FAMILIES
     POSITIVE_FIELDS: ClassVar[tuple[str, ...]] = ("padded_vocab_size", "hidden_size", "num_layers",
                                                   "num_attention_heads", "ffn_hidden_size", "seq_length",
                                                   "multi_query_group_num")
@@ -96,30 +97,14 @@ class GLM2Config(ModelConfig):
     def inner_hidden_size(self) -> int:
         return self.ffn_hidden_size
 
-    @property
-    def eos_token_ids(self) -> tuple[int, ...]:
-        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
-
-    @property
-    def causal(self) -> bool:
-        return True
-
     def parameter_counts(self) -> tuple[int, int]:
         """(parameters outside the blocks' Linear layers, parameters of those Linear layers): what
         the loader's memory check needs (only the latter are quantized)."""
-        h, f, d = self.hidden_size, self.ffn_hidden_size, self.head_dim
-        q, kv = self.num_attention_heads * d, self.kv_heads * d
-        block_linear = h * (q + 2 * kv) + q * h + h * 2 * f + f * h
-        other = 2 * self.padded_vocab_size * h + self.num_layers * (2 * h + q + 2 * kv) + h
-        return other, self.num_layers * block_linear
+        h, qkv = self.hidden_size, (self.num_attention_heads + 2 * self.kv_heads) * self.head_dim
+        other = 2 * self.padded_vocab_size * h + self.num_layers * (2 * h + qkv) + h
+        return other, self.num_layers * self.block_linear_parameters()
 
     # ---- reading and writing config.json --------------------------------------------------------
-
-    @classmethod
-    def from_dict(cls, raw: dict, source: str = "config.json", family: Optional[str] = None) -> "GLM2Config":
-        """family: which of FAMILIES (`loading.family` works it out); by default config.json's
-        `glm_family`, which only configs this runtime writes have."""
-        return super().from_dict(dict(raw, glm_family=family) if family else raw, source)
 
     @classmethod
     def _prepared(cls, raw: dict) -> dict:
@@ -129,10 +114,7 @@ class GLM2Config(ModelConfig):
 
     @classmethod
     def _converted(cls, values: dict, raw: dict, source: str) -> dict:
-        if isinstance(values.get("eos_token_id"), list):
-            values["eos_token_id"] = tuple(values["eos_token_id"])
-        if raw.get("glm_family") is not None:
-            values["family"] = raw["glm_family"]
+        values = super()._converted(values, raw, source)
         values["rope_ratio"] = float(values.get("rope_ratio", 1.0))
         return values
 
@@ -143,11 +125,6 @@ class GLM2Config(ModelConfig):
 
     def _check(self, source: str) -> None:
         super()._check(source)
-        if self.family not in FAMILIES:
-            raise CheckpointError(f"{source}: unknown GLM family {self.family!r}")
-        if self.num_attention_heads % self.kv_heads:
-            raise CheckpointError(f"{source}: {self.num_attention_heads} attention heads do not split into "
-                                  f"{self.kv_heads} key/value groups")
         if self.head_dim % 4:
             raise CheckpointError(f"{source}: kv_channels {self.head_dim} must be a multiple of 4 (rotary pairs)")
         unsupported = {"rmsnorm": True, "post_layer_norm": True, "add_bias_linear": False,
@@ -156,8 +133,6 @@ class GLM2Config(ModelConfig):
             if getattr(self, name) != wanted:
                 raise CheckpointError(f"{source}: {name}={getattr(self, name)!r} is not supported "
                                       f"(the published ChatGLM2/3 and GLM-4 checkpoints have {wanted})")
-        if self.output_layer_bit not in (0, 8):
-            raise CheckpointError(f"{source}: output_layer_bit must be 0 or 8, got {self.output_layer_bit!r}")
         if self.rope_ratio <= 0:
             raise CheckpointError(f"{source}: rope_ratio must be positive, got {self.rope_ratio!r}")
 
@@ -178,31 +153,40 @@ CAUSAL = CausalLayout()
 
 
 class RMSNorm(nn.Module):
-    """`w * x * rsqrt(mean(x^2) + eps)`, computed in float32, returned in the input dtype."""
+    """`w * x * rsqrt(mean(x^2) + eps)`, normalized in float32, returned in the input dtype.
 
-    def __init__(self, size: int, eps: float):
+    The references differ in one rounding: ChatGLM2/3 and GLM-4 multiply by the weight in float32
+    and round the product; transformers' GLM ports (glm_hf.py, `round_before_weight`) round the
+    normalized x to the input dtype first, then multiply (equal in float32)."""
+
+    def __init__(self, size: int, eps: float, round_before_weight: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.round_before_weight = round_before_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.round_before_weight:
+            return self.weight * normed.to(x.dtype)
         return (self.weight.float() * normed).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary on the first half of each head's dims, adjacent pairs, base 10000 * rope_ratio.
+    """Rotary on the first `rotary_dim` dims of each head, adjacent pairs, frequencies from `base`.
 
-    theta_i = base^(-2i/rotary_dim) for i < rotary_dim / 2, with rotary_dim = head_dim / 2.
-    ChatGLM2's reference computes theta and the positions in float16 before their product (it ran
-    the published float16 weights so); ChatGLM3 and GLM-4 in float32. cos/sin are then rounded to
-    the model's dtype, as in the reference."""
+    theta_i = base^(-2i/rotary_dim) for i < rotary_dim / 2. ChatGLM2/3 and GLM-4 rotate half of
+    each head (rotary_dim = head_dim / 2) with base 10000 * rope_ratio; transformers' GLM ports
+    say the same with `partial_rotary_factor` and `rope_theta` (glm_hf.py). ChatGLM2's reference
+    computes theta and the positions in float16 before their product (it ran the published
+    float16 weights so); the others in float32. cos/sin are then rounded to the model's dtype,
+    as in the references."""
 
-    def __init__(self, head_dim: int, rope_ratio: float = 1.0, half_precision_angles: bool = False):
+    def __init__(self, rotary_dim: int, base: float = 10000.0, half_precision_angles: bool = False):
         super().__init__()
-        self.rotary_dim = head_dim // 2
-        self.base = 10000.0 * rope_ratio
+        self.rotary_dim = rotary_dim
+        self.base = base
         self.half_precision_angles = half_precision_angles
 
     def inv_freq(self, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
@@ -230,28 +214,46 @@ def apply_rotary_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: GLM2Config):
+    """Grouped-query attention with rotary pairs over the caller's cache. The projections are
+    the checkpoint's: here one fused `query_key_value` and `dense`; transformers' layout
+    (glm_hf.py) overrides `make_projections`, `projections` and `output` only."""
+
+    def __init__(self, config):
         super().__init__()
         self.heads = config.num_attention_heads
         self.kv_heads = config.kv_heads
         self.head_dim = config.head_dim
-        q_size = self.heads * self.head_dim
-        kv_size = self.kv_heads * self.head_dim
-        self.split = (q_size, kv_size, kv_size)
-        self.query_key_value = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.add_qkv_bias)
-        self.dense = nn.Linear(q_size, config.hidden_size, bias=config.add_bias_linear)
+        self.make_projections(config, self.heads * self.head_dim, self.kv_heads * self.head_dim)
         # P-tuning v2: keys and values [kv_heads, pre_seq_len, head_dim] seen by every query.
         self.prefix_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
+    def make_projections(self, config: GLM2Config, q_size: int, kv_size: int) -> None:
+        self.split = (q_size, kv_size, kv_size)
+        self.query_key_value = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.add_qkv_bias)
+        self.dense = nn.Linear(q_size, config.hidden_size, bias=config.add_bias_linear)
+
+    def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Output rows are laid out [all q | all k | all v], not per head.
+        return self.query_key_value(x).split(self.split, dim=-1)
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense(x)
+
     def forward(self, x, cos, sin, mask, slots, cache_positions, cache: LayerCache):
         batch, length, _ = x.shape
-        # Output rows are laid out [all q | all k | all v], not per head.
-        q, k, v = self.query_key_value(x).split(self.split, dim=-1)
+        q, k, v = self.projections(x)
         q = apply_rotary_pairs(q.view(batch, length, self.heads, self.head_dim), cos, sin)
         k = apply_rotary_pairs(k.view(batch, length, self.kv_heads, self.head_dim), cos, sin)
         v = v.view(batch, length, self.kv_heads, self.head_dim)
         out = cache.attend(q, k, v, slots, cache_positions, mask, self.prefix_kv)
-        return self.dense(out.reshape(batch, length, -1))
+        return self.output(out.reshape(batch, length, -1))
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, the halves of a fused projection's output (gate first), as every GLM since
+    ChatGLM2 computes it."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class MLP(nn.Module):
@@ -263,8 +265,7 @@ class MLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear)
 
     def forward(self, x):
-        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)
-        return self.dense_4h_to_h(F.silu(gate) * up)
+        return self.dense_4h_to_h(swiglu(self.dense_h_to_4h(x)))
 
 
 class Block(nn.Module):
@@ -332,12 +333,15 @@ class ChatGLM2Model(GLMModel):
     def __init__(self, config: GLM2Config):
         super().__init__(config)
         self.transformer = Transformer(config)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_ratio,
+        self.rotary = RotaryEmbedding(config.head_dim // 2, 10000.0 * config.rope_ratio,
                                       half_precision_angles=config.family == "chatglm2")
 
     @property
-    def lm_head(self) -> nn.Linear:
+    def lm_head(self) -> nn.Module:
         return self.transformer.output_layer
+
+    def set_output_layer(self, layer: nn.Module) -> None:
+        self.transformer.output_layer = layer
 
     def layout_for_prompt(self, prompt: list[int]) -> CausalLayout:
         return CAUSAL

@@ -1,6 +1,7 @@
 """Quantizing whole models: in place after loading, or empty ones the loader fills.
 
-The four Linear layers of every block are quantized to the requested width (`QUANTIZED_LAYERS`);
+The Linear layers of every block are quantized to the requested width (the network's
+`quantized_layers`);
 embeddings and norms stay in floating point. The output layer (logits) goes INT8 by default with
 quantized blocks where a fused int8 kernel runs (`output_layer_in_int8`, `QuantizedOutputLayer`).
 """
@@ -19,8 +20,6 @@ from .cuda_kernels import CudaTorchKernel
 from .format import QuantizationError, check_bits
 from .linear import QuantizedLinear, QuantizedOutputLayer
 from .memory import trim_heap
-
-QUANTIZED_LAYERS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
 
 LM_HEADS = ("auto", "int8", "float")
@@ -69,10 +68,9 @@ def replace_output_layer(model: nn.Module) -> None:
     """Put an empty `QuantizedOutputLayer` in place of the untied output layer of a model built
     on the meta device (ChatGLM2/3, GLM-4), for the loader to fill: a float weight is quantized
     as it arrives, a stored INT8 one taken as is."""
-    transformer = model.transformer
-    linear = transformer.output_layer
-    transformer.output_layer = QuantizedOutputLayer(linear.in_features, linear.out_features, device="meta",
-                                                    dtype=linear.weight.dtype)
+    linear = model.lm_head
+    model.set_output_layer(QuantizedOutputLayer(linear.in_features, linear.out_features, device="meta",
+                                                dtype=linear.weight.dtype))
     model.config = replace(model.config, output_layer_bit=8)
 
 
@@ -82,7 +80,7 @@ def quantized_linears(model: nn.Module) -> dict[str, QuantizedLinear]:
 
 def _block_linears(model: nn.Module):
     for index, layer in enumerate(model.transformer.layers):
-        for path in QUANTIZED_LAYERS:
+        for path in model.quantized_layers:
             parent_path, _, leaf = path.rpartition(".")
             parent = layer.get_submodule(parent_path)
             yield f"transformer.layers.{index}.{path}", parent, leaf, getattr(parent, leaf)

@@ -30,4 +30,5 @@ def model_info(tokenizer, model, *, name: str, context_length: int, random_weigh
     return ModelInfo(name=name, max_sequence_length=context_length, random_weights=random_weights,
                      supports_system_prompt=chat_format.supports_system_prompt,
                      supports_tools=chat_format.tool_dialect is not None,
-                     default_sampling=chat_format.default_sampling, fine_tunes=model.fine_tunes)
+                     default_sampling=chat_format.default_sampling, fine_tunes=model.fine_tunes,
+                     reasoning=chat_format.opens_thinking)

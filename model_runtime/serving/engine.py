@@ -31,7 +31,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..chat.answer_text import AnswerText
+from ..chat.answer_text import AnswerText, reasoning_fields
 from ..chat.tool_calls import ToolReader
 from ..protocol import ChatEvent, ChatRequest, EngineBusy, InvalidRequest
 from .admission import model_info, prepare
@@ -72,7 +72,7 @@ class _Job:
     def event(self, kind, **fields) -> ChatEvent:
         return ChatEvent(kind=kind, request_id=self.request_id, text=self.text.shown if self.text else "",
                          prompt_tokens=len(self.seq.prompt), completion_tokens=len(self.seq.generated),
-                         dropped_turns=self.dropped_turns, **fields)
+                         dropped_turns=self.dropped_turns, **fields, **reasoning_fields(self.text))
 
 
 class EngineStream:
@@ -359,7 +359,7 @@ class Engine:
         if job.seq.finished:
             self._end(job, job.seq.finish_reason)
             return
-        if delta or first_token:  # the first token always says "generating now"
+        if delta or first_token or job.text.reasoning_delta:  # the first token always says "generating now"
             job.events.put(job.event("delta", delta=delta))
         if job.text.stopped:  # a stop string appeared
             self._end(job, "stop")

@@ -12,13 +12,15 @@ from .engine import Engine
 from .per_call import GpuCall, PerCallBackend, no_host
 
 DEFAULT_CONTEXT = 8192
-TINY_NAMES = {"chatglm": "chatglm-6b", "chatglm2": "chatglm2-6b", "chatglm3": "chatglm3-6b", "glm4": "glm-4-9b-chat"}
+TINY_NAMES = {"chatglm": "chatglm-6b", "chatglm2": "chatglm2-6b", "chatglm3": "chatglm3-6b", "glm4": "glm-4-9b-chat",
+              "glm4-0414": "glm-4-9b-0414", "z1": "glm-z1-9b-0414", "glm4-hf": "glm-4-9b-chat-hf"}
 
 
 def load_for_serving(model: str = "THUDM/chatglm-6b", *, device: str = "auto", dtype=None,
                      tiny_random: Union[bool, str] = False, **load_kwargs):
     """(tokenizer, model, served name): a checkpoint, or with tiny_random the tiny random
-    ChatGLM-6B (True) or family "chatglm2", "chatglm3", "glm4" (tiny/); `model` is then ignored."""
+    ChatGLM-6B (True) or family "chatglm2", "chatglm3", "glm4", "glm4-0414", "z1", "glm4-hf" (tiny/);
+    `model` is then ignored."""
     if not tiny_random:
         tokenizer, net = load_model(model, device=device, dtype=dtype, **load_kwargs)
         return tokenizer, net, str(model).rstrip("/").split("/")[-1]

@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from ..chat.answer_text import AnswerText
+from ..chat.answer_text import AnswerText, reasoning_fields
 from ..chat.tool_calls import ToolReader
 from ..protocol import ChatEvent, ChatRequest, EngineBusy, InvalidRequest
 from .admission import model_info, prepare
@@ -96,7 +96,8 @@ class AnswerRunner:
 
         def event(kind, **fields) -> ChatEvent:
             return ChatEvent(kind=kind, request_id=request.request_id, text=text.shown, prompt_tokens=len(seq.prompt),
-                             completion_tokens=len(seq.generated), dropped_turns=job.dropped_turns, **fields)
+                             completion_tokens=len(seq.generated), dropped_turns=job.dropped_turns, **fields,
+                             **reasoning_fields(text))
 
         batch.prefill([seq])
         while not seq.finished:
@@ -169,7 +170,7 @@ class CallStream:
                         first_token_at = time.monotonic()
                         backend.measured(first_token_s=first_token_at - submitted)
                         yield event
-                    elif event.delta:
+                    elif event.delta or event.reasoning_delta:
                         yield event
             if backend.cut_off:
                 reason, error = "error", SHUTDOWN_MESSAGE
@@ -181,7 +182,7 @@ class CallStream:
                 calls.close()  # GeneratorExit: the host stops the worker at its next step
         yield ChatEvent("done", self.request_id, text=last.text if last else "", finish_reason=reason, error=error,
                         prompt_tokens=len(job.prompt), completion_tokens=last.completion_tokens if last else 0,
-                        dropped_turns=job.dropped_turns)
+                        dropped_turns=job.dropped_turns, reasoning=last.reasoning if last else "")
 
 
 def _rate(tokens: int, seconds: float) -> Optional[float]:

@@ -17,7 +17,7 @@ def random_weights(model: nn.Module, generator: torch.Generator) -> dict[str, to
     as text; LayerNorm weights are near 1."""
     state = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        if name.endswith("layernorm.weight"):
+        if name.endswith("norm.weight"):
             value = 1 + 0.1 * torch.randn(param.shape, generator=generator)
         else:
             scale = 3.0 if param.dim() == 2 and "word_embeddings" not in name else 1.0

@@ -1,0 +1,164 @@
+"""GLM-4-0414 / GLM-Z1 (Glm4ForCausalLM) and glm-4-9b-chat-hf (GlmForCausalLM): our network
+against transformers' own classes on tiny random checkpoints that transformers saves, loaded
+through load_model; and our tiny checkpoints loaded by transformers."""
+import json
+
+import pytest
+import torch
+
+from model_runtime.loading.family import detect_family, read_config
+from model_runtime.loading.loader import load_model
+from model_runtime.models.config import CheckpointError
+from model_runtime.models.glm_hf import HFGLMModel
+from model_runtime.models.kv_cache import attention_mask
+from model_runtime.protocol import SamplingParams
+from model_runtime.serving.decode_batch import generate
+from model_runtime.tiny.glm_hf import GLM4_0414_TEMPLATE, write_tiny_hf_checkpoint, write_tiny_json_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+STEPS = 32
+GREEDY = SamplingParams(max_length=256, temperature=0)
+
+# (transformers class, its config class, config overrides): grouped heads, partial rotary, tied and
+# untied output layer, with and without attention bias.
+CONFIGS = {
+    "glm4-grouped-untied-bias": ("Glm4ForCausalLM", "Glm4Config", dict(num_key_value_heads=2)),
+    "glm4-tied-nobias": ("Glm4ForCausalLM", "Glm4Config", dict(num_key_value_heads=1, tie_word_embeddings=True,
+                                                               attention_bias=False)),
+    "glm4-ungrouped-quarter-rotary": ("Glm4ForCausalLM", "Glm4Config", dict(num_key_value_heads=4,
+                                                                            partial_rotary_factor=0.25)),
+    "glm-grouped-untied-bias": ("GlmForCausalLM", "GlmConfig", dict(num_key_value_heads=2)),
+    "glm-tied-full-rotary": ("GlmForCausalLM", "GlmConfig", dict(num_key_value_heads=2, tie_word_embeddings=True,
+                                                                 partial_rotary_factor=1.0)),
+}
+
+
+def save_transformers_checkpoint(folder, name: str) -> "torch.nn.Module":
+    """A tiny random checkpoint saved by transformers' own class (random weights at a scale that
+    makes greedy answers vary; the output rows past the tokenizer's ids, which the serving path
+    never picks, zero), with our tiny tokenizer files beside it."""
+    class_name, config_name, overrides = CONFIGS[name]
+    tokenizer = write_tiny_json_tokenizer(folder, GLM4_0414_TEMPLATE, f"tiny/{name}")
+    stops = [tokenizer.special_id(s) for s in ("<|endoftext|>", "<|user|>", "<|observation|>")]
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": overrides.pop("partial_rotary_factor", 0.5)}
+    config = getattr(transformers, config_name)(
+        vocab_size=704, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-5, eos_token_id=stops, pad_token_id=stops[0],
+        rope_parameters=rope, **overrides)
+    torch.manual_seed(0)
+    model = getattr(transformers, class_name)(config).float().eval()
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if param.dim() == 1 and "norm" in param_name:
+                param.copy_(1 + 0.2 * torch.randn_like(param))
+            else:
+                param.copy_(2.5 * torch.randn_like(param) / param.shape[-1] ** 0.5)
+        model.get_output_embeddings().weight[tokenizer.vocab_size:] = 0  # padding rows: never the argmax
+    model.save_pretrained(folder)
+    return model
+
+
+def our_greedy_logits(model, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens and each step's float32 logits: the prompt in one forward, then one token per
+    forward over our KV cache (the decode path), never stopping early."""
+    cache = model.new_kv_cache(slots=1, max_len=len(prompt) + steps)
+    tokens, logits, start, fed = [], [], 0, list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            end = start + len(fed)
+            positions = torch.arange(start, end)[None]
+            cache.set_decode_rows([(0, end)] if len(fed) == 1 else None)
+            hidden = model(torch.tensor([fed]), positions, positions, attention_mask(torch.tensor([0]), positions, end),
+                           torch.tensor([0]), cache)
+            step_logits = model.logits(hidden[:, -1])[0]
+            logits.append(step_logits)
+            tokens.append(int(step_logits.argmax()))
+            start, fed = end, [tokens[-1]]
+    return tokens, logits
+
+
+def reference_greedy_logits(reference, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    tokens, logits, sequence = [], [], list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            step_logits = reference(torch.tensor([sequence])).logits[0, -1].float()
+            logits.append(step_logits)
+            tokens.append(int(step_logits.argmax()))
+            sequence.append(tokens[-1])
+    return tokens, logits
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers_at_every_greedy_step(tmp_path, name):
+    reference = save_transformers_checkpoint(tmp_path, name)
+    tokenizer, model = load_model(tmp_path, device="cpu", dtype="float32")
+    assert isinstance(model, HFGLMModel) and model.config.family == ("glm4-0414" if "glm4" in name else "glm4-hf")
+    prompt = tokenizer.chat_format.encode(tokenizer, "今天天气怎么样？", [("你好", "你好！很高兴见到你。")])
+    ours, our_logits = our_greedy_logits(model, prompt, STEPS)
+    theirs, their_logits = reference_greedy_logits(reference, prompt, STEPS)
+    assert ours == theirs
+    assert len(set(ours)) > 3  # the weights' scale makes the answer vary: the comparison means something
+    for step, (a, b) in enumerate(zip(our_logits, their_logits)):
+        assert torch.allclose(a[:b.shape[0]], b, atol=1e-4, rtol=0), f"step {step}: {(a - b).abs().max()}"
+    # the serving path (decode batch, sampler, stop tokens) picks the same tokens until it stops
+    served = generate(model, [prompt], GREEDY, vocab_size=tokenizer.vocab_size)[0]
+    assert served[:STEPS] == theirs[:len(served)] and len(served) > 0
+
+
+@pytest.mark.parametrize("tiny", ["glm4-0414", "z1", "glm4-hf"])
+def test_transformers_loads_our_tiny_checkpoints_and_agrees(tmp_path, tiny):
+    write_tiny_hf_checkpoint(tmp_path, tiny)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(reference).__name__ == ("GlmForCausalLM" if tiny == "glm4-hf" else "Glm4ForCausalLM")
+    tokenizer, model = load_model(tmp_path, device="cpu", dtype="float32")
+    prompt = tokenizer.chat_format.encode(tokenizer, "你好", [])
+    ours, our_logits = our_greedy_logits(model, prompt, 8)
+    theirs, their_logits = reference_greedy_logits(reference, prompt, 8)
+    assert ours == theirs
+    assert all(torch.allclose(a[:b.shape[0]], b, atol=1e-4, rtol=0) for a, b in zip(our_logits, their_logits))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_loading_follows_the_float_model(tmp_path, bits):
+    save_transformers_checkpoint(tmp_path, "glm4-grouped-untied-bias")
+    tokenizer, float_model = load_model(tmp_path, device="cpu", dtype="float32")
+    _, quantized = load_model(tmp_path, device="cpu", dtype="float32", quantize=bits)
+    assert quantized.config.quantization_bit == bits
+    linears = [name for name, module in quantized.named_modules() if type(module).__name__ == "QuantizedLinear"]
+    assert len(linears) == 6 * quantized.config.num_layers  # q, k, v, o, gate_up, down of every block
+    prompt = tokenizer.chat_format.encode(tokenizer, "你好", [])
+    _, float_logits = our_greedy_logits(float_model, prompt, 1)
+    _, quant_logits = our_greedy_logits(quantized, prompt, 1)
+    error = (quant_logits[0] - float_logits[0]).norm() / float_logits[0].norm()
+    assert 0 < error < (0.05 if bits == 8 else 0.3)
+    # the in-place route (load float, then quantize) gives the same layers
+    _, later = load_model(tmp_path, device="cpu", dtype="float32")
+    later.quantize(bits)
+    _, later_logits = our_greedy_logits(later, prompt, 1)
+    assert torch.allclose(later_logits[0], quant_logits[0], atol=1e-5)
+
+
+def test_bfloat16_model_with_int8_output_layer_loads(tmp_path):
+    save_transformers_checkpoint(tmp_path, "glm4-tied-nobias")
+    tokenizer, model = load_model(tmp_path, device="cpu", dtype="bfloat16", quantize=8, lm_head="auto")
+    prompt = tokenizer.chat_format.encode(tokenizer, "你好", [])
+    assert generate(model, [prompt], SamplingParams(max_length=64, temperature=0), vocab_size=tokenizer.vocab_size)[0]
+
+
+def test_family_detection_reads_architectures_and_model_type(tmp_path):
+    assert detect_family({"architectures": ["Glm4ForCausalLM"]}, tmp_path) == "glm4-0414"
+    assert detect_family({"model_type": "glm4"}, tmp_path) == "glm4-0414"
+    assert detect_family({"architectures": ["GlmForCausalLM"], "model_type": "glm"}, tmp_path) == "glm4-hf"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "glm4", "vocab_size": 151552}))
+    with pytest.raises(CheckpointError, match="missing required field"):
+        read_config(tmp_path)
+
+
+def test_unsupported_rope_scaling_is_refused(tmp_path):
+    write_tiny_hf_checkpoint(tmp_path, "glm4-0414")
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["rope_scaling"] = {"type": "yarn", "factor": 4.0}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="rope scaling"):
+        read_config(tmp_path)
