@@ -101,12 +101,19 @@ class Library:
         self.chats.insert(0, chat)
         self.current_id = chat.id
 
-    def new_chat(self, settings: dict) -> None:
-        """Open an empty chat (the open one, if it is empty already)."""
-        if self.current.messages:
-            self.add(Chat(_new_id(), settings=settings))
-        else:
-            self.current.title, self.current.settings = "", settings
+    def full(self) -> bool:
+        return len(self.chats) >= MAX_CONVERSATIONS
+
+    def new_chat(self, settings: dict) -> bool:
+        """Open an empty chat with `settings`: the open one if it is empty and unnamed (a name
+        the user gave is kept), else a new one. False (nothing changes) at MAX_CONVERSATIONS."""
+        if not self.current.messages and not self.current.title:
+            self.current.settings = settings
+            return True
+        if self.full():
+            return False
+        self.add(Chat(_new_id(), settings=settings))
+        return True
 
     def switch(self, chat_id: Any) -> bool:
         """Open the chat with this id; False (nothing changes) if there is none."""
@@ -118,12 +125,33 @@ class Library:
     def rename(self, title: Any) -> None:
         self.current.title = one_line(title, MAX_TITLE_CHARS) if isinstance(title, str) else ""
 
-    def delete(self, settings: dict) -> None:
-        """Delete the open chat and open the newest one left (or a new empty one)."""
-        self.chats = [chat for chat in self.chats if chat.id != self.current_id]
+    def delete(self, settings: dict) -> tuple[int, Chat]:
+        """Delete the open chat and open the newest one left (or a new empty one); where it was,
+        and the chat, for `undelete`."""
+        index = next(i for i, chat in enumerate(self.chats) if chat.id == self.current_id)
+        removed = self.chats.pop(index)
         if not self.chats:
             self.chats = [Chat(_new_id(), settings=settings)]
         self.current_id = self.chats[0].id
+        return index, removed
+
+    def undelete(self, index: int, chat: Chat) -> bool:
+        """Put a deleted chat back where it was and open it; False (nothing changes) when its
+        place is taken (the library is full, or a chat has its id)."""
+        if any(other.id == chat.id for other in self.chats):
+            return False
+        if len(self.chats) == 1 and not self.chats[0].messages and not self.chats[0].title:
+            self.chats = []  # the empty chat that took the last one's place holds nothing to keep
+        if self.full():
+            return False
+        self.chats.insert(min(index, len(self.chats)), chat)
+        self.current_id = chat.id
+        return True
+
+    def matching(self, query: Any, untitled: str) -> list[tuple[str, str]]:
+        """`choices` whose shown title holds `query` (case-folded); all of them for no query."""
+        words = query.casefold().strip() if isinstance(query, str) else ""
+        return [(title, chat_id) for title, chat_id in self.choices(untitled) if words in title.casefold()]
 
 
 def empty_library(settings: dict) -> Library:

@@ -21,28 +21,23 @@ USER = '#chatbot [data-testid="user"]'
 
 
 def open_settings(page) -> None:
-    """The settings sit in an accordion, closed at first (on a phone the chat comes first)."""
-    if not page.locator("#max-length").is_visible():
-        page.click("#settings > button.label-wrap")
-        expect(page.locator("#max-length")).to_be_visible()
+    """The settings sit in a side panel, closed at first (the chat comes first)."""
+    panel = page.locator("#settings")
+    if "open" not in (panel.get_attribute("class") or "").split():
+        page.click("#open-settings")
+        expect(panel).to_have_class(re.compile(r"\bopen\b"))
 
 
 def set_slider(page, elem_id: str, value) -> None:
-    """Type the value into the slider's box until the slider itself holds it (events read it
-    from there), also after a late answer of an earlier event (load, reset) wrote the old one."""
+    """Type the value into the slider's box; wait until the slider itself holds it (events read
+    it from there). The sliders are disabled until the page has shown the kept settings, so no
+    late answer of the load can overwrite what is typed here."""
     open_settings(page)
     box = page.locator(f"#{elem_id} input[type=number]")
-    slider = page.locator(f"#{elem_id} input[type=range]")
-    for _ in range(20):
-        box.fill(str(value))
-        box.press("Enter")
-        box.blur()
-        page.wait_for_timeout(150)
-        if float(slider.input_value()) == float(value):
-            page.wait_for_timeout(150)
-            if float(slider.input_value()) == float(value):
-                return
-    raise AssertionError(f"the {elem_id} slider did not keep {value}")
+    box.fill(str(value))
+    box.press("Enter")
+    box.blur()
+    expect(page.locator(f"#{elem_id} input[type=range]")).to_have_value(f"{float(value):g}")
 
 
 def settle(page, max_length=48, temperature=0.0) -> None:
@@ -68,7 +63,8 @@ def wait_done(page, count: int) -> str:
         assert not toasts, f"the page warned instead of answering: {toasts}"
         assert time.monotonic() < deadline, f"expected {count} answers, the page shows {page.locator(BOT).count()}"
         time.sleep(0.05)
-    expect(page.locator("#stop")).to_be_disabled(timeout=60_000)
+    expect(page.locator("#stop")).to_be_hidden(timeout=60_000)  # Send is back in its place
+    expect(page.locator("#send")).to_be_visible()
     expect(page.locator("#message textarea")).to_be_editable()
     toasts = page.locator(".toast-body").all_inner_texts()
     assert not toasts, f"the page warned instead of answering: {toasts}"
@@ -95,7 +91,7 @@ def test_answer_streams_token_by_token(new_page):
         texts = answers(page)
         if texts and texts[-1] not in ("…", "") and (not seen or texts[-1] != seen[-1]):
             seen.append(texts[-1])
-        if page.locator("#stop").is_disabled() and texts:
+        if page.locator("#stop").is_hidden() and texts:
             break
         time.sleep(0.03)
     final = wait_done(page, 1)
@@ -337,7 +333,7 @@ def test_labels_follow_the_browser_language(new_page):
     page = new_page(locale="zh-CN")
     expect(page.locator("#send")).to_have_text("发送")
     expect(page.locator("#new-chat")).to_have_text("新对话")
-    expect(page.locator("#settings")).to_contain_text("设置")
+    expect(page.locator("#open-settings")).to_contain_text("设置")
     english = new_page(locale="en-US")
     expect(english.locator("#send")).to_have_text("Send")
 
@@ -358,7 +354,7 @@ def test_readme_screenshot(new_page):
     settle(page, max_length=220, temperature=0.95)
     chat(page, "用 Python 写一个求和函数 (sum of 1..n)，并验证公式 $\\sum_{i=1}^{n} i = \\frac{n(n+1)}{2}$：\n"
                "```python\ndef total(n):\n    return n * (n + 1) // 2\n```")
-    page.click("#settings > button.label-wrap")  # closed again: the page as it first opens
+    page.click("#open-settings")  # closed again: the page as it first opens
     page.locator("#message textarea").blur()
     page.evaluate("window.scrollTo(0, 0)")
     target = ROOT / "docs" / "screenshot.png"
