@@ -104,15 +104,24 @@ class Library:
     def full(self) -> bool:
         return len(self.chats) >= MAX_CONVERSATIONS
 
+    def _blank(self) -> Optional[Chat]:
+        """An empty chat the user has not named, if there is one (the open one first)."""
+        return next((chat for chat in [self.current, *self.chats] if not chat.messages and not chat.title), None)
+
+    def can_start_chat(self) -> bool:
+        return not self.full() or self._blank() is not None
+
     def new_chat(self, settings: dict) -> bool:
-        """Open an empty chat with `settings`: the open one if it is empty and unnamed (a name
-        the user gave is kept), else a new one. False (nothing changes) at MAX_CONVERSATIONS."""
-        if not self.current.messages and not self.current.title:
-            self.current.settings = settings
-            return True
-        if self.full():
+        """Open an empty chat with `settings`, newest first: one that is empty and unnamed already
+        (a chat the user named is kept as it is), else a new one. False (nothing changes) at
+        MAX_CONVERSATIONS."""
+        blank = self._blank()
+        if blank is None and self.full():
             return False
-        self.add(Chat(_new_id(), settings=settings))
+        if blank is not None:
+            self.chats.remove(blank)
+        self.add(blank or Chat(_new_id()))
+        self.current.settings = settings
         return True
 
     def switch(self, chat_id: Any) -> bool:

@@ -40,6 +40,8 @@ _DUNDER = re.compile(r"(?<![\w\\])__(?=\w)(\w+?)__(?!\w)")
 # shown as the characters they stand for (Markdown's own reading), never as math.
 _STRAY_DELIMITERS = {"$$": "&#36;&#36;", "\\[": "&#91;", "\\]": "&#93;", "\\(": "&#40;", "\\)": "&#41;"}
 _STRAY = re.compile("|".join(re.escape(d) for d in _STRAY_DELIMITERS))
+_TEXT_GROUP = re.compile(r"\\(?:text|mbox|mathrm|textrm|textbf|operatorname)\s*\{[^{}]*\}")
+_NOT_MATH = re.compile("[\u2010-\u206f\u3000-\u9fff\uac00-\ud7af\uff00-\uffef]")
 _CODE_OR_MATH = re.compile(f"{_CODE_SPAN.pattern}|{_MATH.pattern}", re.S)
 # Formulas rendered as MathML in one transcript; the rest stay as text (see message_html).
 MAX_FORMULAS = 500
@@ -126,9 +128,19 @@ def escape_markdown(text: str, keep_math: bool = False) -> str:
     return "".join(_escape_prose(s.text) if s.kind == "prose" else s.text for s in segments(text, keep_math))
 
 
+def _looks_like_math(text: str) -> bool:
+    """False for "formulas" with CJK characters or typographic punctuation outside \\text{...}:
+    random or garbled text between two delimiters, which KaTeX would render as a mess (and warn
+    about, once per character, on every streamed update)."""
+    return not _NOT_MATH.search(_TEXT_GROUP.sub("", text))
+
+
 def _window_math(text: str) -> str:
     """A formula as the chat window's KaTeX reads it: $...$ as \\(...\\); escaped as prose (the
-    browser reads the page text, where entities are decoded)."""
+    browser reads the page text, where entities are decoded). One that does not look like maths
+    is prose."""
+    if not _looks_like_math(text):
+        return _window_prose(text)
     if text.startswith("$") and not text.startswith("$$"):
         text = f"\\({text[1:-1]}\\)"
     return _escape_prose(text)

@@ -229,7 +229,7 @@ class ChatPage:
         for trigger in (self.title_box.submit, self.rename_btn.click):
             trigger(self.rename, [self.title_box, self.stored], [self.chats, self.title_box, self.stored,
                                                                   self.download_html, self.download_json], **private)
-        self.search.input(self.search_titles, [self.search, self.stored], [self.chats], queue=False, **private)
+        self.search.change(self.search_titles, [self.search, self.stored], [self.chats], queue=False, **private)
         self.blocks.load(self.restore, [self.stored], [*view, self.box, self.send], **private)
         for trigger in (self.blocks.load, self.chats.input, self.new_btn.click):
             trigger(None, js=CLOSE_DRAWER_ON_PHONE)
@@ -304,11 +304,15 @@ class ChatPage:
 
     def _chat_list(self, library: Library, lang: str) -> dict:
         """The conversation list (unfiltered) and New chat, refused at the cap with a note why."""
-        can_start = not library.full() or (not library.current.messages and not library.current.title)
+        can_start = library.can_start_chat()
         return {self.chats: gr.update(choices=library.choices(say(lang, "untitled")), value=library.current_id),
                 self.search: "", self.new_btn: gr.update(interactive=can_start),
                 self.cap_note: gr.update(value=say(lang, "too_many_chats", limit=MAX_CONVERSATIONS),
                                          visible=not can_start)}
+
+    def _unchanged(self) -> dict:
+        """No update (Gradio reads an empty dict as one value)."""
+        return {self.stored: gr.skip()}
 
     def _view(self, library: Library, request: gr.Request) -> dict:
         """Everything the page shows of the open chat, and the library to keep."""
@@ -326,7 +330,7 @@ class ChatPage:
         show the result."""
         library = self.read(stored, request)
         if change(library, _language(request)) is False:
-            return {}
+            return self._unchanged()
         self.active.stop(_session(request), abandon=True)
         return self._view(library, request)
 
@@ -518,7 +522,7 @@ class ChatPage:
         progress, stored_at = Progress(), time.monotonic()
         for progress in updates:
             if self.active.abandoned_after(session, started):  # another answer or conversation owns the page:
-                yield {}  # the last yield is sent again when the event completes
+                yield self._unchanged()  # the last yield is sent again when the event completes
                 return
             if empty_size + json_bytes(progress.text) + json_bytes(progress.reasoning) - 2 > self.store_bytes:
                 gr.Warning(say(lang, "answer_cut_store"))
@@ -592,7 +596,7 @@ class ChatPage:
         messages = library.current.messages
         start = user_message_at(messages, event_index(event))
         if start is None:
-            return {}
+            return self._unchanged()
         library.current.messages = messages[:start]
         self.active.stop(_session(request), abandon=True)
         return {**self._view(library, request), self.box: messages[start]["content"]}
