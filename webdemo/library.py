@@ -134,25 +134,27 @@ class Library:
     def rename(self, title: Any) -> None:
         self.current.title = one_line(title, MAX_TITLE_CHARS) if isinstance(title, str) else ""
 
-    def delete(self, settings: dict) -> tuple[int, Chat]:
+    def delete(self, settings: dict) -> tuple[int, Chat, Optional[str]]:
         """Delete the open chat and open the newest one left (or a new empty one); where it was,
-        and the chat, for `undelete`."""
+        the chat and the id of the empty one made in its place (or None), for `undelete`."""
         index = next(i for i, chat in enumerate(self.chats) if chat.id == self.current_id)
-        removed = self.chats.pop(index)
+        removed, placeholder = self.chats.pop(index), None
         if not self.chats:
             self.chats = [Chat(_new_id(), settings=settings)]
+            placeholder = self.chats[0].id
         self.current_id = self.chats[0].id
-        return index, removed
+        return index, removed, placeholder
 
-    def undelete(self, index: int, chat: Chat) -> bool:
-        """Put a deleted chat back where it was and open it; False (nothing changes) when its
-        place is taken (the library is full, or a chat has its id)."""
+    def undelete(self, index: int, chat: Chat, placeholder: Optional[str] = None) -> bool:
+        """Put a deleted chat back where it was and open it (the empty chat made in its place
+        goes, unless it was used since); False (nothing changes) when its place is taken (the
+        library is full, or a chat has its id)."""
         if any(other.id == chat.id for other in self.chats):
             return False
-        if len(self.chats) == 1 and not self.chats[0].messages and not self.chats[0].title:
-            self.chats = []  # the empty chat that took the last one's place holds nothing to keep
-        if self.full():
+        kept = [other for other in self.chats if other.id != placeholder or other.messages or other.title]
+        if len(kept) >= MAX_CONVERSATIONS:
             return False
+        self.chats = kept
         self.chats.insert(min(index, len(self.chats)), chat)
         self.current_id = chat.id
         return True
