@@ -2,7 +2,7 @@
 
 The tiny model's answers are random text, so the tests use greedy decoding (temperature 0) where
 they compare answers, and otherwise check structure: how many messages, growth, the readout.
-Set UPDATE_SCREENSHOT=1 to rewrite docs/screenshot.png for the README.
+Set UPDATE_SCREENSHOT=1 to rewrite the README's screenshots (docs/screenshot-*.png).
 """
 import json
 import os
@@ -343,20 +343,36 @@ def test_random_model_notice_is_shown(new_page):
     expect(page.locator("#random-notice")).to_contain_text("random")
 
 
-@pytest.mark.skipif(os.environ.get("UPDATE_SCREENSHOT") != "1", reason="set UPDATE_SCREENSHOT=1 to rewrite it")
-def test_readme_screenshot(new_page):
-    """A Chinese and English conversation with code and a formula, beside an older one."""
-    page = new_page(locale="zh-CN")
-    settle(page, max_length=60, temperature=0.95)
-    chat(page, "Hello! Who are you?")
-    page.click("#new-chat")
-    expect(page.locator(USER)).to_have_count(0)
-    settle(page, max_length=220, temperature=0.95)
-    chat(page, "用 Python 写一个求和函数 (sum of 1..n)，并验证公式 $\\sum_{i=1}^{n} i = \\frac{n(n+1)}{2}$：\n"
-               "```python\ndef total(n):\n    return n * (n + 1) // 2\n```")
-    page.click("#open-settings")  # closed again: the page as it first opens
-    page.locator("#message textarea").blur()
-    page.evaluate("window.scrollTo(0, 0)")
-    target = ROOT / "docs" / "screenshot.png"
-    target.parent.mkdir(exist_ok=True)
-    page.screenshot(path=str(target))
+SCREENSHOTS = {"desktop": dict(viewport={"width": 1280, "height": 800}),
+               "phone": dict(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
+                             device_scale_factor=2)}
+
+
+@pytest.mark.skipif(os.environ.get("UPDATE_SCREENSHOT") != "1", reason="set UPDATE_SCREENSHOT=1 to rewrite them")
+@pytest.mark.parametrize("theme", ["light", "dark"])
+@pytest.mark.parametrize("device", list(SCREENSHOTS))
+def test_readme_screenshots(browser, app_server, device, theme):
+    """docs/screenshot-{device}-{theme}.png: a Chinese and English conversation with code and a
+    formula, beside an older one."""
+    context = browser.new_context(locale="zh-CN", **SCREENSHOTS[device])
+    context.set_default_timeout(20_000)
+    try:
+        page = context.new_page()
+        page.goto(f"{app_server.url}?__theme={theme}")
+        page.wait_for_selector(LOADED)
+        settle(page, max_length=60, temperature=0.95)
+        page.click("#settings .toggle-button")
+        chat(page, "Hello! Who are you?")
+        page.click("#new-chat")
+        expect(page.locator(USER)).to_have_count(0)
+        settle(page, max_length=200, temperature=0.95)
+        page.click("#settings .toggle-button")  # closed again: the page as it first opens
+        expect(page.locator("#settings")).not_to_have_class(re.compile(r"\bopen\b"))
+        chat(page, "用 Python 写一个求和函数 (sum of 1..n)，并验证公式 $\\sum_{i=1}^{n} i = \\frac{n(n+1)}{2}$：\n"
+                   "```python\ndef total(n):\n    return n * (n + 1) // 2\n```")
+        page.locator("#message textarea").blur()
+        page.evaluate("window.scrollTo(0, 0)")
+        target = ROOT / "docs" / f"screenshot-{device}-{theme}.png"
+        page.screenshot(path=str(target))
+    finally:
+        context.close()

@@ -220,8 +220,9 @@ def test_phone_viewport_chat_first_no_horizontal_scroll(browser, app_server):
                                    " document.body.scrollWidth]")
             assert widths[0] <= widths[1] and widths[2] <= widths[1], widths
             page.click(toggle)  # settings open, then closed, then the conversations: never wider
-        page.locator(LIST).first.click()  # picking a conversation closes the drawer
+        page.click("#new-chat")  # starting a chat (or picking one) closes the drawer
         expect(page.locator("#sidebar")).not_to_have_class(re.compile(r"\bopen\b"))
+        expect(page.locator(USER)).to_have_count(0)
     finally:
         context.close()
 
