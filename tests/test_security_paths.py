@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from tests.browser.app_server import AppServer
-from webdemo.exports import HTML_NAME, JSON_NAME, FileRoot, OutsideRoot, SessionExports
+from webdemo.exports import (DEFAULT_STEM, HTML_NAME, JSON_NAME, MAX_STEM_CHARS, FileRoot, OutsideRoot,
+                             SessionExports, file_stem)
 from webdemo.storage_key import ENV_SECRET, secret_file, storage_secret
 
 HOSTILE_SESSIONS = ["..", "../x", "/abs/dir", "a/../../b", "nul\x00byte", "s" * 4096, ".", "../../../../../../tmp"]
@@ -139,7 +140,7 @@ def download_url(messages: list) -> str | None:
         if isinstance(message, dict) and message.get("msg") == "process_completed":
             for output in (message.get("output") or {}).get("data") or []:
                 value = output.get("value") if isinstance(output, dict) else None
-                if isinstance(value, dict) and value.get("orig_name") == HTML_NAME:
+                if isinstance(value, dict) and str(value.get("orig_name")).endswith(".html"):
                     return value["url"]
     return None
 
@@ -248,6 +249,22 @@ def test_session_exports_are_bounded_and_named_by_the_server():
     finally:
         exports.close()
     assert not exports.root.path.exists()
+
+
+def test_exports_are_named_after_the_title_inside_the_server_folder():
+    """The title comes from the client: it names a file in the session's folder, never a path,
+    and the session's previous pair is replaced."""
+    exports = SessionExports()
+    try:
+        for title, stem in (("../../etc/passwd", "etc-passwd"), ("问候 greetings", "问候-greetings"),
+                            ("/", DEFAULT_STEM), (".hidden", "hidden"), ("a\\b:c*?\x00", "a-b-c"), ("", DEFAULT_STEM)):
+            html_path, json_path = exports.write("s", "<html>", "{}", title)
+            assert (html_path.name, json_path.name) == (f"{stem}.html", f"{stem}.json"), title
+            assert html_path.parent.parent == exports.root.path
+            assert sorted(path.name for path in html_path.parent.iterdir()) == sorted([html_path.name, json_path.name])
+        assert file_stem("x" * 500) == "x" * MAX_STEM_CHARS
+    finally:
+        exports.close()
 
 
 def test_concurrent_writes_of_one_session_never_leave_half_a_file():

@@ -299,8 +299,33 @@ def test_library_operations():
         library.current.messages = list(TURN)
         library.new_chat(dict(DEFAULTS))
     library.current.messages = list(TURN)
-    with pytest.raises(ValueError):
-        library.new_chat(dict(DEFAULTS))
+    before = library.to_value()
+    assert not library.new_chat(dict(DEFAULTS)) and library.to_value() == before  # refused: nothing changes
+    assert not library.can_start_chat()
+
+
+def test_new_chat_keeps_a_named_chat_and_delete_can_be_undone():
+    library = read(None)
+    library.current.messages = list(TURN)
+    library.rename("Keep me")
+    library.current.messages = []  # Reset
+    assert library.new_chat({**DEFAULTS, "max_length": 8})
+    assert [chat.shown_title("New chat") for chat in library.chats] == ["New chat", "Keep me"]
+    assert library.current.settings["max_length"] == 8
+    library.switch(library.chats[1].id)
+    assert library.new_chat(dict(DEFAULTS)) and len(library.chats) == 2, "the empty unnamed chat is opened again"
+    assert library.chats[0].id == library.current_id and not library.current.title
+    library.switch(library.chats[1].id)
+    place, removed, placeholder = library.delete(dict(DEFAULTS))
+    assert (place, removed.title, placeholder) == (1, "Keep me", None) and len(library.chats) == 1
+    assert library.undelete(place, removed) and library.current.title == "Keep me" and len(library.chats) == 2
+    assert not library.undelete(place, removed), "already back"
+    assert library.matching("KEEP", "New chat") == [("Keep me", removed.id)]
+    assert len(library.matching("", "New chat")) == 2 and library.matching(None, "x") == library.choices("x")
+    library.delete(dict(DEFAULTS))
+    only = library.delete(dict(DEFAULTS))  # the last one: an empty chat takes its place...
+    assert only[2] == library.current_id and len(library.chats) == 1
+    assert library.undelete(*only) and [chat.id for chat in library.chats] == [only[1].id]  # ...until undone
 
 
 def test_a_full_store_fits_the_body_limit_with_the_largest_message():

@@ -10,7 +10,9 @@ lose their folder first) and a closed tab or `close()` deletes the folders.
 from __future__ import annotations
 
 import os
+import re
 import secrets
+import unicodedata
 import shutil
 import tempfile
 import threading
@@ -18,9 +20,21 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
 
-HTML_NAME = "chatglm-conversation.html"
-JSON_NAME = "chatglm-conversation.json"
+DEFAULT_STEM = "chatglm-conversation"
+HTML_NAME, JSON_NAME = f"{DEFAULT_STEM}.html", f"{DEFAULT_STEM}.json"
+MAX_STEM_CHARS = 60
+_NOT_NAME = re.compile(r"[^\w\-]+")  # \w: letters and digits of any script, and "_"
 MAX_SESSIONS = 4096  # session folders kept at once; each holds one conversation's two files
+
+
+def file_stem(title: str) -> str:
+    """A file name (without extension) from a conversation's title, safe on every system: only
+    letters, digits, "_" and "-" (each other run becomes one "-"), no leading dot or dash, at
+    most MAX_STEM_CHARS; DEFAULT_STEM when nothing is left. The title comes from the client:
+    this names a file inside a server-chosen folder and is never a path."""
+    text = unicodedata.normalize("NFKC", title if isinstance(title, str) else "")
+    stem = _NOT_NAME.sub("-", text).strip("-_")[:MAX_STEM_CHARS].strip("-_")
+    return stem or DEFAULT_STEM
 
 
 class OutsideRoot(ValueError):
@@ -79,8 +93,10 @@ class SessionExports:
         self._folders: OrderedDict[str, Path] = OrderedDict()
         self._lock = threading.Lock()
 
-    def write(self, session: str, html_text: str, json_text: str) -> tuple[Path, Path]:
-        """Store this session's transcripts (replacing the previous ones); their paths."""
+    def write(self, session: str, html_text: str, json_text: str, title: str = "") -> tuple[Path, Path]:
+        """Store this session's transcripts, named after `title` (file_stem), in place of the
+        previous ones; their paths."""
+        stem = file_stem(title)
         with self._lock:
             folder = self._folders.get(session)
             if folder is None:
@@ -88,7 +104,12 @@ class SessionExports:
                 while len(self._folders) > self._max_sessions:
                     self.root.remove_folder(self._folders.popitem(last=False)[1])
             self._folders.move_to_end(session)
-            return self.root.write_text(folder, HTML_NAME, html_text), self.root.write_text(folder, JSON_NAME, json_text)
+            written = (self.root.write_text(folder, f"{stem}.html", html_text),
+                       self.root.write_text(folder, f"{stem}.json", json_text))
+            for old in self.root.inside(folder).iterdir():  # the pair of an earlier title (a same name
+                if old not in written and not old.name.startswith(".staging-"):  # was replaced whole)
+                    self.root.inside(old).unlink(missing_ok=True)
+            return written
 
     def forget(self, session: str) -> None:
         """The session ended: delete its folder, if it has one."""

@@ -32,6 +32,8 @@ EN = {
     "delete_chat": "Delete",
     "import_json": "Import JSON",
     "settings": "Settings",
+    "search": "Search titles",
+    "undo_delete": "Undo delete",
 }
 
 ZH = {
@@ -57,6 +59,8 @@ ZH = {
     "delete_chat": "删除",
     "import_json": "导入 JSON",
     "settings": "设置",
+    "search": "搜索标题",
+    "undo_delete": "撤销删除",
 }
 
 # Texts composed on the server: str.format templates.

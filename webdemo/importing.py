@@ -57,7 +57,8 @@ def read_export(data: bytes, limits: Limits) -> list[dict]:
 def check_export(value: Any, limits: Limits) -> list[dict]:
     """The export's messages if `value` has its shape, else ImportRefused."""
     if not isinstance(value, dict) or not isinstance(value.get("messages"), list) or set(value) - EXPORT_KEYS:
-        raise ImportRefused('it is not a conversation exported by this page ({"model", "exported_at", "messages"})')
+        raise ImportRefused('it is not a conversation exported by this page (a JSON object with "messages", '
+                            'and optionally "model" and "exported_at")')
     if not all(isinstance(value.get(key, ""), str) for key in ("model", "exported_at")):
         raise ImportRefused('"model" and "exported_at" must be text')
     messages = value["messages"]

@@ -101,12 +101,28 @@ class Library:
         self.chats.insert(0, chat)
         self.current_id = chat.id
 
-    def new_chat(self, settings: dict) -> None:
-        """Open an empty chat (the open one, if it is empty already)."""
-        if self.current.messages:
-            self.add(Chat(_new_id(), settings=settings))
-        else:
-            self.current.title, self.current.settings = "", settings
+    def full(self) -> bool:
+        return len(self.chats) >= MAX_CONVERSATIONS
+
+    def _blank(self) -> Optional[Chat]:
+        """An empty chat the user has not named, if there is one (the open one first)."""
+        return next((chat for chat in [self.current, *self.chats] if not chat.messages and not chat.title), None)
+
+    def can_start_chat(self) -> bool:
+        return not self.full() or self._blank() is not None
+
+    def new_chat(self, settings: dict) -> bool:
+        """Open an empty chat with `settings`, newest first: one that is empty and unnamed already
+        (a chat the user named is kept as it is), else a new one. False (nothing changes) at
+        MAX_CONVERSATIONS."""
+        blank = self._blank()
+        if blank is None and self.full():
+            return False
+        if blank is not None:
+            self.chats.remove(blank)
+        self.add(blank or Chat(_new_id()))
+        self.current.settings = settings
+        return True
 
     def switch(self, chat_id: Any) -> bool:
         """Open the chat with this id; False (nothing changes) if there is none."""
@@ -118,12 +134,35 @@ class Library:
     def rename(self, title: Any) -> None:
         self.current.title = one_line(title, MAX_TITLE_CHARS) if isinstance(title, str) else ""
 
-    def delete(self, settings: dict) -> None:
-        """Delete the open chat and open the newest one left (or a new empty one)."""
-        self.chats = [chat for chat in self.chats if chat.id != self.current_id]
+    def delete(self, settings: dict) -> tuple[int, Chat, Optional[str]]:
+        """Delete the open chat and open the newest one left (or a new empty one); where it was,
+        the chat and the id of the empty one made in its place (or None), for `undelete`."""
+        index = next(i for i, chat in enumerate(self.chats) if chat.id == self.current_id)
+        removed, placeholder = self.chats.pop(index), None
         if not self.chats:
             self.chats = [Chat(_new_id(), settings=settings)]
+            placeholder = self.chats[0].id
         self.current_id = self.chats[0].id
+        return index, removed, placeholder
+
+    def undelete(self, index: int, chat: Chat, placeholder: Optional[str] = None) -> bool:
+        """Put a deleted chat back where it was and open it (the empty chat made in its place
+        goes, unless it was used since); False (nothing changes) when its place is taken (the
+        library is full, or a chat has its id)."""
+        if any(other.id == chat.id for other in self.chats):
+            return False
+        kept = [other for other in self.chats if other.id != placeholder or other.messages or other.title]
+        if len(kept) >= MAX_CONVERSATIONS:
+            return False
+        self.chats = kept
+        self.chats.insert(min(index, len(self.chats)), chat)
+        self.current_id = chat.id
+        return True
+
+    def matching(self, query: Any, untitled: str) -> list[tuple[str, str]]:
+        """`choices` whose shown title holds `query` (case-folded); all of them for no query."""
+        words = query.casefold().strip() if isinstance(query, str) else ""
+        return [(title, chat_id) for title, chat_id in self.choices(untitled) if words in title.casefold()]
 
 
 def empty_library(settings: dict) -> Library:

@@ -31,20 +31,29 @@ _CODE_SPAN = re.compile(r"(?<![`\\])(`+)(?!`)(.+?)(?<!`)\1(?!`)", re.S)
 _LINK_TARGET = re.compile(r"\]\((\s*(?:&lt;)?\s*)([^\s)]*)")
 _LINK_DEFINITION = re.compile(r"^( {0,3})\[([^\]\n]*)\]:([ \t]*(?:&lt;)?)(\S*)", re.M)
 _SAFE_TARGET = re.compile(r"(https?://|mailto:)", re.I)
-# $$...$$, \[...\], \(...\), $...$ (no space just inside the dollars, as KaTeX and Pandoc expect).
-_MATH = re.compile(r"\$\$.+?\$\$|\\\[.+?\\\]|\\\(.+?\\\)|(?<![\\$])\$(?=\S)[^$\n]+?(?<=\S)\$(?!\$)", re.S)
+# $$...$$, \[...\], \(...\), $...$ (Pandoc's rule: no space just inside the dollars and no digit
+# right after the closing one, so "$5 and $10" is prose).
+_MATH = re.compile(r"\$\$.+?\$\$|\\\[.+?\\\]|\\\(.+?\\\)|(?<![\\$])\$(?=\S)[^$\n]+?(?<=\S)\$(?![$\d])", re.S)
+# A Python-style name with double underscores (__init__): CommonMark would make it bold.
+_DUNDER = re.compile(r"(?<![\w\\])__(?=\w)(\w+?)__(?!\w)")
+# Text the browser's math finder would take as a delimiter, outside the formulas the server found:
+# shown as the characters they stand for (Markdown's own reading), never as math.
+_STRAY_DELIMITERS = {"$$": "&#36;&#36;", "\\[": "&#91;", "\\]": "&#93;", "\\(": "&#40;", "\\)": "&#41;"}
+_STRAY = re.compile("|".join(re.escape(d) for d in _STRAY_DELIMITERS))
+_TEXT_GROUP = re.compile(r"\\(?:text|mbox|mathrm|textrm|textbf|operatorname)\s*\{[^{}]*\}")
+_NOT_MATH = re.compile("[\u2010-\u206f\u3000-\u9fff\uac00-\ud7af\uff00-\uffef]")
 _CODE_OR_MATH = re.compile(f"{_CODE_SPAN.pattern}|{_MATH.pattern}", re.S)
 # Formulas rendered as MathML in one transcript; the rest stay as text (see message_html).
 MAX_FORMULAS = 500
 # Brackets as entities: they print as brackets but can start neither a link nor \[ math.
 _OPEN, _CLOSE = "&#91;", "&#93;"
 
-# Chat-window delimiters for the bundled KaTeX (the order matters: $$ before $).
+# Chat-window delimiters for the bundled KaTeX. No single "$": the browser would take any two
+# dollars for a formula; chat_markdown writes the $...$ that follow Pandoc's rule as \(...\).
 LATEX_DELIMITERS = [
     {"left": "$$", "right": "$$", "display": True},
     {"left": "\\[", "right": "\\]", "display": True},
     {"left": "\\(", "right": "\\)", "display": False},
-    {"left": "$", "right": "$", "display": False},
 ]
 
 
@@ -119,15 +128,47 @@ def escape_markdown(text: str, keep_math: bool = False) -> str:
     return "".join(_escape_prose(s.text) if s.kind == "prose" else s.text for s in segments(text, keep_math))
 
 
+def _looks_like_math(text: str) -> bool:
+    """False for "formulas" with CJK characters or typographic punctuation outside \\text{...}:
+    random or garbled text between two delimiters, which KaTeX would render as a mess (and warn
+    about, once per character, on every streamed update)."""
+    return not _NOT_MATH.search(_TEXT_GROUP.sub("", text))
+
+
+def _window_math(text: str) -> str:
+    """A formula as the chat window's KaTeX reads it: $...$ as \\(...\\); escaped as prose (the
+    browser reads the page text, where entities are decoded). One that does not look like maths
+    is prose."""
+    if not _looks_like_math(text):
+        return _window_prose(text)
+    if text.startswith("$") and not text.startswith("$$"):
+        text = f"\\({text[1:-1]}\\)"
+    return _escape_prose(text)
+
+
+def _window_prose(text: str) -> str:
+    text = _STRAY.sub(lambda match: _STRAY_DELIMITERS[match[0]], _escape_prose(text))
+    return _DUNDER.sub(r"\\_\\_\1\\_\\_", text)
+
+
+def chat_markdown(text: str) -> str:
+    """Message text for the chat window: escaped as escape_markdown does, formulas only where
+    the server found them (Pandoc's rule for dollars), so that the browser's math finder (which
+    takes any pair of delimiters) never sees a stray one, and __names__ stay literal."""
+    text = text.replace("\r\n", "\n")
+    parts = {"prose": _window_prose, "math": _window_math}
+    return "".join(parts[s.kind](s.text) if s.kind in parts else s.text for s in segments(text, keep_math=True))
+
+
 def chat_message(role: str, content: str) -> dict:
     """One Chatbot message. A text block (not a bare string) keeps code indentation intact."""
-    return {"role": role, "content": {"type": "text", "text": escape_markdown(content)}}
+    return {"role": role, "content": {"type": "text", "text": chat_markdown(content)}}
 
 
 def thinking_message(title: str, thinking: str) -> dict:
     """A reasoning model's thinking as a collapsed, titled Chatbot message (Gradio's metadata
     message), shown above its answer; the text is the model's, escaped as answers are."""
-    return {"role": "assistant", "content": {"type": "text", "text": escape_markdown(thinking)},
+    return {"role": "assistant", "content": {"type": "text", "text": chat_markdown(thinking)},
             "metadata": {"title": title, "status": "done"}}
 
 
@@ -315,9 +356,11 @@ def _details(summary: str, text: str, language: str = "") -> str:
             f"<pre><code{css}>{html.escape(text)}</code></pre></details>")
 
 
-def conversation_html(history: list[dict], model_name: str, exported_at: datetime | None = None) -> str:
-    """A self-contained HTML page of the conversation (no scripts, no remote resources); tool
-    calls and results are collapsed sections (<details>, no script needed)."""
+def conversation_html(history: list[dict], model_name: str, exported_at: datetime | None = None,
+                      title: str = "") -> str:
+    """A self-contained HTML page of the conversation (no scripts, no remote resources), headed
+    with its title (by default the model's name); tool calls and results are collapsed sections
+    (<details>, no script needed)."""
     exported_at = exported_at or datetime.now(timezone.utc)
     roles = {"user": "User / 用户", "assistant": f"{model_name}"}
     parts = []
@@ -332,7 +375,7 @@ def conversation_html(history: list[dict], model_name: str, exported_at: datetim
                          f'<div class="role">{html.escape(roles.get(role, role))}</div>'
                          f'{body}</section>')
         parts += _tool_sections(message, names)
-    title = html.escape(f"{model_name} conversation")
+    title = html.escape(title or f"{model_name} conversation")
     return (
         "<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\">\n"
         "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">\n"

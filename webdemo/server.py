@@ -124,10 +124,14 @@ def start_server(page: ChatPage, backend: ChatBackend, *, policy: AccessPolicy =
     login_hint = "Log in with your user name and password" if policy.login else None
     if policy.api_key:
         login_hint = (login_hint + ", or" if login_hint else "Log in") + " with any user name and the API key as password"
-    page.launch(queue_size=queue_size, app=app, server_name=host, server_port=port, share=share, quiet=quiet,
+    page.launch(queue_size=queue_size, app=app, server_name=host, server_port=port, share=share, quiet=True,
                 auth=policy.accepts_login if policy.required else None, auth_message=login_hint,
                 prevent_thread_lock=True)
     app.connection_guard.check_installed(page.blocks.server)
+    if not quiet:  # Gradio's own lines would say "set share=True in launch()": this program's flag is --share
+        print(f"* Running on local URL:  {page.blocks.local_url}")
+        print(f"* Running on public URL: {page.blocks.share_url}" if page.blocks.share_url
+              else "* To create a public link, run with --share.")
     if page.blocks.share_url and policy.allowed_hosts is None:
         hosts.add(host_name(urlsplit(page.blocks.share_url).netloc))  # a custom share server's name too
     return RunningServer(page, backend, app, page.blocks.local_url)

@@ -48,7 +48,7 @@ def hub_snapshot(repo_id: str, revision: Optional[str], patterns: list[str],
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(
             f"could not get {repo_id!r} from the Hugging Face Hub, and it is not in the local cache "
-            f"({reason}). Download it where there is internet access (`huggingface-cli download "
+            f"({reason}). Download it where there is internet access (`hf download "
             f"{repo_id}`) or pass a local directory instead: {local_flag}"
         ) from None
 

@@ -2,7 +2,7 @@
 
 The tiny model's answers are random text, so the tests use greedy decoding (temperature 0) where
 they compare answers, and otherwise check structure: how many messages, growth, the readout.
-Set UPDATE_SCREENSHOT=1 to rewrite docs/screenshot.png for the README.
+Set UPDATE_SCREENSHOT=1 to rewrite the README's screenshots (docs/screenshot-*.png).
 """
 import json
 import os
@@ -21,28 +21,23 @@ USER = '#chatbot [data-testid="user"]'
 
 
 def open_settings(page) -> None:
-    """The settings sit in an accordion, closed at first (on a phone the chat comes first)."""
-    if not page.locator("#max-length").is_visible():
-        page.click("#settings > button.label-wrap")
-        expect(page.locator("#max-length")).to_be_visible()
+    """The settings sit in a side panel, closed at first (the chat comes first)."""
+    panel = page.locator("#settings")
+    if "open" not in (panel.get_attribute("class") or "").split():
+        page.click("#open-settings")
+        expect(panel).to_have_class(re.compile(r"\bopen\b"))
 
 
 def set_slider(page, elem_id: str, value) -> None:
-    """Type the value into the slider's box until the slider itself holds it (events read it
-    from there), also after a late answer of an earlier event (load, reset) wrote the old one."""
+    """Type the value into the slider's box; wait until the slider itself holds it (events read
+    it from there). The sliders are disabled until the page has shown the kept settings, so no
+    late answer of the load can overwrite what is typed here."""
     open_settings(page)
     box = page.locator(f"#{elem_id} input[type=number]")
-    slider = page.locator(f"#{elem_id} input[type=range]")
-    for _ in range(20):
-        box.fill(str(value))
-        box.press("Enter")
-        box.blur()
-        page.wait_for_timeout(150)
-        if float(slider.input_value()) == float(value):
-            page.wait_for_timeout(150)
-            if float(slider.input_value()) == float(value):
-                return
-    raise AssertionError(f"the {elem_id} slider did not keep {value}")
+    box.fill(str(value))
+    box.press("Enter")
+    box.blur()
+    expect(page.locator(f"#{elem_id} input[type=range]")).to_have_value(f"{float(value):g}")
 
 
 def settle(page, max_length=48, temperature=0.0) -> None:
@@ -68,7 +63,8 @@ def wait_done(page, count: int) -> str:
         assert not toasts, f"the page warned instead of answering: {toasts}"
         assert time.monotonic() < deadline, f"expected {count} answers, the page shows {page.locator(BOT).count()}"
         time.sleep(0.05)
-    expect(page.locator("#stop")).to_be_disabled(timeout=60_000)
+    expect(page.locator("#stop")).to_be_hidden(timeout=60_000)  # Send is back in its place
+    expect(page.locator("#send")).to_be_visible()
     expect(page.locator("#message textarea")).to_be_editable()
     toasts = page.locator(".toast-body").all_inner_texts()
     assert not toasts, f"the page warned instead of answering: {toasts}"
@@ -95,7 +91,7 @@ def test_answer_streams_token_by_token(new_page):
         texts = answers(page)
         if texts and texts[-1] not in ("…", "") and (not seen or texts[-1] != seen[-1]):
             seen.append(texts[-1])
-        if page.locator("#stop").is_disabled() and texts:
+        if page.locator("#stop").is_hidden() and texts:
             break
         time.sleep(0.03)
     final = wait_done(page, 1)
@@ -337,7 +333,7 @@ def test_labels_follow_the_browser_language(new_page):
     page = new_page(locale="zh-CN")
     expect(page.locator("#send")).to_have_text("发送")
     expect(page.locator("#new-chat")).to_have_text("新对话")
-    expect(page.locator("#settings")).to_contain_text("设置")
+    expect(page.locator("#open-settings")).to_contain_text("设置")
     english = new_page(locale="en-US")
     expect(english.locator("#send")).to_have_text("Send")
 
@@ -347,20 +343,39 @@ def test_random_model_notice_is_shown(new_page):
     expect(page.locator("#random-notice")).to_contain_text("random")
 
 
-def test_readme_screenshot(new_page, tmp_path):
-    """A Chinese and English conversation with code and a formula, beside an older one; written
-    to docs/screenshot.png with UPDATE_SCREENSHOT=1, else only taken and checked."""
-    page = new_page(locale="zh-CN")
-    settle(page, max_length=60, temperature=0.95)
-    chat(page, "Hello! Who are you?")
-    page.click("#new-chat")
-    expect(page.locator(USER)).to_have_count(0)
-    settle(page, max_length=220, temperature=0.95)
-    chat(page, "用 Python 写一个求和函数 (sum of 1..n)，并验证公式 $\\sum_{i=1}^{n} i = \\frac{n(n+1)}{2}$：\n"
-               "```python\ndef total(n):\n    return n * (n + 1) // 2\n```")
-    page.click("#settings > button.label-wrap")  # closed again: the page as it first opens
-    page.locator("#message textarea").blur()
-    page.evaluate("window.scrollTo(0, 0)")
-    target = ROOT / "docs" / "screenshot.png" if os.environ.get("UPDATE_SCREENSHOT") == "1" else tmp_path / "shot.png"
-    page.screenshot(path=str(target))
-    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and target.stat().st_size > 20_000
+SCREENSHOTS = {"desktop": dict(viewport={"width": 1280, "height": 800}),
+               "phone": dict(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
+                             device_scale_factor=2)}
+
+
+def test_readme_screenshots(browser, app_server, tmp_path):
+    """docs/screenshot-{device}-{theme}.png: a Chinese and English conversation with code and a
+    formula, beside an older one. UPDATE_SCREENSHOT=1 writes all four into docs/; otherwise the
+    desktop light one is taken into a temporary folder and checked."""
+    update = os.environ.get("UPDATE_SCREENSHOT") == "1"
+    shots = [(device, theme) for device in SCREENSHOTS for theme in ("light", "dark")] if update \
+        else [("desktop", "light")]
+    for device, theme in shots:
+        context = browser.new_context(locale="zh-CN", **SCREENSHOTS[device])
+        context.set_default_timeout(20_000)
+        try:
+            page = context.new_page()
+            page.goto(f"{app_server.url}?__theme={theme}")
+            page.wait_for_selector(LOADED)
+            settle(page, max_length=60, temperature=0.95)
+            page.click("#settings .toggle-button")
+            chat(page, "Hello! Who are you?")
+            page.click("#new-chat")
+            expect(page.locator(USER)).to_have_count(0)
+            settle(page, max_length=200, temperature=0.95)
+            page.click("#settings .toggle-button")  # closed again: the page as it first opens
+            expect(page.locator("#settings")).not_to_have_class(re.compile(r"\bopen\b"))
+            chat(page, "用 Python 写一个求和函数 (sum of 1..n)，并验证公式 $\\sum_{i=1}^{n} i = \\frac{n(n+1)}{2}$：\n"
+                       "```python\ndef total(n):\n    return n * (n + 1) // 2\n```")
+            page.locator("#message textarea").blur()
+            page.evaluate("window.scrollTo(0, 0)")
+            target = (ROOT / "docs" if update else tmp_path) / f"screenshot-{device}-{theme}.png"
+            page.screenshot(path=str(target))
+            assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and target.stat().st_size > 20_000
+        finally:
+            context.close()

@@ -208,17 +208,21 @@ def test_phone_viewport_chat_first_no_horizontal_scroll(browser, app_server):
         page = context.new_page()
         page.goto(app_server.url)
         page.wait_for_selector(LOADED)
-        assert not page.locator("#max-length").is_visible()  # settings collapsed
+        for panel in ("#sidebar", "#settings"):  # drawers over the page, closed: the chat comes first
+            expect(page.locator(panel)).not_to_have_class(re.compile(r"\bopen\b"))
         chat_top = page.locator("#chatbot").bounding_box()["y"]
-        assert chat_top < page.locator("#message").bounding_box()["y"] < page.locator("#settings").bounding_box()["y"]
-        assert chat_top < page.locator("#conversations-panel").bounding_box()["y"]
+        assert chat_top < page.locator("#message").bounding_box()["y"]
         settle(page, max_length=1024)
+        page.click("#settings .toggle-button")
         chat(page, "一个很长的中文句子" * 12 + "\n```python\nprint('" + "x" * 300 + "')\n```\n" + "w" * 200)
-        for _ in range(2):
+        for toggle in ("#settings .toggle-button", "#settings .toggle-button", "#sidebar .toggle-button"):
             widths = page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth,"
                                    " document.body.scrollWidth]")
             assert widths[0] <= widths[1] and widths[2] <= widths[1], widths
-            page.click("#settings > button.label-wrap")  # settings open, then closed: never wider
+            page.click(toggle)  # settings open, then closed, then the conversations: never wider
+        page.click("#new-chat")  # starting a chat (or picking one) closes the drawer
+        expect(page.locator("#sidebar")).not_to_have_class(re.compile(r"\bopen\b"))
+        expect(page.locator(USER)).to_have_count(0)
     finally:
         context.close()
 

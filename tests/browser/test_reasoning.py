@@ -37,7 +37,7 @@ def test_thinking_shows_collapsed_above_the_answer_and_survives_a_reload(new_pag
     send(page, "你好")
     expect(page.locator(THOUGHT)).to_contain_text("💭 Thinking…")  # titled and collapsed while it streams
     assert THINKING not in page.locator(THOUGHT).inner_text()
-    expect(page.locator("#stop")).to_be_disabled(timeout=60_000)
+    expect(page.locator("#stop")).to_be_hidden(timeout=60_000)
     check_thinking_then_reply(page)
     page.reload()
     page.wait_for_selector(LOADED)
