@@ -8,6 +8,7 @@ import torch
 
 from model_runtime.loading.family import detect_family, read_config
 from model_runtime.loading.loader import load_model
+from model_runtime.loading.ptuning import PrefixCheckpoint, with_prefix_config
 from model_runtime.models.config import CheckpointError
 from model_runtime.models.glm_hf import HFGLMModel
 from model_runtime.models.kv_cache import attention_mask
@@ -182,3 +183,10 @@ def test_a_published_style_config_reads_with_the_real_sizes(tmp_path):
         model = HFGLMModel(config)
     assert sum(p.numel() for p in model.parameters()) == sum(config.parameter_counts())
     assert model.rotary.base == 10000.0 and len(model.model.layers) == 40
+
+
+def test_a_p_tuning_prefix_is_refused_clearly(tmp_path):
+    write_tiny_hf_checkpoint(tmp_path, "glm4-0414")
+    prefix = PrefixCheckpoint(folder=tmp_path, tensors={}, pre_seq_len=4, prefix_projection=False, base_model="")
+    with pytest.raises(CheckpointError, match="P-tuning v2 prefixes are for ChatGLM's own layouts"):
+        with_prefix_config(read_config(tmp_path), prefix)
