@@ -8,6 +8,7 @@ import torch
 
 from model_runtime.loading.family import detect_family, read_config
 from model_runtime.loading.loader import load_model
+from model_runtime.loading.ptuning import PrefixCheckpoint, with_prefix_config
 from model_runtime.models.config import CheckpointError
 from model_runtime.models.glm_hf import HFGLMModel
 from model_runtime.models.kv_cache import attention_mask
@@ -182,3 +183,33 @@ def test_a_published_style_config_reads_with_the_real_sizes(tmp_path):
         model = HFGLMModel(config)
     assert sum(p.numel() for p in model.parameters()) == sum(config.parameter_counts())
     assert model.rotary.base == 10000.0 and len(model.model.layers) == 40
+
+
+def test_a_p_tuning_prefix_is_refused_clearly(tmp_path):
+    write_tiny_hf_checkpoint(tmp_path, "glm4-0414")
+    prefix = PrefixCheckpoint(folder=tmp_path, tensors={}, pre_seq_len=4, prefix_projection=False, base_model="")
+    with pytest.raises(CheckpointError, match="P-tuning v2 prefixes are for ChatGLM's own layouts"):
+        with_prefix_config(read_config(tmp_path), prefix)
+
+
+def test_a_peft_lora_adapter_merges_as_peft_merges_it(tmp_path):
+    """A LoRA adapter PEFT trains on transformers' Glm4ForCausalLM (every block projection
+    targeted, named after a 0414 checkpoint) loads with --adapter: logits equal PEFT's merged model."""
+    peft = pytest.importorskip("peft")
+    reference = save_transformers_checkpoint(tmp_path / "base", "glm4-grouped-untied-bias")
+    torch.manual_seed(1)
+    lora = peft.get_peft_model(reference, peft.LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]))
+    lora.save_pretrained(tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"  # named as a real 0414 adapter is: read as
+    config_file.write_text(json.dumps(dict(json.loads(config_file.read_text()),  # glm4-0414, not glm4
+                                           base_model_name_or_path="THUDM/GLM-4-9B-0414")))
+    merged = lora.merge_and_unload().eval()
+    tokenizer, model = load_model(tmp_path / "base", device="cpu", dtype="float32", adapter=tmp_path / "adapter")
+    assert model.fine_tunes and "LoRA" in model.fine_tunes[0]
+    prompt = tokenizer.chat_format.encode(tokenizer, "你好", [])
+    ours, our_logits = our_greedy_logits(model, prompt, 8)
+    theirs, their_logits = reference_greedy_logits(merged, prompt, 8)
+    assert ours == theirs
+    assert all(torch.allclose(a[:b.shape[0]], b, atol=1e-4, rtol=0) for a, b in zip(our_logits, their_logits))

@@ -48,9 +48,11 @@ UNMERGEABLE = {
 }
 # The module names of each GLM layout, to tell an adapter of another family from a broken one.
 LAYOUTS = {"ChatGLM-6B": ("transformer.layers.", "transformer.word_embeddings."),
-           "ChatGLM2/ChatGLM3/GLM-4": ("transformer.encoder.", "transformer.embedding.", "transformer.output_layer.")}
+           "ChatGLM2/ChatGLM3/GLM-4": ("transformer.encoder.", "transformer.embedding.", "transformer.output_layer."),
+           "transformers' GLM (GLM-4-0414, glm-4-9b-chat-hf)": ("model.layers.", "model.embed_tokens.")}
 # Family names in a model id or path, most specific first.
-FAMILY_NAMES = (("glm4", r"glm-?4"), ("chatglm3", r"chatglm3"), ("chatglm2", r"chatglm2"), ("chatglm", r"chatglm-6b"))
+FAMILY_NAMES = (("glm4-0414", r"glm-?(4|z1)-.*0414"), ("glm4-hf", r"glm-?4-9b-chat-hf"), ("glm4", r"glm-?4"),
+                ("chatglm3", r"chatglm3"), ("chatglm2", r"chatglm2"), ("chatglm", r"chatglm-6b"))
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,9 @@ def _saved_config(folder: Path) -> dict:
 def with_prefix_config(config, checkpoint: PrefixCheckpoint):
     """The base model's config with the checkpoint's prefix. Refuses, before anything loads, a
     prefix whose config.json names a model of another family or whose tensors do not fit."""
+    if not any(f.name == "pre_seq_len" for f in dataclasses.fields(config)):
+        raise CheckpointError(f"{checkpoint.folder}: P-tuning v2 prefixes are for ChatGLM's own layouts; the base "
+                              f"model loaded ({config.family}, transformers' layout) takes none")
     hinted = family_named(checkpoint.base_model)
     if hinted and hinted != config.family:
         raise CheckpointError(f"{checkpoint.folder / 'config.json'}: the prefix was trained on "
