@@ -15,7 +15,7 @@ from model_runtime.serving.engine import Engine
 
 FAMILIES = ("chatglm", "chatglm2", "chatglm3", "glm4")
 GREEDY = SamplingParams(max_length=400, max_new_tokens=12, temperature=0)
-LONG_QUERY = "请告诉我明天北京的天气怎么样，还有上海和广州的。" * 6 + " Then say it again in English, please."
+LONG_QUERY = "请告诉我明天北京的天气怎么样，还有上海和广州的。" * 6 + " Then say it again in English."
 
 
 @pytest.fixture(scope="module")
