@@ -125,7 +125,8 @@ def one_run(tokenizer, model, chunk, args) -> dict:
             "worst_gap_vs_before": max(w / b for w, b in zip(longest, before)),
             "longest_gap_ms": 1e3 * max(longest), "median_gap_ms": 1e3 * statistics.median(medians),
             "gap_before_ms": 1e3 * statistics.median(before),
-            "p50_gap_ms": 1e3 * gaps[len(gaps) // 2], "p99_gap_ms": 1e3 * gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))]}
+            "p50_gap_ms": 1e3 * gaps[len(gaps) // 2],
+            "p99_gap_ms": 1e3 * gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))]}
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from model_runtime.tiny.glm_hf import TINY_HF
 FAMILIES = ("chatglm", "chatglm2", "chatglm3", "glm4")
 HF_FAMILIES = tuple(TINY_HF)  # GLM-4-0414, GLM-Z1, glm-4-9b-chat-hf: causal, on glm2's blocks
 GREEDY = SamplingParams(max_length=400, max_new_tokens=12, temperature=0)
-LONG_QUERY = "请告诉我明天北京的天气怎么样，还有上海和广州的。" * 6 + " Then say it again in English, please."
+LONG_QUERY = "请告诉我明天北京的天气怎么样，还有上海和广州的。" * 6 + " Then say it again in English."
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +85,33 @@ def test_chunked_prefill_equals_one_forward(models, family, budget):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_newcomer_read_in_chunks_while_others_decode_changes_no_answer(models, family):
+def test_a_p_tuning_prefix_is_seen_by_every_chunk(models, family):
+    tokenizer, model = models[family]
+    config = model.config
+    torch.manual_seed(0)
+    model.set_prefix(torch.randn(2 * config.num_layers, config.kv_heads, 5, config.head_dim))
+    try:
+        prompt = encode(tokenizer, LONG_QUERY)
+        logits = []
+        for chunk in (None, 24):
+            batch = DecodeBatch(model, slots=1, max_len=GREEDY.max_length, vocab_size=tokenizer.vocab_size)
+            seq = new_sequence(model, prompt, GREEDY)
+            batch.admit(seq)
+            logits.append(read(batch, seq, chunk)[1])
+    finally:
+        model.set_prefix(None)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("whole_decode", [False, True])
+def test_a_newcomer_read_in_chunks_while_others_decode_changes_no_answer(models, family, whole_decode):
     tokenizer, model = models[family]
     stops = chat_format_for(tokenizer).stop_ids(tokenizer)
     prompts = [encode(tokenizer, q) for q in ("你好", "How is the weather in Shanghai today?", LONG_QUERY)]
     alone = [generate(model, [p], GREEDY, vocab_size=tokenizer.vocab_size, stop_ids=stops)[0] for p in prompts]
-    batch = DecodeBatch(model, slots=3, max_len=GREEDY.max_length, vocab_size=tokenizer.vocab_size)
+    batch = DecodeBatch(model, slots=3, max_len=GREEDY.max_length, vocab_size=tokenizer.vocab_size,
+                        whole_decode=whole_decode)  # fixed-shape decode steps (CUDA graphs) beside a part-read slot
     running = [new_sequence(model, p, GREEDY, stops) for p in prompts[:2]]
     for seq in running:
         batch.admit(seq)

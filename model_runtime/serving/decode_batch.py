@@ -267,7 +267,7 @@ class DecodeBatch:
         left = math.inf if budget is None else budget
         layers = self.model.config.num_layers
         chunks: list[tuple[Sequence, int]] = []  # (sequence, where its chunk ends)
-        read: list[tuple[Sequence, Optional[LayerwisePrefill]]] = []  # prompts read by this call
+        read: list[tuple[Sequence, Any]] = []  # prompts read by this call: their LayerwisePrefill or last hidden state
         for seq in seqs:
             if left <= 0:
                 break

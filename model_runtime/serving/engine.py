@@ -51,12 +51,12 @@ INTERNAL_ERROR = "internal error in the engine; see the server log"
 # Prompt tokens' worth of work read per engine step, by device type. CPU: measured with
 # benchmarks/chunked_prefill.py (docs/chunked-prefill.md); GPUs: not measured here, the order of
 # llama.cpp's and vLLM's batches (a GPU reads 512 tokens in about the time of one decode step).
-PREFILL_CHUNK = {"cpu": 32}
+CPU_PREFILL_CHUNK = 32
 GPU_PREFILL_CHUNK = 512
 
 
 def default_prefill_chunk(device: torch.device) -> int:
-    return PREFILL_CHUNK.get(torch.device(device).type, GPU_PREFILL_CHUNK)
+    return CPU_PREFILL_CHUNK if torch.device(device).type == "cpu" else GPU_PREFILL_CHUNK
 
 
 @dataclass(eq=False)

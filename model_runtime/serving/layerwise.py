@@ -64,10 +64,9 @@ class LayerwisePrefill:
     def advance(self, budget: float, most: int) -> float:
         """Run ranges of at most `most` tokens through a layer's parts until about `budget`
         token-layers of work are spent (at least one range; see attention_share); returns what
-        was spent. `most` is the chunk a causal prompt takes per step, so both run matrix products
-        of the same shapes (on CPUs with our decode kernel, ranges of up to its DECODE_ROWS rows
-        avoid the fixed cost of a bfloat16 GEMM call). The state moves only after each range has
-        run, so a range that raises can be run again."""
+        was spent. `most` is the chunk a causal prompt takes per step, so that both run matrix
+        products of the same shapes and a budget takes about as long in either. The state moves
+        only after each range has run, so a range that raises can be run again."""
         layers = self.model.transformer.layers
         n = self.hidden.shape[1]
         spent = 0.0
