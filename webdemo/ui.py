@@ -220,11 +220,12 @@ class ChatPage:
         answering = self._wire_answers()
         self.stop_btn.click(self.stop, None, None, queue=False, **private)  # the answer ends itself, keeping its text
         self.chatbot.undo(self.undo, [self.stored], [self.box, *view], cancels=answering, **private)
-        changes = ((self.new_btn.click, self.new_chat), (self.delete_btn.click, self.delete),
-                   (self.reset_btn.click, self.reset), (self.chatbot.clear, self.reset))
+        changes = ((self.new_btn.click, self.new_chat), (self.reset_btn.click, self.reset),
+                   (self.chatbot.clear, self.reset))
         for trigger, handler in changes:
             trigger(handler, [self.stored, *self.settings], view, cancels=answering, **private)
-        self.chats.input(self.switch, [self.chats, self.stored, *self.settings], view, cancels=answering, **private)
+        for trigger, handler in ((self.chats.input, self.switch), (self.delete_btn.click, self.delete)):
+            trigger(handler, [self.chats, self.stored, *self.settings], view, cancels=answering, **private)
         self.undo_delete_btn.click(self.undo_delete, [self.deleted, self.stored], view, cancels=answering, **private)
         self.undo_timer.tick(self.forget_deleted, None, [self.deleted, self.undo_delete_btn, self.undo_timer],
                              **private)
@@ -364,11 +365,14 @@ class ChatPage:
             library.switch(chat_id)
         return self._changed(stored, request, change)
 
-    def delete(self, stored: Any, max_length, top_p, temperature, system, request: gr.Request) -> dict:
-        """Delete the open chat; Undo brings it back for UNDO_DELETE_S seconds."""
+    def delete(self, chat_id: Any, stored: Any, max_length, top_p, temperature, system, request: gr.Request) -> dict:
+        """Delete the chat selected in the list (the browser selects it at once, before the
+        library it sends has heard of it), else the open one; Undo brings it back for
+        UNDO_DELETE_S seconds."""
         removed = []
 
         def change(library: Library, lang: str):
+            library.switch(chat_id)
             removed.append(library.delete(self.rules.fresh()))
         shown = self._changed(stored, request, change)
         return {**shown, self.deleted: removed[0], self.undo_delete_btn: gr.update(visible=True),
