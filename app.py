@@ -148,7 +148,8 @@ def main(argv=None) -> int:
     if backend.info.random_weights:
         print("note: serving a tiny random model; its answers are random text", file=sys.stderr)
     request_limits = server_limits(args)
-    page = build_page(backend, concurrency_limit=args.concurrency, limits=request_limits)  # storage key: storage_key.py
+    page = build_page(backend, concurrency_limit=args.concurrency, limits=request_limits,  # storage key: storage_key.py
+                      auto_titles=not backend.info.random_weights)  # a random model's titles would be noise
     server = start_server(page, backend, policy=access_policy(args), limits=request_limits,
                           connection_limits=connection_limits(args),
                           concurrency=args.concurrency, queue_size=args.queue_size, host=args.host, port=args.port,

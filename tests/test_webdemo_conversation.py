@@ -11,12 +11,13 @@ import pytest
 
 from model_runtime.protocol import SamplingParams
 from tests.test_webdemo_page import RecordingBackend
+from webdemo.chat_titles import clean_title
 from webdemo.conversation import (ActiveStreams, Progress, check_message, check_settings, clean_history, fit_history,
                                   readout, stream_answer)
 from webdemo.sealed_store import StoreSeal
 from webdemo.importing import MAX_IMPORT_BYTES, ImportRefused, decode_upload, read_export
-from webdemo.library import (ANSWER_RESERVE_BYTES, MAX_CONVERSATIONS, LibraryInvalid, json_bytes, read_library,
-                             store_limit)
+from webdemo.library import (ANSWER_RESERVE_BYTES, MAX_CONVERSATIONS, MAX_TITLE_CHARS, LibraryInvalid, json_bytes,
+                             read_library, store_limit)
 from webdemo.limits import MAX_BODY_BYTES, MAX_MESSAGE_CHARS, LimitExceeded, Limits
 from webdemo.render import conversation_json
 
@@ -518,3 +519,17 @@ def test_read_export_counts_tool_arguments_against_the_limits(tmp_path):
     turn = [TURN[0], call_message(("c", "f", '{"a": "' + "x" * 60 + '"}')), result("c", "r"), TURN[1]]
     with pytest.raises(ImportRefused, match="at most 50"):
         read_export(export_file(tmp_path, json.dumps({"messages": turn})).read_bytes(), Limits(max_message_chars=50))
+
+
+def test_the_models_title_is_kept_and_the_users_wins():
+    stored = {"version": 1, "current": "0" * 16, "chats": [
+        {"id": "0" * 16, "title": "", "auto_title": " Weather\nin  Beijing ", "settings": {}, "messages": list(TURN)},
+        {"id": "1" * 16, "title": "Mine", "auto_title": "Theirs", "settings": {}, "messages": list(TURN)},
+        {"id": "2" * 16, "title": "", "settings": {}, "messages": list(TURN)}]}
+    library = read(stored)
+    assert library.choices("New chat") == [("Weather in Beijing", "0" * 16), ("Mine", "1" * 16), ("q", "2" * 16)]
+    assert read(library.to_value()).to_value() == library.to_value()
+    assert "auto_title" not in library.to_value()["chats"][2]  # absent when there is none
+    assert [clean_title(reply) for reply in ('Title: "Weather in Beijing"', "《北京天气》\nmore", "**Palindromes**.",
+                                             "  \n", "x" * 100)] == [
+        "Weather in Beijing", "北京天气", "Palindromes", "", "x" * (MAX_TITLE_CHARS - 1) + "…"]

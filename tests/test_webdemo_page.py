@@ -89,12 +89,12 @@ class RecordingBackend:
 
 
 @contextmanager
-def recording_page(backend, limits: Limits = Limits()):
+def recording_page(backend, limits: Limits = Limits(), **options):
     """The page on `backend` (a recording backend), served on 127.0.0.1: yields its URL."""
     from webdemo.ui import build_page
 
     page = build_page(backend, concurrency_limit=4, limits=limits, storage_secret="test-secret",
-                      sealing_key=SEALING_KEY)
+                      sealing_key=SEALING_KEY, **options)
     port = free_port()
     page.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
     try:
@@ -410,3 +410,21 @@ def test_an_altered_or_foreign_store_becomes_a_new_library_with_one_message(reco
     messages = send(url, tampered, "hello", "altered-session")  # the answer goes on in a new library
     assert len(backend.requests) == requests_before + 1
     assert opened(last_outputs(messages)[2])["chats"][0]["messages"][0]["content"] == "hello"
+
+
+def test_a_new_chat_is_named_by_the_model_beside_its_first_answer_unless_the_user_named_it():
+    backend = RecordingBackend()
+    with recording_page(backend, auto_titles=True) as url:
+        messages = send(url, library([]), "What is the weather in Beijing?", "title-session")
+        asked = [r for r in backend.requests if "title" in r.messages[-1].content]
+        assert len(asked) == 1 and "What is the weather in Beijing?" in asked[0].messages[-1].content
+        assert asked[0].sampling.temperature == 0.0 and asked[0].sampling.max_new_tokens
+        (chat,) = opened(last_outputs(messages)[2])["chats"]
+        assert chat["auto_title"] == "partial answer" and chat["title"] == ""  # the recording model's reply
+        assert [m["content"] for m in chat["messages"]] == ["What is the weather in Beijing?", "partial answer"]
+        backend.requests.clear()
+        named = {"version": 1, "current": "0" * 16,
+                 "chats": [{"id": "0" * 16, "title": "Mine", "settings": {}, "messages": []}]}
+        for stored in (named, last_outputs(messages)[2]):  # named by the user; a second turn
+            send(url, stored, "and tomorrow?", "title-session")
+        assert not [r for r in backend.requests if "title" in r.messages[-1].content]

@@ -26,7 +26,7 @@ ANSWER_RESERVE_BYTES = 64 << 10  # room an answer needs: a new one starts only w
 SETTING_NAMES = ("max_length", "top_p", "temperature", "system")
 _CHAT_ID = re.compile(r"[0-9a-f]{16}")
 LIBRARY_FIELDS = {"version": int, "current": str, "chats": list}  # what Library.to_value writes...
-CHAT_FIELDS = {"id": str, "title": str, "settings": dict, "messages": list}  # ...and Chat.to_value
+CHAT_FIELDS = {"id": str, "title": str, "auto_title": str, "settings": dict, "messages": list}  # ...and Chat.to_value
 
 
 class LibraryInvalid(ValueError):
@@ -55,22 +55,25 @@ def one_line(text: str, limit: int) -> str:
 
 @dataclass
 class Chat:
-    """One conversation. title is the user's name for it ("" = named after its first message);
-    cut: older messages were left unread (more than the limits allow), not stored."""
+    """One conversation. title is the user's name for it; auto_title the model's (chat_titles.py);
+    with neither it is named after its first message. cut: older messages were left unread (more
+    than the limits allow), not stored."""
 
     id: str
     messages: list[dict] = field(default_factory=list)
     title: str = ""
     settings: dict = field(default_factory=dict)
     cut: bool = False
+    auto_title: str = ""
 
     def shown_title(self, untitled: str) -> str:
-        if self.title:
-            return self.title
+        if self.title or self.auto_title:
+            return self.title or self.auto_title
         return one_line(self.messages[0]["content"], TITLE_FROM_MESSAGE_CHARS) if self.messages else untitled
 
     def to_value(self) -> dict:
-        return {"id": self.id, "title": self.title, "settings": self.settings, "messages": self.messages}
+        value = {"id": self.id, "title": self.title, "settings": self.settings, "messages": self.messages}
+        return {**value, "auto_title": self.auto_title} if self.auto_title else value
 
 
 @dataclass
@@ -206,11 +209,12 @@ def read_library(value: Any, *, max_messages: int, max_chars: int, defaults: dic
         if not isinstance(chat_id, str) or not _CHAT_ID.fullmatch(chat_id) or chat_id in seen:
             chat_id = _new_id()
         seen.add(chat_id)
-        title, messages = item.get("title"), item.get("messages")
+        title, auto_title, messages = item.get("title"), item.get("auto_title"), item.get("messages")
         chats.append(Chat(chat_id, clean_history(messages, max_messages),
                           one_line(title, MAX_TITLE_CHARS) if isinstance(title, str) else "",
                           _read_settings(item.get("settings"), max_chars, defaults, settings_valid),
-                          cut=isinstance(messages, list) and len(messages) > max_messages))
+                          cut=isinstance(messages, list) and len(messages) > max_messages,
+                          auto_title=one_line(auto_title, MAX_TITLE_CHARS) if isinstance(auto_title, str) else ""))
     if not chats:
         return empty_library(dict(defaults))
     current = value.get("current")

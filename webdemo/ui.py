@@ -34,6 +34,7 @@ import gradio as gr
 from model_runtime.protocol import ChatBackend, EngineBusy, InvalidRequest
 
 from .access import CLIENT_HEADER
+from .chat_titles import TitleJob
 from .conversation import (ActiveStreams, Progress, answer_message, check_message, check_settings, clean_history,
                            failure, fit_history, has_tool_messages, message_text, readout, stream_answer)
 from .exports import SessionExports
@@ -54,6 +55,7 @@ from .storage_key import storage_secret as kept_storage_secret
 STORE_INTERVAL_S = 2.0  # while an answer streams, the sealed library is rewritten at most this often
 STORAGE_KEY = "chatglm-webdemo-conversation"  # the one-chat page's key: a chat it kept opens as one conversation
 UNDO_DELETE_S = 6.0  # how long a deleted chat can be brought back
+TITLE_WAIT_S = 2.0  # how long a finished first answer waits for its chat's title before going without
 
 BUSY, IDLE = gr.update(interactive=False), gr.update(interactive=True)
 
@@ -90,12 +92,14 @@ class ChatPage:
     public browser-side wrapper around them; both by default random ones kept in the user's
     cache folder (storage_key.py), so that chats survive a restart. limits: what one
     conversation may hold, and its time limit; its body limit also caps what the browser may
-    keep (library.store_limit)."""
+    keep (library.store_limit). auto_titles: name each new chat by asking the model for a title
+    beside its first answer (chat_titles.py); off, chats are named after their first message."""
 
     def __init__(self, backend: ChatBackend, *, concurrency_limit: Optional[int] = 64, title: Optional[str] = None,
                  storage_secret: Optional[str] = None, sealing_key: Optional[str] = None,
-                 limits: Limits = Limits()):
+                 limits: Limits = Limits(), auto_titles: bool = False):
         self.backend, self.info, self.limits = backend, backend.info, limits
+        self.auto_titles = auto_titles
         self.rules = SettingsRules.for_model(backend.info, limits.max_message_chars)
         self.store_bytes = store_limit(limits.max_body_bytes)
         self.seal = StoreSeal(sealing_key or sealing_secret())
@@ -216,11 +220,12 @@ class ChatPage:
         answering = self._wire_answers()
         self.stop_btn.click(self.stop, None, None, queue=False, **private)  # the answer ends itself, keeping its text
         self.chatbot.undo(self.undo, [self.stored], [self.box, *view], cancels=answering, **private)
-        changes = ((self.new_btn.click, self.new_chat), (self.delete_btn.click, self.delete),
-                   (self.reset_btn.click, self.reset), (self.chatbot.clear, self.reset))
+        changes = ((self.new_btn.click, self.new_chat), (self.reset_btn.click, self.reset),
+                   (self.chatbot.clear, self.reset))
         for trigger, handler in changes:
             trigger(handler, [self.stored, *self.settings], view, cancels=answering, **private)
-        self.chats.input(self.switch, [self.chats, self.stored, *self.settings], view, cancels=answering, **private)
+        for trigger, handler in ((self.chats.input, self.switch), (self.delete_btn.click, self.delete)):
+            trigger(handler, [self.chats, self.stored, *self.settings], view, cancels=answering, **private)
         self.undo_delete_btn.click(self.undo_delete, [self.deleted, self.stored], view, cancels=answering, **private)
         self.undo_timer.tick(self.forget_deleted, None, [self.deleted, self.undo_delete_btn, self.undo_timer],
                              **private)
@@ -360,11 +365,14 @@ class ChatPage:
             library.switch(chat_id)
         return self._changed(stored, request, change)
 
-    def delete(self, stored: Any, max_length, top_p, temperature, system, request: gr.Request) -> dict:
-        """Delete the open chat; Undo brings it back for UNDO_DELETE_S seconds."""
+    def delete(self, chat_id: Any, stored: Any, max_length, top_p, temperature, system, request: gr.Request) -> dict:
+        """Delete the chat selected in the list (the browser selects it at once, before the
+        library it sends has heard of it), else the open one; Undo brings it back for
+        UNDO_DELETE_S seconds."""
         removed = []
 
         def change(library: Library, lang: str):
+            library.switch(chat_id)
             removed.append(library.delete(self.rules.fresh()))
         shown = self._changed(stored, request, change)
         return {**shown, self.deleted: removed[0], self.undo_delete_btn: gr.update(visible=True),
@@ -385,7 +393,7 @@ class ChatPage:
     def reset(self, stored: Any, max_length, top_p, temperature, system, request: gr.Request) -> dict:
         def change(library: Library, lang: str):
             self.rules.save(library, max_length, top_p, temperature, system)
-            library.current.messages = []
+            library.current.messages, library.current.auto_title = [], ""  # that title named what is gone
         return self._changed(stored, request, change)
 
     def import_file(self, encoded: Any, stored: Any, max_length, top_p, temperature, system,
@@ -500,8 +508,9 @@ class ChatPage:
         updates = stream_answer(self.backend, history, query, params, self.active, session, started, system,
                                 deadline_s=self.limits.request_timeout_s, cache_salt=self._cache_salt("page", session),
                                 client=_client(request))
+        naming = self._title_job(chat, history, query, session, request)
         try:
-            yield from self._follow(library, updates, params.max_length, session, started, lang)
+            yield from self._follow(library, updates, params.max_length, session, started, lang, naming)
         except (InvalidRequest, EngineBusy) as error:
             # A toast, not gr.Error: an error would mark every output "Error" and skip .then().
             gr.Warning(say(lang, "refused_busy", reason=error) if isinstance(error, EngineBusy)
@@ -511,11 +520,31 @@ class ChatPage:
                    self.readout_md: "", **self._chat_list(library, lang)}
         finally:
             updates.close()  # cancels the request in the backend unless it has ended
+            if naming is not None:
+                naming.cancel()
+
+    def _title_job(self, chat: Chat, history: list[dict], query: str, session: str,
+                   request: gr.Request) -> Optional[TitleJob]:
+        """A title request for a chat's first answer, if the page names chats and this one has no name."""
+        if not self.auto_titles or history or chat.title or chat.auto_title:
+            return None
+        return TitleJob(self.backend, query, cache_salt=self._cache_salt("page", _session(request)),
+                        client=_client(request), deadline_s=self.limits.request_timeout_s)
+
+    def _named(self, library: Library, naming: Optional[TitleJob], lang: str, wait_s: float = 0.0) -> dict:
+        """The model's title in the open chat and the list, once ready (it never replaces the
+        user's: rename is disabled while the answer runs, and shown_title puts the user's first)."""
+        title = naming.title(wait_s) if naming is not None else None
+        if not title or library.current.auto_title:
+            return {}
+        library.current.auto_title = title
+        return {self.chats: gr.update(choices=library.choices(say(lang, "untitled")), value=library.current_id),
+                self.stored: self.keep(library)}
 
     def _follow(self, library: Library, updates: Iterator[Progress], max_length: int, session: str,
-                started: int, lang: str) -> Iterator[dict]:
+                started: int, lang: str, naming: Optional[TitleJob] = None) -> Iterator[dict]:
         """The streamed answer into the open chat: the window on each update, the sealed library
-        at most every STORE_INTERVAL_S and at the end."""
+        at most every STORE_INTERVAL_S and at the end, the chat's title when it is ready."""
         chat = library.current
         turn, empty_size = chat.messages, library.size()
         shown_before = display(turn[:-1], lang)  # unchanged while the answer streams
@@ -532,7 +561,8 @@ class ChatPage:
             store_now = progress.finished or time.monotonic() - stored_at >= STORE_INTERVAL_S
             stored_at = time.monotonic() if store_now else stored_at
             yield {self.chatbot: shown, self.readout_md: readout(progress, max_length, lang),
-                   **({self.stored: self.keep(library)} if store_now else {})}
+                   **({self.stored: self.keep(library)} if store_now else {}),
+                   **self._named(library, naming, lang, TITLE_WAIT_S if progress.finished else 0.0)}
         if progress.finish_reason == "error":  # cut off (time limit, shutdown) or failed: never complete
             gr.Warning(failure(progress, lang))
 

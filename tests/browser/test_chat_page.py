@@ -365,6 +365,8 @@ def test_readme_screenshots(browser, app_server, tmp_path):
             settle(page, max_length=60, temperature=0.95)
             page.click("#settings .toggle-button")
             chat(page, "Hello! Who are you?")
+            if device == "phone":  # the conversations are in a drawer
+                page.click("#sidebar .toggle-button")
             page.click("#new-chat")
             expect(page.locator(USER)).to_have_count(0)
             settle(page, max_length=200, temperature=0.95)
