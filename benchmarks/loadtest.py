@@ -229,7 +229,7 @@ def main() -> None:
     server = None
     if args.url is None:
         from tests.browser.app_server import AppServer
-        server = AppServer("--slots", "16", "--concurrency", "128")
+        server = AppServer("--slots", "16", "--concurrency", "128", "--max-per-client", "256")  # all users share 127.0.0.1
         args.url = server.url
     try:
         report = run_load(args.url, args.api_clients, args.page_users, args.rounds, seed=args.seed,

@@ -13,6 +13,7 @@ from model_runtime.protocol import ChatRequest, Message, SamplingParams
 from model_runtime.serving.decode_batch import DecodeBatch, chunk_cost, generate, new_sequence
 from model_runtime.serving.engine import Engine
 from model_runtime.tiny.checkpoint import write_tiny_checkpoint
+from model_runtime.tokenizers.hf_json import JSONTokenizer
 from model_runtime.tiny.glm_hf import TINY_HF
 
 FAMILIES = ("chatglm", "chatglm2", "chatglm3", "glm4")
@@ -31,7 +32,7 @@ def models(tiny_model, tiny_family_checkpoints, tmp_path_factory):
 
 
 def encode(tokenizer, query):
-    if hasattr(tokenizer, "encode_text"):  # a tokenizer.json checkpoint: its template lays out chats
+    if isinstance(tokenizer, JSONTokenizer):  # a tokenizer.json checkpoint: its template lays out chats
         return tokenizer.encode_text(query)
     return chat_format_for(tokenizer).encode(tokenizer, query, [])
 

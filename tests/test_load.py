@@ -9,7 +9,8 @@ from tests.browser.app_server import AppServer
 
 
 def test_a_crowd_of_api_and_page_users_gets_their_own_complete_answers():
-    server = AppServer("--slots", "8")
+    # every simulated user comes from 127.0.0.1: one address, so its per-client share is lifted here
+    server = AppServer("--slots", "8", "--max-per-client", "64")
     try:
         report = run_load(server.url, api_clients=6, page_users=3, rounds=2, seed=1)
         stats = server.wait_idle(timeout=10)
