@@ -1,6 +1,7 @@
 """Playwright with Debian's Chromium (installed by .ci/run) against the real app on 127.0.0.1."""
 import os
 import shutil
+import time
 
 import pytest
 
@@ -15,6 +16,16 @@ def _chromium_or_skip():
     pytest.importorskip("playwright.sync_api")
     if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
         pytest.skip(f"{CHROMIUM} not found: install it with apt-get install chromium (see .ci/run)")
+
+
+def holds_for(condition, seconds: float, what: str) -> None:
+    """A negative check (nothing more arrives after Stop, nothing changes after a refusal): a
+    fixed window is the only way to see an absence, so `condition()` is polled throughout it and
+    the first change fails at once."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert condition(), what
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

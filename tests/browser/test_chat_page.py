@@ -12,7 +12,7 @@ import time
 import pytest
 
 from .app_server import ROOT
-from .conftest import LOADED
+from .conftest import LOADED, holds_for
 
 expect = pytest.importorskip("playwright.sync_api").expect
 
@@ -112,8 +112,8 @@ def test_stop_freezes_the_answer_and_the_model(new_page, app_server):
     stats = app_server.wait_idle(timeout=2)
     assert stats["requests_cancelled"] == cancelled + 1
     frozen, frozen_readout = wait_done(page, 1), readout(page)
-    time.sleep(0.6)
-    assert answers(page)[-1] == frozen and readout(page) == frozen_readout
+    holds_for(lambda: answers(page)[-1] == frozen and readout(page) == frozen_readout, 0.6,
+              "the stopped answer changed")
     # The last progress shown (Gradio may end the handler before the "stopped" event arrives):
     # never a length cut, a failure or a full context.
     shown = re.fullmatch(r"(\d+(\.\d)? tokens/s · )?context (\d+) / 2048 tokens( · stopped)?", frozen_readout)
@@ -153,7 +153,9 @@ def test_retry_replaces_the_last_answer(new_page):
     first = chat(page, "你好")
     set_slider(page, "temperature", 1.5)
     page.click('#chatbot button[aria-label="Retry"]')
-    time.sleep(0.3)
+    # the retry's first update replaces the answer and shows Stop together: only then is the
+    # answer read when Send is back (else the old, finished one could be read)
+    expect(page.locator(BOT).last).not_to_have_text(first)
     second = wait_done(page, 1)
     assert len(page.locator(USER).all_inner_texts()) == 1
     assert second != first
@@ -188,8 +190,7 @@ def test_reset_empties_the_chat_and_the_context(new_page):
     expect(page.locator(USER)).to_have_count(0)
     page.reload()
     page.wait_for_selector(LOADED)
-    time.sleep(0.5)
-    expect(page.locator(USER)).to_have_count(0)
+    holds_for(lambda: page.locator(USER).count() == 0, 0.5, "a reset chat came back after a reload")
     settle(page, max_length=160, temperature=0)
     # after Reset the model sees no history: the greedy answer is the one a fresh chat gets
     assert chat(page, "早上好") == alone

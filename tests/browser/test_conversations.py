@@ -3,12 +3,11 @@ Chinese glyphs, against `python app.py --tiny-random` with its storage key in a 
 (so that a restarted server on the same port reads what browsers kept)."""
 import json
 import re
-import time
 
 import pytest
 
 from .app_server import AppServer, free_port
-from .conftest import LOADED, STEP_DELAY, _chromium_or_skip
+from .conftest import LOADED, STEP_DELAY, _chromium_or_skip, holds_for
 from .test_chat_page import BOT, USER, answers, chat, expect, send, set_slider, settle, wait_done
 
 LIST = "#conversations label"
@@ -109,8 +108,7 @@ def test_switching_stops_the_answer_and_resets_the_context(new_page, app_server)
     expect(page.locator(USER)).to_have_text(["早上好"])
     expect(page.locator(BOT)).to_have_text([alone])
     expect(page.locator("#message textarea")).to_be_editable()
-    time.sleep(0.5)
-    expect(page.locator(USER)).to_have_text(["早上好"])  # the stopped answer wrote nothing more
+    holds_for(lambda: users(page) == ["早上好"], 0.5, "the stopped answer wrote into this chat")
     new_chat(page)
     settle(page, max_length=160, temperature=0)
     assert chat(page, "早上好") == alone  # a new chat's context holds nothing of the others
@@ -197,8 +195,7 @@ def test_malicious_and_oversized_files_are_refused_and_change_nothing(new_page, 
         toast = page.locator(TOAST).last
         expect(toast).to_contain_text("larger than 256 KiB" if name == "oversized.json" else "cannot be imported")
         page.locator(".toast-close").last.click()
-        time.sleep(0.3)
-        assert (stored_value(page), titles(page), users(page), answers(page)) == before, name
+        holds_for(lambda: (stored_value(page), titles(page), users(page), answers(page)) == before, 0.3, name)
 
 
 def test_phone_viewport_chat_first_no_horizontal_scroll(browser, app_server):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from .app_server import ROOT, AppServer
-from .conftest import _chromium_or_skip
+from .conftest import _chromium_or_skip, holds_for
 from .test_chat_page import BOT, answers, chat, send, settle, wait_done
 
 expect = pytest.importorskip("playwright.sync_api").expect
@@ -93,8 +93,7 @@ def test_stop_ends_the_gpu_call(new_page, app_server):
     stats = app_server.wait_idle(timeout=2)
     assert stats["requests_cancelled"] == cancelled + 1
     frozen = wait_done(page, 1)
-    time.sleep(0.5)
-    assert answers(page)[-1] == frozen
+    holds_for(lambda: answers(page)[-1] == frozen, 0.5, "the stopped answer changed")
     set_length = page.locator("#max-length input[type=number]")
     set_length.fill("40")
     set_length.press("Enter")
