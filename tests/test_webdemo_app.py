@@ -81,6 +81,8 @@ def test_tiny_random_takes_a_family():
     (["--require-api-key", ""], {}), ([], {"CHATGLM_REQUIRE_API_KEY": ""}), (["--cors-origin", "*"], {}),
     (["--max-body-bytes", "0"], {}), (["--drain-seconds", "-1"], {}), (["--request-timeout", "nan"], {}),
     (["--prefill-chunk", "-1"], {}), ([], {"CHATGLM_PREFILL_CHUNK": "lots"}),
+    (["--header-timeout", "0"], {}), (["--body-timeout", "inf"], {}), ([], {"CHATGLM_KEEP_ALIVE": "-1"}),
+    (["--max-connections", "0"], {}), ([], {"CHATGLM_MAX_CONNECTIONS_PER_CLIENT": "-1"}),
 ])
 def test_bad_values_are_refused(monkeypatch, argv, env):
     for name, value in env.items():
