@@ -4,6 +4,7 @@ import json
 import math
 import shutil
 
+import gradio_client
 import numpy as np
 import pytest
 import torch
@@ -23,6 +24,8 @@ from model_runtime.tiny.checkpoint import write_tiny_checkpoint
 from model_runtime.tiny.glm2 import TINY_FAMILIES
 from model_runtime.tokenizers.glm2 import ChatGLM2Tokenizer
 from model_runtime.tokenizers.glm4 import GLM4Tokenizer
+
+from webdemo import api, ui
 
 from .conftest import reference_arrays, reference_file
 
@@ -461,7 +464,6 @@ def test_family_config_round_trips(family_models):
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_openai_api_serves_each_family(family_models, family):
-    api = pytest.importorskip("webdemo.api")
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
@@ -519,8 +521,6 @@ def test_p_tuning_v2_checkpoint_loads_and_its_prefix_is_seen(family_dirs, family
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_the_page_serves_each_family(family_models, family):
-    ui = pytest.importorskip("webdemo.ui")
-    gradio_client = pytest.importorskip("gradio_client")
     import socket
 
     tokenizer, model = family_models[family]

@@ -3,8 +3,10 @@ against transformers' own classes on tiny random checkpoints that transformers s
 through load_model; and our tiny checkpoints loaded by transformers."""
 import json
 
+import peft
 import pytest
 import torch
+import transformers
 
 from model_runtime.loading.family import detect_family, read_config
 from model_runtime.loading.loader import load_model
@@ -16,7 +18,6 @@ from model_runtime.protocol import SamplingParams
 from model_runtime.serving.decode_batch import generate
 from model_runtime.tiny.glm_hf import GLM4_0414_TEMPLATE, write_tiny_hf_checkpoint, write_tiny_json_tokenizer
 
-transformers = pytest.importorskip("transformers")
 
 STEPS = 32
 GREEDY = SamplingParams(max_length=256, temperature=0)
@@ -195,7 +196,6 @@ def test_a_p_tuning_prefix_is_refused_clearly(tmp_path):
 def test_a_peft_lora_adapter_merges_as_peft_merges_it(tmp_path):
     """A LoRA adapter PEFT trains on transformers' Glm4ForCausalLM (every block projection
     targeted, named after a 0414 checkpoint) loads with --adapter: logits equal PEFT's merged model."""
-    peft = pytest.importorskip("peft")
     reference = save_transformers_checkpoint(tmp_path / "base", "glm4-grouped-untied-bias")
     torch.manual_seed(1)
     lora = peft.get_peft_model(reference, peft.LoraConfig(

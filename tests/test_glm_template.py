@@ -4,6 +4,7 @@ messages, the injection guard, the sandbox, and a template change needing no cod
 import json
 
 import pytest
+import transformers
 
 from model_runtime.chat.planning import plan_messages, plan_prompt
 from model_runtime.chat.template import template_messages
@@ -13,7 +14,6 @@ from model_runtime.protocol import InvalidRequest, Message, Tool, ToolCall, Tool
 from model_runtime.tiny.glm_hf import GLM4_0414_TEMPLATE, Z1_TEMPLATE, write_tiny_hf_checkpoint
 from model_runtime.tokenizers.hf_json import JSONTokenizer
 
-transformers = pytest.importorskip("transformers")
 
 WEATHER = {"name": "get_weather", "description": "查询城市的天气 (weather of a city)",
            "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "城市名"},

@@ -13,7 +13,8 @@ STEP_DELAY = "0.005"  # seconds per decode step: long answers take long enough t
 
 
 def _chromium_or_skip():
-    pytest.importorskip("playwright.sync_api")
+    """Chromium is a Debian package, not a pip one: without it the browser tests say how to get it
+    (a skip, which fails a CI run: see tests/conftest.py)."""
     if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
         pytest.skip(f"{CHROMIUM} not found: install it with apt-get install chromium (see .ci/run)")
 

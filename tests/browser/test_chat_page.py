@@ -10,11 +10,11 @@ import re
 import time
 
 import pytest
+from playwright.sync_api import expect
 
 from .app_server import ROOT
 from .conftest import LOADED, holds_for
 
-expect = pytest.importorskip("playwright.sync_api").expect
 
 BOT = '#chatbot [data-testid="bot"]'
 USER = '#chatbot [data-testid="user"]'

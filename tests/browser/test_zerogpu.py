@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect
 
 from .app_server import ROOT, AppServer
 from .conftest import _chromium_or_skip, holds_for
 from .test_chat_page import BOT, answers, chat, send, settle, wait_done
 
-expect = pytest.importorskip("playwright.sync_api").expect
 STAND_INS = str(ROOT / "tests" / "stand_ins")
 GPU_DURATION = 60
 
