@@ -17,6 +17,7 @@ from webdemo.access import AccessPolicy
 from webdemo.fair_share import FairShareBackend
 from webdemo.hf_spaces import ZEROGPU_API_MESSAGE, running_on_spaces, zero_gpu, zerogpu_call
 
+LOOPBACK_PEERS = ("127.0.0.1", "::1")  # where Gradio's share tunnel (frpc) connects from
 EPILOG = "Exit status: 0 after a normal shutdown, 1 when the model cannot be loaded, 2 for bad flags."
 
 
@@ -34,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.concurrency = settings.CONCURRENCY[args.zerogpu]
     if args.queue_size is None:
         args.queue_size = settings.QUEUE_SIZE[args.zerogpu]
+    if args.forwarded_allow_ips is None:  # whose X-Forwarded-For names the client: Spaces' proxy, the share tunnel
+        args.forwarded_allow_ips = ("*",) if running_on_spaces() else LOOPBACK_PEERS if args.share else ()
     if args.max_connections_per_client is None:  # behind Spaces' proxy or the share tunnel every peer is the proxy
         args.max_connections_per_client = 0 if running_on_spaces() or args.share else connections.MAX_PER_CLIENT
     if args.pre_seq_len is not None and not args.ptuning_checkpoint:

@@ -92,6 +92,17 @@ def test_bad_values_are_refused(monkeypatch, argv, env):
     assert exit_info.value.code == 2
 
 
+def test_whose_forwarded_for_is_believed(monkeypatch):
+    """Nobody's by default (a direct client could name any address); the share tunnel's, which
+    connects from loopback, with --share; any peer's behind Spaces' proxy; or the flag's."""
+    assert app.parse_args([]).forwarded_allow_ips == ()
+    shared = app.parse_args(["--share", "--auth", "me:pw", "--require-api-key", "k"])
+    assert shared.forwarded_allow_ips == ("127.0.0.1", "::1")
+    assert app.parse_args(["--forwarded-allow-ips", "10.0.0.2, 10.0.0.3"]).forwarded_allow_ips == ("10.0.0.2", "10.0.0.3")
+    monkeypatch.setenv("SPACE_ID", "someone/chatglm")
+    assert app.parse_args([]).forwarded_allow_ips == ("*",)
+
+
 def test_on_spaces_the_app_binds_all_interfaces(monkeypatch):
     monkeypatch.setenv("SPACE_ID", "someone/chatglm")
     assert app.parse_args([]).host == "0.0.0.0"

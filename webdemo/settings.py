@@ -187,8 +187,8 @@ SETTINGS: tuple[Setting, ...] = (
                                    "*.gradio.live with --share, the Space's host on Spaces"),
     Setting("--forwarded-allow-ips", "CHATGLM_FORWARDED_ALLOW_IPS", "comma-separated addresses of reverse proxies "
             "whose X-Forwarded-For names the client, for per-client limits; '*' trusts any peer", SERVER,
-            convert=comma_list, metavar="IPS", default=lambda: ("*",) if running_on_spaces() else (),
-            shown="`*` on Spaces, none elsewhere"),
+            convert=comma_list, metavar="IPS",
+            shown="`*` on Spaces; the share tunnel's loopback peer with --share; none elsewhere"),
     Setting("--drain-seconds", "CHATGLM_DRAIN_SECONDS", "on SIGTERM, refuse new requests and let running answers "
             "finish for this long; the rest end with an error", SERVER, default=10.0, convert=non_negative_float,
             metavar="SECONDS"),
