@@ -82,10 +82,6 @@ class FairShareBackend:
             if self.active[client] <= 0:
                 del self.active[client]
 
-    def running(self, client: str) -> int:
-        with self.lock:
-            return self.active[client]
-
     def cancel(self, request_id: str) -> None:
         self.backend.cancel(request_id)
 

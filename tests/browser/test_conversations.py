@@ -41,6 +41,12 @@ def open_chat(page, title: str) -> None:
     expect(page.locator(USER).first).to_have_text(title)
 
 
+def rename_chat(page, title: str) -> None:
+    """Name the open chat with the title box and Rename."""
+    page.locator("#chat-title input").fill(title)
+    page.click("#rename")
+
+
 def users(page) -> list[str]:
     return page.locator(USER).all_inner_texts()
 
@@ -69,8 +75,7 @@ def test_new_switch_rename_delete(new_page):
     assert titles(page) == ["Hello there", "你好"]  # newest first, named after the first message
     open_chat(page, "你好")
     expect(page.locator(USER)).to_have_text(["你好"])
-    page.locator("#chat-title input").fill("问候 greetings")
-    page.click("#rename")
+    rename_chat(page, "问候 greetings")
     expect(page.locator(LIST)).to_have_text(["Hello there", "问候 greetings"])
     page.click("#delete-chat")
     expect(page.locator(LIST)).to_have_text(["Hello there"])

@@ -6,8 +6,8 @@ import json
 import re
 import time
 
-from .test_chat_page import BOT, USER, chat, expect, open_settings, send, set_slider, settle, wait_done
-from .test_conversations import LIST, TOAST, import_file, new_chat, titles
+from .test_chat_page import BOT, USER, chat, expect, open_settings, send, settle, wait_done
+from .test_conversations import LIST, TOAST, import_file, new_chat, rename_chat, titles
 
 SETTING_IDS = ("max-length", "top-p", "temperature")
 
@@ -125,8 +125,7 @@ def test_after_reset_new_chat_keeps_a_renamed_empty_chat(new_page):
     page = new_page()
     settle(page)
     chat(page, "hello")
-    page.locator("#chat-title input").fill("Keep me")
-    page.click("#rename")
+    rename_chat(page, "Keep me")
     expect(page.locator(LIST)).to_have_text(["Keep me"])
     page.click("#reset")
     expect(page.locator(USER)).to_have_count(0)
@@ -191,8 +190,7 @@ def test_exports_are_named_after_the_chat_and_the_import_error_reads_well(new_pa
     page = new_page()
     settle(page)
     chat(page, "Trip to Paris")
-    page.locator("#chat-title input").fill("Trip: Paris/Lyon")
-    page.click("#rename")
+    rename_chat(page, "Trip: Paris/Lyon")
     expect(page.locator(LIST)).to_have_text(["Trip: Paris/Lyon"])
     for button, name in (("#download-html", "Trip-Paris-Lyon.html"), ("#download-json", "Trip-Paris-Lyon.json")):
         with page.expect_download() as download:
