@@ -5,6 +5,10 @@ published weight in place, that bfloat16 models' Linear layers use it only where
 that a machine where it cannot be built falls back to torch's kernels and says why, and that a
 start where it cannot help never invokes the compiler."""
 import logging
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -137,6 +141,7 @@ def test_a_start_where_our_kernels_cannot_help_never_invokes_the_compiler(tiny_c
     """Decided before building: no compiler, torch's kernels everywhere, and the reason logged once."""
     builds = []
     monkeypatch.setattr(native.cpp_extension, "load", lambda **kwargs: builds.append(kwargs["name"]))
+    monkeypatch.setattr(native, "_compile", lambda name, folder: builds.append(name))
     monkeypatch.setattr(native, "_logged", set())
     for cache in (native._build, *KERNEL_CACHES):
         cache.cache_clear()
@@ -164,21 +169,32 @@ def test_a_start_where_our_kernels_cannot_help_never_invokes_the_compiler(tiny_c
         assert caplog.text.count("bfloat16 Linear layers: torch's kernels (avx512 ") == 1
 
 
-def test_the_build_folder_is_keyed_and_a_killed_build_never_blocks_the_next_start(monkeypatch, tmp_path):
-    """A build killed halfway leaves torch's lock file, on which every later build would wait
-    forever; the folder is named by a hash of the torch version and the sources."""
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    name = native.extension_name()
-    folder = Path(native.cpp_extension._get_build_directory(name, False))
+def test_a_build_leaves_nothing_in_tmpdir_and_a_killed_build_never_blocks_the_next_start(tmp_path):
+    """A real build, as `python -m model_runtime.native` runs it, into an empty extensions folder:
+    the lock file a killed build leaves behind (on which torch would wait forever) is removed, and
+    nothing ever appears in TMPDIR, which the server shares with users' exports (polled all along:
+    g++'s assembly and the linker's tables live there for seconds otherwise)."""
+    extensions, scratch = tmp_path / "extensions", tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "TMPDIR": str(scratch)}
+    folder = extensions / native.extension_name()
+    folder.mkdir(parents=True)
     (folder / "lock").touch()
-    seen = []
-    monkeypatch.setattr(native.cpp_extension, "load",
-                        lambda **kwargs: seen.append((kwargs["name"], (folder / "lock").exists())))
-    native._build.cache_clear()
-    try:
-        assert native.build_error() is None
-    finally:
-        native._build.cache_clear()
-    assert seen == [(name, False)]
+    build = subprocess.Popen([sys.executable, "-m", "model_runtime.native"], env=env, cwd=Path(__file__).parents[1],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = set()
+    while build.poll() is None:
+        seen.update(path.name for path in scratch.iterdir())
+        time.sleep(0.002)
+    output = build.stdout.read()
+    assert build.returncode == 0, output
+    assert "decode attention: avx" in output and (folder / f"{folder.name}.so").exists()
+    assert not (folder / "lock").exists()
+    assert seen == set() and not any(scratch.iterdir())
+
+
+def test_the_build_folder_is_keyed_by_torch_and_the_sources(monkeypatch):
+    """A torch upgrade or an edited kernel never loads a stale build: each gets its own folder."""
+    name = native.extension_name()
     monkeypatch.setattr(native.torch, "__version__", "9.9.9")
-    assert native.extension_name() != name  # another torch: another folder, never a stale build
+    assert native.extension_name() != name

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import os
 import stat
 import threading
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from torch.utils import cpp_extension
 
 from tests.browser.app_server import AppServer
 from webdemo.exports import (DEFAULT_STEM, HTML_NAME, JSON_NAME, MAX_STEM_CHARS, FileRoot, OutsideRoot,
@@ -36,6 +38,12 @@ def snapshot(folder: Path, skip: set[Path]) -> dict[str, str]:
         seen[str(path.relative_to(folder))] = (hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file()
                                                else "dir")
     return seen
+
+
+def extensions_folder() -> str:
+    """This run's CPU-kernel build folder, so that the sandboxed servers load the kernels built
+    once rather than each compiling its own (test_native_matmul checks what a build writes)."""
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
 
 
 SERVERS = {  # name: (Python arguments, flags, logs in)
@@ -61,7 +69,7 @@ def sandbox(request, tmp_path_factory):
         path.write_text(text)
     server = AppServer(*flags, program=program, log_dir=logs,
                        env={"TMPDIR": str(tmp), "GRADIO_TEMP_DIR": str(root / "gradio"),
-                            "XDG_CACHE_HOME": str(root / "cache")})
+                            "XDG_CACHE_HOME": str(root / "cache"), "TORCH_EXTENSIONS_DIR": extensions_folder()})
     try:
         (export_root,) = tmp.glob("chatglm-webdemo-*")
         skip = {export_root, root / "gradio", logs, root / "cache", *tmp.glob("torchinductor_*")}

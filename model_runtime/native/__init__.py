@@ -16,7 +16,9 @@ torch upgrade or an edited kernel never loads a stale build), and later processe
 (or `chatglm-webdemo --build-kernels`) builds it ahead, at install time. A build killed halfway
 leaves torch's lock file behind, which would make every later start wait forever: builds here
 hold an OS file lock (released when the process dies), so a torch lock found while holding it is
-stale and removed. A model that only stays in CPU memory and computes elsewhere (ZeroGPU: on the
+stale and removed. The compiler runs in a child process whose TMPDIR is a folder of the build's
+own, so its scratch files (assembly, linker tables) never appear in the server's temp folder, which
+holds users' exports. A model that only stays in CPU memory and computes elsewhere (ZeroGPU: on the
 GPU inside each call) loads under `switched_off`, which builds nothing. Everything degrades to a
 reason string: callers then use torch's kernels and log why, once."""
 from __future__ import annotations
@@ -27,6 +29,7 @@ import hashlib
 import logging
 import os
 import platform
+import subprocess
 import sys
 import threading
 from contextlib import contextmanager
@@ -46,6 +49,10 @@ ISA_FLAGS = {"avx512": {"avx512f", "avx512bw"}, "avx2": {"avx2", "fma"}}  # as /
 BF16_FLAG = "avx512_bf16"  # the avx512 path's `vdpbf16ps` (bfloat16 and INT4 weights)
 IN_FEATURES_MULTIPLE = {16: 32, 8: 16, 4: 64}  # what `linear`'s loads assume, per weight width
 ATTENTION_HEAD_DIMS = (16, 32, 64, 128, 256)  # what decode_attention is built for
+BUILD_TIMEOUT_S = 900  # a build takes 15-60 s; a hung compiler must not hang every later start
+COMPILE = ("import sys\nfrom torch.utils import cpp_extension\n"  # what the child process runs
+           "cpp_extension.load(name=sys.argv[1], extra_cflags=sys.argv[2].split(), sources=sys.argv[3:],"
+           " is_python_module=False, verbose=False)")
 
 _build_lock = threading.Lock()
 _logged: set[str] = set()
@@ -123,12 +130,26 @@ def _build() -> Optional[str]:
             if stale.exists():
                 log.warning("removing %s, left by a build that was killed", stale)
                 stale.unlink()
+            if not (folder / f"{name}.so").exists():
+                _compile(name, folder)
             cpp_extension.load(name=name, sources=[str(path) for path in SOURCES], extra_cflags=CFLAGS,
-                               is_python_module=False, verbose=False)
+                               is_python_module=False, verbose=False)  # built: ninja has nothing to do
     except Exception as error:  # noqa: BLE001 - a missing compiler or ninja, a failed build
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        detail = getattr(error, "stderr", None) or getattr(error, "output", None) or str(error)
+        first_line = next((line for line in str(detail).strip().splitlines() if "rror" in line),
+                          str(detail).strip().splitlines()[0] if str(detail).strip() else "")
         return f"could not be built ({type(error).__name__}: {first_line}; it needs g++ and ninja)"
     return None
+
+
+def _compile(name: str, folder: Path) -> None:
+    """Build into `folder` in a child process with TMPDIR inside it: g++ and the linker keep
+    scratch files (for seconds) in TMPDIR, and this process's TMPDIR is the users' export root."""
+    scratch = folder / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-c", COMPILE, name, " ".join(CFLAGS), *map(str, SOURCES)],
+                   env={**os.environ, "TMPDIR": str(scratch)}, check=True, capture_output=True, text=True,
+                   timeout=BUILD_TIMEOUT_S)
 
 
 def build_error() -> Optional[str]:
