@@ -19,9 +19,9 @@
 //     bfloat16 weights go to `vdpbf16ps` as they are.
 //   - AVX2 has no bfloat16 dot product, and only 16 vector registers: activations in float32, rows
 //     of the weight widened to float32 in registers and multiplied with FMA, at most 2 activation
-//     rows per pass. INT4: a 32-byte load is 8 words of 8 nibbles; nibble j of every word becomes
-//     a signed integer with two shifts (left, then arithmetic right) and a float with one convert,
-//     the activations permuted once per call to line up with it. bfloat16: the even element of
+//     rows per pass. INT4: a 32-byte load is 8 words of 8 nibbles, offset once to unsigned; nibble j
+//     of every word becomes an exact integer with one AND and a float with one convert (the
+//     activations permuted and scaled once per call to line up with it; see int4_block_avx2). bfloat16: the even element of
 //     each 32-bit word is the word shifted left by 16, the odd one the word with its low half
 //     cleared (activations split into evens and odds once per call). INT8: bytes widened.
 // Products are exact (bf16 x 8-bit integer; float32 x integer in FMA); only the float32 summation
@@ -29,6 +29,7 @@
 // model's are bf16 already.) Built on first use by model_runtime/native (torch.utils.cpp_extension).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/index_select.h>
@@ -186,13 +187,18 @@ void int8_block_avx2(const float* x, int64_t K, const int8_t* q, int64_t n0, int
   finish_block<M>(acc, odd, sums);
 }
 
-// x: float32 [M, K/64, 8, 8], x[m, c, j, t] = input element 64c + 8t + (j ^ 1): the one that
-// nibble j (bits 4j..4j+3) of 32-bit word t of the c-th 32-byte chunk of a row multiplies.
-// K is a multiple of 64.
+// x: float32 [M, K + 8]: per row, [K/64, 8, 8] with x[m, c, j, t] = 2^-4j' * input element
+// 64c + 8t + (j ^ 1), the one that nibble j (bits 4j..4j+3) of 32-bit word t of the c-th 32-byte
+// chunk of a row multiplies (j' = j, but 0 for j = 7), then 8 * (the sum of the row's inputs) and
+// 7 zeros. K is a multiple of 64. Each word is XORed with 0x88888888 once, turning every signed
+// nibble s into s + 8 (0..15); nibble j of the words is then one AND (s + 8 times 2^4j, an exact
+// integer; nibble 7 a logical shift) and one convert; the 2^-4j lives in the activations, and
+// 8 * sum(x) is subtracted at the end. Three operations per 8 weights instead of four.
 template <int M>
 __attribute__((target("avx2,fma")))
 void int4_block_avx2(const float* x, int64_t K, const uint8_t* q, int64_t n0, int64_t rows, float* sums) {
-  const int64_t row_bytes = K / 2;
+  const int64_t row_bytes = K / 2, x_stride = K + 8;
+  const __m256i offset = _mm256_set1_epi32(static_cast<int>(0x88888888u));
   __m256 acc[M][kBlockRows], odd[M][kBlockRows];
   const uint8_t* w[kBlockRows];
   start_block<M>(q, row_bytes, n0, rows, w, acc);
@@ -200,17 +206,22 @@ void int4_block_avx2(const float* x, int64_t K, const uint8_t* q, int64_t n0, in
   for (int64_t c = 0; c < row_bytes; c += 32) {
     if ((c & 63) == 0) prefetch_next_block(w, c, row_bytes);
     __m256i packed[kBlockRows];
-    for (int r = 0; r < kBlockRows; ++r) packed[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + c));
+    for (int r = 0; r < kBlockRows; ++r)
+      packed[r] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + c)), offset);
     const float* xc = x + 2 * c;
     for (int j = 0; j < 8; ++j) {
       auto& into = M == 1 && (j & 1) ? odd : acc;
+      const __m256i nibble = _mm256_set1_epi32(0xF << (4 * j));
       for (int r = 0; r < kBlockRows; ++r) {
-        const __m256 wf = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(packed[r], 28 - 4 * j), 28));
-        for (int m = 0; m < M; ++m) into[m][r] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(xc + m * K + 8 * j), into[m][r]);
+        const __m256i shifted = j == 7 ? _mm256_srli_epi32(packed[r], 28) : _mm256_and_si256(packed[r], nibble);
+        const __m256 wf = _mm256_cvtepi32_ps(shifted);
+        for (int m = 0; m < M; ++m) into[m][r] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(xc + m * x_stride + 8 * j), into[m][r]);
       }
     }
   }
   finish_block<M>(acc, odd, sums);
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < kBlockRows; ++r) sums[m * kBlockRows + r] -= x[m * x_stride + K];
 }
 
 // x: float32 [M, K/16, 2, 8], x[m, c, p, t] = input element 16c + 2t + p (evens, then odds, of
@@ -283,9 +294,14 @@ at::Tensor activations_for(const at::Tensor& x, int64_t bits, bool avx512) {
     return avx512 ? x.to(at::kBFloat16).contiguous()
                   : x.to(at::kFloat).view({M, K / 16, 8, 2}).transpose(2, 3).contiguous();
   }
-  if (!avx512) {
+  if (!avx512) {  // see int4_block_avx2
     const at::Tensor order = at::tensor({1, 0, 3, 2, 5, 4, 7, 6}, x.options().dtype(at::kLong));
-    return x.to(at::kFloat).view({M, K / 64, 8, 8}).index_select(3, order).transpose(2, 3).contiguous();
+    const at::Tensor nibble_scale = at::tensor({1.0f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-20f, 0x1p-24f, 1.0f},
+                                               x.options().dtype(at::kFloat)).view({1, 1, 8, 1});
+    const at::Tensor x32 = x.to(at::kFloat);
+    const at::Tensor offsets = at::constant_pad_nd(x.to(at::kDouble).sum(1, true).mul(8).to(at::kFloat), {0, 7});
+    const at::Tensor lined_up = x32.view({M, K / 64, 8, 8}).index_select(3, order).transpose(2, 3).mul(nibble_scale);
+    return at::cat({lined_up.reshape({M, K}), offsets}, 1);
   }
   const at::Tensor order = at::tensor({1, 0, 3, 2}, x.options().dtype(at::kLong));
   const int64_t padded = (K + 127) / 128 * 128;
