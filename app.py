@@ -26,8 +26,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     the checks that involve more than one of them."""
     parser = settings.build_parser("python app.py", __doc__, EPILOG)
     args = settings.parse(parser, argv)
-    if args.cuda_graphs and args.zerogpu == "on":
-        parser.error("--cuda-graphs is for the engine; --zerogpu on runs one answer per GPU call without it")
     if args.zerogpu == "on" and args.backend == "openai":
         parser.error("--zerogpu on runs the model here; --backend openai uses a remote one: choose one")
     args.zerogpu = args.zerogpu == "on" or (args.zerogpu == "auto" and args.backend == "local" and zero_gpu())
@@ -90,8 +88,9 @@ def load_backend(args: argparse.Namespace):
         if gpu_call is not None:
             return start_per_call(args.model, gpu_call=gpu_call, max_gpu_s=args.gpu_duration,
                                   max_active=args.concurrency, **options)
-        return start_engine(args.model, slots=args.slots, max_queue=args.queue_size, cuda_graphs=args.cuda_graphs,
-                            prefill_chunk=args.prefill_chunk, **options)
+        return start_engine(args.model, slots=args.slots, max_queue=args.queue_size,
+                            cuda_graphs=False if args.no_cuda_graphs else None, prefill_chunk=args.prefill_chunk,
+                            **options)
     except (CheckpointError, OSError, ValueError) as error:
         fail(args, str(error))
     except Exception as error:  # out of memory, a broken install...: advice, not a traceback

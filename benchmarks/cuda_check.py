@@ -1,18 +1,24 @@
-"""A GPU check in one run: decode speed with and without CUDA graphs against the HBM ceiling, and
-the ZeroGPU path (a model kept in CPU memory, moved to the GPU inside the call).
+"""A GPU check in one run: the engine's default decode step (compiled into CUDA graphs) and the
+lean eager step against the HBM ceiling, the engine's answers equal to eager, the bf16 Linear at
+one row three ways, and the ZeroGPU path (a model kept in CPU memory, moved to the GPU inside the call).
 
-    python -m benchmarks.cuda_check                       # on a CUDA machine, about 3 minutes
-    python -m benchmarks.cuda_check --device cpu --layers 2 --contexts 16 64   # a dry run on CPU
+    python -m benchmarks.cuda_check             # on a CUDA machine: about 4 minutes (under 8 on an H100)
+    python -m benchmarks.cuda_check --dry-run   # on CPU, tiny shapes: every step runs, no figure means anything
 
 1. HBM ceiling: the best of a few 2 GiB device-to-device copies (read + write) in this run.
 2. Full-size ChatGLM-6B shapes (`--layers` of them) with random weights, bfloat16 and INT4, built on
-   the GPU. Decode tok/s for (streams, context) pairs, eager (the per-row in-place attention) and
-   with CUDA graphs (`DecodeBatch(compile_options=...)`: the whole-cache step compiled by
-   torch.compile's "cudagraphs" backend, and once with the engine's own CUDA_GRAPHS, inductor's
-   "reduce-overhead"); the warm-up (compile) time; each figure against the
-   ceiling: weights read once per step plus the KV each step reads (per-row: what the rows hold;
+   the GPU. Decode tok/s for (streams, context) pairs: "default" is what the engine runs with no
+   flag (`DecodeBatch(compile_options=CUDA_GRAPHS)`: the whole-cache step, inductor's
+   "reduce-overhead"), "eager" what --no-cuda-graphs runs; warmup_s is the first three steps
+   (the compile, paid at start-up); each figure against the ceiling: the bytes the weights take
+   (INT4: packed weights and scales) plus the KV each step reads (eager: what the rows hold;
    whole-cache: every slot's full length).
-3. ZeroGPU's path: the tiny ChatGLM-6B in INT4 and bfloat16, loaded on the CPU, answers through
+3. `linear_one_row`: each ChatGLM-6B Linear at one input row in bfloat16, as F.linear with its bias
+   (cuBLAS's fused-bias addmm), as a matmul and a separate bias add, and as the INT4 kernel: the
+   bf16 eager step once took 68.7 ms where INT4's took 18 (H200), and this says whether the fused
+   bias is where the time went.
+4. `engine_equal`: the tiny model's engine answers, default (compiled) against --no-cuda-graphs.
+5. ZeroGPU's path: the tiny ChatGLM-6B in INT4 and bfloat16, loaded on the CPU, answers through
    `PerCallBackend(device="cuda")` (the model moves in the call, its INT4 layers re-pack for CUDA);
    the kernels it ends up with and its greedy tokens beside the CPU's; then how long moving the
    full-size bfloat16 weights (12 GB) from CPU memory to the GPU takes.
@@ -22,16 +28,20 @@ after --budget-s seconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 
 import torch
 
-from benchmarks.common import CHATGLM_6B, randomize, report
+from benchmarks.common import CHATGLM_6B, print_table, randomize, report
+from model_runtime import native
 from model_runtime.models.glm6b import ChatGLMModel, GLMConfig
 from model_runtime.protocol import ChatRequest, Message, SamplingParams
 from model_runtime.quant.convert import quantized_linears
 from model_runtime.serving.decode_batch import CUDA_GRAPHS, DecodeBatch, new_sequence
+from model_runtime.serving.engine import Engine
+from model_runtime.serving.launch import load_for_serving
 from model_runtime.serving.per_call import PerCallBackend
 from model_runtime.loading.loader import load_model
 from model_runtime.tiny.checkpoint import write_tiny_checkpoint
@@ -107,6 +117,65 @@ def decode_rate(model, streams: int, context: int, compile_options, device: str)
             "warmup_s": round(warm_s, 1), "gb_per_step": round((weight_bytes(model) + kv_read) / 1e9, 2)}
 
 
+def linear_one_row(device: str, repeats: int = 50) -> list[dict]:
+    """Milliseconds per call of each ChatGLM-6B Linear at one bfloat16 row: F.linear with its bias,
+    matmul + bias add, and the INT4 kernel (with its bias)."""
+    from model_runtime.quant.linear import QuantizedLinear
+
+    h, f = CHATGLM_6B["hidden_size"], CHATGLM_6B["inner_hidden_size"]
+    rows = []
+    for name, (n_in, n_out) in {"query_key_value": (h, 3 * h), "dense": (h, h), "dense_h_to_4h": (h, f),
+                                "dense_4h_to_h": (f, h)}.items():
+        layer = torch.nn.Linear(n_in, n_out, device=device, dtype=torch.bfloat16)
+        x = torch.randn(1, n_in, device=device, dtype=torch.bfloat16)
+        int4 = QuantizedLinear.from_linear(layer, 4)
+        ways = {"fused_bias_ms": lambda: torch.nn.functional.linear(x, layer.weight, layer.bias),
+                "matmul_then_bias_ms": lambda: (x @ layer.weight.t()).add_(layer.bias),
+                "int4_ms": lambda: int4(x)}
+        row = {"layer": name, "in": n_in, "out": n_out}
+        for way, call in ways.items():
+            call()
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                call()
+            sync(device)
+            row[way] = round(1000 * (time.perf_counter() - start) / repeats, 4)
+        rows.append(row)
+    return rows
+
+
+def engine_equal(device: str, compile_options: dict) -> dict:
+    """The tiny model's greedy answers from the engine's default step and from the eager one."""
+    tokenizer, model, _ = load_for_serving(device=device, dtype="bfloat16" if device != "cpu" else None,
+                                           tiny_random="glm4")
+    request = ChatRequest((Message("user", "你好"),), SamplingParams(max_length=64, temperature=0))
+
+    def answer(**options) -> str:
+        engine = Engine(tokenizer, model, slots=2, **options)
+        try:
+            return list(engine.submit(request))[-1].text
+        finally:
+            engine.close()
+
+    start = time.perf_counter()
+    compiled = answer() if device != "cpu" else answer_with(tokenizer, model, request, compile_options)
+    compiled_s = time.perf_counter() - start
+    eager = answer(cuda_graphs=False)
+    return {"equal": compiled == eager, "chars": len(eager), "first_answer_s": round(compiled_s, 1)}
+
+
+def answer_with(tokenizer, model, request, compile_options) -> str:
+    """--dry-run: the engine's batch with CPU-safe compile options (Engine compiles on CUDA only)."""
+    engine = Engine(tokenizer, model, slots=2, cuda_graphs=False)
+    engine.batch = DecodeBatch(model, 2, engine.batch.max_len, vocab_size=tokenizer.vocab_size,
+                               compile_options=compile_options)
+    try:
+        return list(engine.submit(request))[-1].text
+    finally:
+        engine.close()
+
+
 def zerogpu_path(device: str) -> dict:
     """The tiny model through PerCallBackend: loaded on the CPU, moved to `device` in the call."""
     with tempfile.TemporaryDirectory() as folder:
@@ -144,24 +213,30 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=CHATGLM_6B["num_layers"])
     parser.add_argument("--contexts", type=int, nargs=2, default=(16, 1024), metavar=("SHORT", "LONG"))
     parser.add_argument("--streams", type=int, default=16)
-    parser.add_argument("--budget-s", type=float, default=200.0)
+    parser.add_argument("--budget-s", type=float, default=360.0, help="no new measurement starts after this")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, one layer, short contexts, 2 streams; "
+                        "prints the table, writes nothing")
     args = parser.parse_args()
+    if args.dry_run:  # with none of our CPU kernels (dynamo cannot trace them): the path a GPU runs
+        args.device, args.layers, args.contexts, args.streams = "cpu", 1, (16, 64), 2
+    with native.switched_off("a dry run of the GPU check") if args.dry_run else contextlib.nullcontext():
+        check(args)
+
+
+def check(args) -> None:
+    """Every measurement of the module docstring, in order, within args.budget_s."""
     began = time.monotonic()
     cuda = torch.device(args.device).type == "cuda"
-    static = {"fullgraph": True, "dynamic": False}
-    # cudagraphs: dynamo's capture replayed as CUDA graphs, no code generation (compiles in seconds);
-    # CUDA_GRAPHS (the engine's --cuda-graphs): inductor's reduce-overhead, once at the end.
-    graphs = dict(static, backend="cudagraphs") if cuda else dict(static, backend="eager")
+    # The engine's default on CUDA; on CPU (--dry-run) the same trace without code generation.
+    default = CUDA_GRAPHS if cuda else {"backend": "aot_eager", "fullgraph": True, "dynamic": False}
     ceiling = hbm_gbs(args.device) if cuda else None
     rows, extra = [], {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
                        "hbm_gbs": round(ceiling, 1) if ceiling else None, "layers": args.layers}
     short, long = args.contexts
-    plan = [("bfloat16", None, 1, short, "eager", None), ("bfloat16", None, 1, short, "cudagraphs", graphs),
-            ("bfloat16", None, 1, long, "eager", None), ("bfloat16", None, 1, long, "cudagraphs", graphs),
+    plan = [("bfloat16", None, 1, short, "default", default), ("bfloat16", None, 1, short, "eager", None),
+            ("bfloat16", None, args.streams, long, "default", default),
             ("bfloat16", None, args.streams, long, "eager", None),
-            ("bfloat16", None, args.streams, long, "cudagraphs", graphs),
-            ("int4", 4, 1, short, "eager", None), ("int4", 4, 1, short, "cudagraphs", graphs),
-            ("bfloat16", None, 1, short, "reduce-overhead", CUDA_GRAPHS if cuda else graphs)]
+            ("int4", 4, 1, short, "default", default), ("int4", 4, 1, short, "eager", None)]
     models = {}
     for weights, bits, streams, context, mode, options in plan:
         row = {"weights": weights, "streams": streams, "context": context, "mode": mode}
@@ -173,6 +248,8 @@ def main() -> None:
             if cuda:
                 torch.cuda.empty_cache()
             models[weights] = build(args.layers, args.device, torch.bfloat16, bits)
+        if options is not None:
+            torch._dynamo.reset()  # each compiled batch starts from a clean slate
         try:
             row.update(decode_rate(models[weights], streams, context, options, args.device))
             if ceiling:
@@ -182,6 +259,13 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
     models.clear()
+    for name, measure in (("linear_one_row", lambda: linear_one_row(args.device, 50 if cuda else 2)),
+                          ("engine_equal", lambda: engine_equal(args.device, default))):
+        try:
+            extra[name] = measure()
+        except Exception as error:  # noqa: BLE001
+            extra[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+        print(name, extra[name], flush=True)
     try:
         extra["zerogpu_path"] = zerogpu_path(args.device)
     except Exception as error:  # noqa: BLE001
@@ -194,7 +278,10 @@ def main() -> None:
     extra["seconds"] = round(time.monotonic() - began, 1)
     print(f"{extra['device']}, torch {extra['torch']}, HBM copy ceiling {extra['hbm_gbs']} GB/s, "
           f"{args.layers} layers of ChatGLM-6B, random weights.\n")
-    report("cuda_check", rows, extra)
+    if args.dry_run:
+        print_table(rows)
+    else:
+        report("cuda_check", rows, extra)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ def answers(engine) -> list[str]:
 
 def test_the_engine_with_cuda_graphs_answers_as_the_eager_engine():
     tokenizer, model = tiny(device="cuda", dtype="float32")
-    eager = answers(Engine(tokenizer, model, slots=4))
-    assert answers(Engine(tokenizer, model, slots=4, cuda_graphs=True)) == eager and all(eager)
+    eager = answers(Engine(tokenizer, model, slots=4, cuda_graphs=False))
+    default = Engine(tokenizer, model, slots=4)  # compiled by default on CUDA
+    assert default.batch.whole_decode and answers(default) == eager and all(eager)
 
 
 def test_a_per_call_answer_moves_the_model_to_the_gpu():

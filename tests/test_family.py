@@ -98,15 +98,18 @@ def test_chatglm3_p_tuning_v2_prefix_matches_original_code():
 @pytest.mark.parametrize("rope_ratio", [1.0, 500.0])
 def test_rotary_base_follows_rope_ratio(rope_ratio):
     head_dim, position = 16, 37
-    rotary = RotaryEmbedding(head_dim // 2, 10000.0 * rope_ratio)
+    rotary = RotaryEmbedding(head_dim // 2, 10000.0 * rope_ratio, head_dim=head_dim)
     base = 10000.0 * rope_ratio
     thetas = [base ** (-2 * i / 8) for i in range(4)]  # rotary on head_dim / 2 = 8 dims, 4 pairs
-    cos, sin = rotary.cos_sin(torch.tensor([[position]]), torch.float64)
+    table_cos, table_sin = rotary.cos_sin(torch.tensor([[position]]), torch.float64)
+    cos, sin = table_cos[..., 0:8:2], table_sin[..., 1:8:2]  # each pair's cos and sin
     expected = torch.tensor([math.cos(position * t) for t in thetas], dtype=torch.float64)
     torch.testing.assert_close(cos[0, 0, 0], expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sin[0, 0, 0], torch.tensor([math.sin(position * t) for t in thetas],
+                                                          dtype=torch.float64), rtol=1e-6, atol=1e-6)
     # Adjacent pairs rotate; dims 8..15 pass through.
     x = torch.arange(1.0, 17.0, dtype=torch.float64).view(1, 1, 1, 16)
-    out = apply_rotary_pairs(x, cos, sin)
+    out = apply_rotary_pairs(x, table_cos, table_sin)
     x0, x1 = x[..., 0:8:2], x[..., 1:8:2]
     torch.testing.assert_close(out[..., 0:8:2], x0 * cos - x1 * sin)
     torch.testing.assert_close(out[..., 1:8:2], x1 * cos + x0 * sin)

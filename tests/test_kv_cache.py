@@ -12,11 +12,14 @@ from model_runtime.models.kv_cache import KVCache, attention_mask
 # heads), and more (the float32 kernel for all, on CPUs without AMX).
 FEW_ROWS = [(2, 7), (0, 30), (3, 1)]
 MANY = FEW_ROWS + [(5, 12), (4, 2)]
+IN_ORDER = [(1, 9), (2, 9), (3, 4)]  # the span's slots in order: no scatter, a mask for the short row
+ONE_ROW = [(4, 11)]  # no mask at all
 
 
-@pytest.mark.parametrize("rows", [FEW_ROWS, MANY], ids=["few-rows", "many-rows"])
+@pytest.mark.parametrize("path", ["this-cpu", "one-call"])  # one-call: GPUs' (and AMX CPUs') single SDPA call
+@pytest.mark.parametrize("rows", [FEW_ROWS, MANY, IN_ORDER, ONE_ROW], ids=["few-rows", "many-rows", "in-order", "one"])
 @pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 2)])  # ChatGLM-6B; grouped heads (ChatGLM2/3, GLM-4)
-def test_in_place_decode_equals_the_masked_gather(monkeypatch, heads, kv_heads, rows):
+def test_in_place_decode_equals_the_masked_gather(monkeypatch, heads, kv_heads, rows, path):
     assert len(FEW_ROWS) < kv_cache.MANY_ROWS <= len(MANY)
     monkeypatch.setattr(kv_cache, "LONG_ROW", 8)  # rows of 12 and 30 keys count as long
     generator = torch.Generator().manual_seed(0)
@@ -24,6 +27,8 @@ def test_in_place_decode_equals_the_masked_gather(monkeypatch, heads, kv_heads, 
                     query_heads=heads)
     assert (cache.layers[0].scratch is not None) == (not kv_cache.amx_attention())
     layer = cache.layers[0]
+    if path == "one-call":
+        layer.scratch = None  # what a GPU's cache has
     layer.k.normal_(generator=generator)  # every slot full of other data beyond each row's length
     layer.v.normal_(generator=generator)
     slots = torch.tensor([slot for slot, _ in rows])

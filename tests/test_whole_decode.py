@@ -88,3 +88,26 @@ def test_free_slots_keep_their_cached_turns(tiny_glm4):
         return follow_up.generated
 
     assert second_turn(whole_decode=True) == second_turn()
+
+
+def test_the_compiled_step_gives_the_eager_tokens_and_logits(family_model, monkeypatch):
+    """What CUDA runs by default (DecodeBatch(compile_options=...)), here through torch.compile's
+    aot_eager backend (the graph torch.compile traces and the code that replays it, on CPU):
+    the eager step's greedy tokens, and its logits within float32 rounding."""
+    family, tokenizer, model = family_model
+    prompts = prompts_for(tokenizer, family)
+    plain_logits = model.logits
+
+    def answers_and_logits(**options):
+        seen = []
+        monkeypatch.setattr(model, "logits", lambda hidden: seen.append(plain_logits(hidden)) or seen[-1])
+        return run(tokenizer, model, prompts, **options), seen
+
+    torch._dynamo.reset()
+    compiled, compiled_logits = answers_and_logits(compile_options={"backend": "aot_eager", "fullgraph": True,
+                                                                    "dynamic": False})
+    eager, eager_logits = answers_and_logits()
+    assert compiled == eager and all(eager)
+    assert len(compiled_logits) == len(eager_logits) > 10
+    for got, expected in zip(compiled_logits, eager_logits):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

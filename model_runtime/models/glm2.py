@@ -170,11 +170,12 @@ class RMSNorm(nn.Module):
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.round_before_weight:
             return self.weight * normed.to(x.dtype)
-        return (self.weight.float() * normed).to(x.dtype)
+        return (normed * self.weight).to(x.dtype)  # the weight widens inside the product: no float32 copy of it
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary on the first `rotary_dim` dims of each head, adjacent pairs, frequencies from `base`.
+    """Rotary on the first `rotary_dim` of each head's `head_dim` dims, adjacent pairs, frequencies
+    from `base`.
 
     theta_i = base^(-2i/rotary_dim) for i < rotary_dim / 2. ChatGLM2/3 and GLM-4 rotate half of
     each head (rotary_dim = head_dim / 2) with base 10000 * rope_ratio; transformers' GLM ports
@@ -183,9 +184,11 @@ class RotaryEmbedding(nn.Module):
     float16 weights so); the others in float32. cos/sin are then rounded to the model's dtype,
     as in the references."""
 
-    def __init__(self, rotary_dim: int, base: float = 10000.0, half_precision_angles: bool = False):
+    def __init__(self, rotary_dim: int, base: float = 10000.0, half_precision_angles: bool = False,
+                 head_dim: Optional[int] = None):
         super().__init__()
         self.rotary_dim = rotary_dim
+        self.head_dim = head_dim or rotary_dim
         self.base = base
         self.half_precision_angles = half_precision_angles
 
@@ -194,23 +197,25 @@ class RotaryEmbedding(nn.Module):
         return 1.0 / (self.base ** exponents)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] -> cos, sin [B, T, 1, rotary_dim / 2] in dtype."""
+        """positions [B, T] -> cos, sin [B, T, 1, head_dim] in dtype, laid out for `apply_rotary_pairs`
+        (made once per forward, used by every layer): pair i's cos at dims 2i and 2i+1, its sin
+        negated at 2i; cos 1 and sin 0 on the dims past rotary_dim."""
         if self.half_precision_angles and dtype in (torch.float16, torch.bfloat16):
             angles = (positions.to(torch.float16)[..., None] * self.inv_freq(torch.float16, positions.device)).float()
         else:
             angles = positions.to(torch.float32)[..., None] * self.inv_freq(torch.float32, positions.device)
-        return angles.cos().to(dtype)[:, :, None], angles.sin().to(dtype)[:, :, None]
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        rest = self.head_dim - self.rotary_dim
+        cos = F.pad(cos.repeat_interleave(2, dim=-1), (0, rest), value=1.0)
+        sin = F.pad(torch.stack([-sin, sin], dim=-1).flatten(-2), (0, rest))
+        return cos[:, :, None], sin[:, :, None]
 
 
 def apply_rotary_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of the first 2 * cos.shape[-1] dims of x [B, T, heads, d];
-    the other dims pass through."""
-    rotary_dim = 2 * cos.shape[-1]
-    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
-    pairs = rot.unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
-    return torch.cat([rotated, rest], dim=-1)
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of x [B, T, heads, d] by cos, sin from
+    `RotaryEmbedding.cos_sin` (dims past its rotary_dim pass through): x * cos + swapped pairs *
+    signed sin, four kernels with the references' roundings (x0 cos - x1 sin, x1 cos + x0 sin)."""
+    return x * cos + x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * sin
 
 
 class SelfAttention(nn.Module):
@@ -228,24 +233,24 @@ class SelfAttention(nn.Module):
         self.prefix_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def make_projections(self, config: GLM2Config, q_size: int, kv_size: int) -> None:
-        self.split = (q_size, kv_size, kv_size)
         self.query_key_value = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.add_qkv_bias)
         self.dense = nn.Linear(q_size, config.hidden_size, bias=config.add_bias_linear)
 
-    def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # Output rows are laid out [all q | all k | all v], not per head.
-        return self.query_key_value(x).split(self.split, dim=-1)
+    def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys [B, T, heads + kv_heads, d] (not rotated yet), values [B, T, kv_heads, d]."""
+        # Output rows are laid out [all q | all k | all v], not per head: q and k are one view.
+        qkv = self.query_key_value(x).unflatten(-1, (-1, self.head_dim))
+        return qkv[:, :, :self.heads + self.kv_heads], qkv[:, :, self.heads + self.kv_heads:]
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense(x)
 
     def project(self, x, cos, sin):
-        """Rotated queries [B, T, heads, d] and keys, and values [B, T, kv_heads, d]."""
-        batch, length, _ = x.shape
-        q, k, v = self.projections(x)
-        q = apply_rotary_pairs(q.view(batch, length, self.heads, self.head_dim), cos, sin)
-        k = apply_rotary_pairs(k.view(batch, length, self.kv_heads, self.head_dim), cos, sin)
-        return q, k, v.view(batch, length, self.kv_heads, self.head_dim)
+        """Rotated queries [B, T, heads, d] and keys, and values [B, T, kv_heads, d]: queries and
+        keys rotate in one go."""
+        qk, v = self.projections(x)
+        qk = apply_rotary_pairs(qk, cos, sin)
+        return qk[:, :, :self.heads], qk[:, :, self.heads:], v
 
     def attend(self, q, mask, slots, cache: LayerCache):
         """Attention of the rotated queries to the cache (keys already written), projected back."""
@@ -350,7 +355,7 @@ class ChatGLM2Model(GLMModel):
         super().__init__(config)
         self.transformer = Transformer(config)
         self.rotary = RotaryEmbedding(config.head_dim // 2, 10000.0 * config.rope_ratio,
-                                      half_precision_angles=config.family == "chatglm2")
+                                      half_precision_angles=config.family == "chatglm2", head_dim=config.head_dim)
 
     @property
     def lm_head(self) -> nn.Module:

@@ -123,18 +123,22 @@ class RotaryEmbedding2D(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, 2, T] -> cos, sin [B, T, 1, head_dim] (both halves side by side)."""
+        """positions [B, 2, T] -> cos, sin [B, T, 1, head_dim] (both halves side by side), laid out
+        for `apply_rotary` (made once per forward, used by every layer): sin negated on the first
+        half of each rotary_dim-wide chunk."""
         angles = positions.to(torch.float32)[..., None] * self.inv_freq  # [B, 2, T, d/4]
         angles = torch.cat([angles, angles], dim=-1)  # [B, 2, T, rotary_dim]
         angles = torch.cat([angles[:, 0], angles[:, 1]], dim=-1)[:, :, None]  # [B, T, 1, head_dim]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        sin = angles.sin().to(dtype).unflatten(-1, (-1, 2, self.rotary_dim // 2))
+        signs = torch.tensor([-1.0, 1.0], dtype=dtype, device=sin.device)[:, None]
+        return angles.cos().to(dtype), (sin * signs).flatten(-3)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
-    """Rotate each rotary_dim-wide chunk of x [B, T, heads, head_dim] by halves (not pairs)."""
-    chunks = x.unflatten(-1, (-1, 2, rotary_dim // 2))  # [..., chunk, half, d/4]
-    rotated = torch.stack([-chunks[..., 1, :], chunks[..., 0, :]], dim=-2).flatten(-3)
-    return x * cos + rotated * sin
+    """Rotate each rotary_dim-wide chunk of x [..., head_dim] by halves (not pairs): x * cos +
+    the chunk's halves swapped * signed sin (`RotaryEmbedding2D.cos_sin`), four kernels with the
+    reference's roundings (x * cos + [-second half, first half] * sin)."""
+    return x * cos + x.unflatten(-1, (-1, 2, rotary_dim // 2)).flip(-2).flatten(-3) * sin
 
 
 class Attention(nn.Module):
@@ -148,11 +152,13 @@ class Attention(nn.Module):
         self.prefix_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def project(self, x, cos, sin):
-        """Rotated queries and keys, and values, [B, T, heads, head_dim] each."""
+        """Rotated queries and keys, and values, [B, T, heads, head_dim] each: queries and keys
+        rotate in one go."""
         batch, length, _ = x.shape
         # Rows are packed per head as q_h | k_h | v_h.
-        q, k, v = self.query_key_value(x).view(batch, length, self.heads, 3 * self.head_dim).chunk(3, dim=-1)
-        return apply_rotary(q, cos, sin, self.head_dim // 2), apply_rotary(k, cos, sin, self.head_dim // 2), v
+        qkv = self.query_key_value(x).view(batch, length, self.heads, 3, self.head_dim)
+        qk = apply_rotary(qkv[..., :2, :], cos[..., None, :], sin[..., None, :], self.head_dim // 2)
+        return qk[..., 0, :], qk[..., 1, :], qkv[..., 2, :]
 
     def attend(self, q, mask, slots, cache: LayerCache):
         """Attention of the rotated queries to the cache (keys already written), projected back."""

@@ -145,9 +145,9 @@ class HFGLMConfig(CausalGLMConfig):
 
     def _check(self, source: str) -> None:
         super()._check(source)
-        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+        if self.rotary_dim % 2 or self.head_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
             raise CheckpointError(f"{source}: partial_rotary_factor {self.partial_rotary_factor} of head_dim "
-                                  f"{self.head_dim} must give an even number of rotary dims")
+                                  f"{self.head_dim} must give an even number of rotary dims (of an even head_dim)")
         if self.hidden_act != "silu":
             raise CheckpointError(f"{source}: hidden_act {self.hidden_act!r} is not supported (GLM uses silu)")
         if self.rope_theta <= 0:
@@ -167,8 +167,9 @@ class Attention(SelfAttention):
         self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
 
-    def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        qk = torch.cat([self.q_proj(x), self.k_proj(x)], dim=-1).unflatten(-1, (-1, self.head_dim))
+        return qk, self.v_proj(x).unflatten(-1, (-1, self.head_dim))
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         return self.o_proj(x)
@@ -245,7 +246,7 @@ class HFGLMModel(GLMModel):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if self.tied_lm_head:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_theta)
+        self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_theta, head_dim=config.head_dim)
 
     @property
     def transformer(self) -> Decoder:

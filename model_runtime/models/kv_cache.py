@@ -103,19 +103,19 @@ class LayerCache:
     Attention reads it in place where it can. In a decode step (`decode_rows` set by the decode
     batch: each row's slot and length) every row attends to its own slot, so a step reads the
     keys and values its rows hold and copies nothing, whatever the other slots hold: all rows
-    in one call of our CPU kernel where `native_decode` (ChatGLM-6B on AVX-512 or AVX2), else row by row
-    (on CPUs without AMX `single_query_attention` for grouped heads, and for ungrouped ones' rows
-    from LONG_ROW keys to one widened chunk in steps of MANY_ROWS rows or more; else SDPA).
-    Otherwise (a prefill, or a P-tuning prefix in front) the rows' first kv_len columns are
-    gathered and attended to under the visibility mask."""
+    in one call of our CPU kernel where `native_decode` (ChatGLM-6B on AVX-512 or AVX2); on CPUs
+    without AMX (`scratch`) row by row (`single_query_attention` for grouped heads, and for
+    ungrouped ones' rows from LONG_ROW keys to one widened chunk in steps of MANY_ROWS rows or
+    more; else SDPA); elsewhere (GPUs, AMX) in one SDPA call over the slots the rows span
+    (`DecodeRows`), reading the cache in place. Otherwise (a prefill, or a P-tuning prefix in
+    front) the rows' first kv_len columns are gathered and attended to under the visibility mask."""
 
     def __init__(self, shape: tuple[int, ...], dtype, device, scratch: Optional[torch.Tensor] = None,
                  grouped: bool = False, native_decode: Optional[str] = None):
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.native_decode = native_decode  # our kernel's code path, or None
-        self.decode_rows: Optional[Sequence[tuple[int, int]]] = None
-        self.decode_slots_lengths: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # decode_rows for our kernel
+        self.decode_rows: Optional[DecodeRows] = None
         self.whole = False  # row i of the forward is slot i, for every slot: read the whole cache in place
         self.scratch = scratch  # CPU: float32 chunk buffer of `single_query_attention`, shared by the layers
         self.grouped = grouped  # more query heads than key/value heads
@@ -139,7 +139,12 @@ class LayerCache:
              prefix_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """Attend q [B, T, heads, d] to what the rows' slots hold (see `attend`)."""
         if self.decode_rows is not None and prefix_kv is None:
-            return self._attend_in_place(q, self.decode_rows)
+            if self.native_decode:
+                return native.decode_attention(q[:, 0], self.k, self.v, *self.decode_rows.slots_lengths,
+                                               self.native_decode)[:, None]
+            if self.scratch is not None:
+                return self._attend_row_by_row(q, self.decode_rows.rows)
+            return self._attend_span(q, self.decode_rows)
         if self.whole:  # fixed shapes, no copy, no per-row loop: what a CUDA graph can capture
             keys, values, mask = with_prefix(prefix_kv, self.k[:q.shape[0]], self.v[:q.shape[0]], mask)
             return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
@@ -153,12 +158,21 @@ class LayerCache:
                                              enable_gqa=keys.shape[1] != q.shape[2])
         return out.transpose(1, 2)
 
-    def _attend_in_place(self, q: torch.Tensor, rows: Sequence[tuple[int, int]]) -> torch.Tensor:
-        """One new token per row: it sees every cached column of its slot up to its own (GLM's
-        bidirectional prefix lies before it too), so no mask is needed."""
-        if self.native_decode:
-            return native.decode_attention(q[:, 0], self.k, self.v, *self.decode_slots_lengths,
-                                           self.native_decode)[:, None]
+    def _attend_span(self, q: torch.Tensor, rows: "DecodeRows") -> torch.Tensor:
+        """One new token per row, all rows in one SDPA call over the cache's slots rows.start to
+        rows.stop, read in place up to the longest row; rows.mask hides each slot's columns past
+        its row's length (a new token sees every cached column of its slot up to its own: GLM's
+        bidirectional prefix lies before it too) and is None where every row sees them all."""
+        keys, values = self.k[rows.start:rows.stop, :, :rows.longest], self.v[rows.start:rows.stop, :, :rows.longest]
+        queries = q if rows.in_order else q.new_zeros((rows.stop - rows.start, *q.shape[1:])).index_copy_(
+            0, rows.span_index, q)
+        out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values, attn_mask=rows.mask,
+                                             enable_gqa=keys.shape[1] != q.shape[2]).transpose(1, 2)
+        return out if rows.in_order else out.index_select(0, rows.span_index)
+
+    def _attend_row_by_row(self, q: torch.Tensor, rows: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """CPUs without AMX: each row against its own slot (no mask needed), by the kernel that
+        measured fastest there for its length (see MANY_ROWS, LONG_ROW)."""
         out = torch.empty_like(q)
         many = len(rows) >= MANY_ROWS
         one_chunk = SCORE_CHUNK_ELEMENTS // (self.k.shape[1] * self.k.shape[3])  # keys widened in one go
@@ -170,6 +184,30 @@ class LayerCache:
                 out[row] = F.scaled_dot_product_attention(q[row:row + 1].transpose(1, 2), keys, values,
                                                           enable_gqa=keys.shape[1] != q.shape[2])[0].transpose(0, 1)
         return out
+
+
+class DecodeRows:
+    """A decode step's rows, (slot, length) each, and what every layer's attention needs of them,
+    made once per step from host-side lists (nothing is read back from the device): the slots'
+    and lengths' tensors of our CPU kernel; the span of slots the rows cover, where each row sits
+    in it, and the additive mask [span, 1, 1, longest] of the one-call attention (`_attend_span`;
+    None when the rows are the span's slots in order and all as long as the longest)."""
+
+    def __init__(self, rows: Sequence[tuple[int, int]], cache: torch.Tensor):
+        self.rows = rows
+        slots, lengths = [slot for slot, _ in rows], [length for _, length in rows]
+        self.slots_lengths = (torch.tensor(slots), torch.tensor(lengths))
+        self.start, self.stop, self.longest = min(slots), max(slots) + 1, max(lengths)
+        self.in_order = slots == list(range(self.start, self.stop))
+        self.span_index = None if self.in_order else torch.tensor(slots, device=cache.device) - self.start
+        self.mask = None
+        if not (self.in_order and min(lengths) == self.longest):
+            seen = [1] * (self.stop - self.start)  # slots of no row: one column, so no row is all -inf
+            for slot, length in rows:
+                seen[slot - self.start] = length
+            hidden = torch.arange(self.longest) >= torch.tensor(seen)[:, None]
+            mask = torch.zeros(hidden.shape, dtype=cache.dtype).masked_fill_(hidden, float("-inf"))
+            self.mask = mask[:, None, None].to(cache.device)
 
 
 class KVCache:
@@ -195,11 +233,9 @@ class KVCache:
         attention then reads each slot in place); None for any other forward. whole: the next
         forward has one row per slot, row i being slot i (the mask says what each row sees), and
         attends to the whole cache without copying it: fixed shapes for a compiled decode step."""
-        slots_lengths = None if rows is None else (torch.tensor([slot for slot, _ in rows]),
-                                                   torch.tensor([length for _, length in rows]))
+        decode_rows = None if rows is None else DecodeRows(rows, self.layers[0].k)  # once per step, not per layer
         for layer in self.layers:
-            layer.decode_rows = rows
-            layer.decode_slots_lengths = slots_lengths  # made once per step, not once per layer
+            layer.decode_rows = decode_rows
             layer.whole = whole
 
     def mark_static_addresses(self) -> None:

@@ -327,11 +327,11 @@ class DecodeBatch:
         if self.whole_decode:
             self._step_whole(seqs)
             return
-        index = torch.tensor([len(s.tokens) - 1 for s in seqs])
+        index = [len(s.tokens) - 1 for s in seqs]  # host-side lists: no tensor is read back here
         tokens = torch.tensor([[s.tokens[-1]] for s in seqs])
-        positions = torch.stack([s.layout.positions(i, i + 1) for s, i in zip(seqs, index.tolist())])
+        positions = torch.stack([s.layout.positions(i, i + 1) for s, i in zip(seqs, index)])
         self.cache.set_decode_rows([(s.slot, len(s.tokens)) for s in seqs])  # attention reads each slot in place
-        hidden = self._forward(seqs, tokens, positions, index[:, None], int(index.max()) + 1)
+        hidden = self._forward(seqs, tokens, positions, torch.tensor(index)[:, None], max(index) + 1)
         for seq in seqs:
             seq.kv_len = len(seq.tokens)
         self._sample(seqs, hidden[:, -1])

@@ -119,17 +119,20 @@ class Engine:
     slots: sequences decoded together at most (KV-cache rows, each of `context_length` tokens);
     max_queue: requests allowed to wait beyond those; step_delay: seconds to sleep per step
     (a debugging aid that makes streams slow enough to watch); cuda_graphs: decode steps over
-    every slot with fixed shapes, compiled into CUDA graphs (decode_batch.DecodeBatch);
+    every slot with fixed shapes, compiled into CUDA graphs (decode_batch.DecodeBatch); None:
+    on a CUDA GPU, where a step of many small kernels otherwise waits on their launches;
     prefill_chunk: about how many prompt tokens' worth of work a step reads (0: every prompt
     whole at once; None: `default_prefill_chunk` for the model's device)."""
 
     def __init__(self, tokenizer, model, *, slots: int = 8, max_queue: int = 64, context_length: Optional[int] = None,
                  name: str = "chatglm-6b", random_weights: bool = False, step_delay: float = 0.0,
-                 cuda_graphs: bool = False, prefill_chunk: Optional[int] = None):
+                 cuda_graphs: Optional[bool] = None, prefill_chunk: Optional[int] = None):
         if prefill_chunk is None:
             prefill_chunk = default_prefill_chunk(model.device)
         if slots < 1 or max_queue < 0 or prefill_chunk < 0:
             raise ValueError("slots must be >= 1, max_queue and prefill_chunk >= 0")
+        if cuda_graphs is None:
+            cuda_graphs = model.device.type == "cuda"
         if cuda_graphs and model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA GPU, not on {model.device.type}")
         self.tokenizer = tokenizer

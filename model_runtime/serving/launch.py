@@ -39,7 +39,7 @@ def load_for_serving(model: str = "THUDM/chatglm-6b", *, device: str = "auto", d
 
 def start_engine(model: str = "THUDM/chatglm-6b", *, device: str = "auto", dtype=None,
                  tiny_random: Union[bool, str] = False, slots: Optional[int] = None, max_queue: int = 64,
-                 step_delay: float = 0.0, context_length: Optional[int] = None, cuda_graphs: bool = False,
+                 step_delay: float = 0.0, context_length: Optional[int] = None, cuda_graphs: Optional[bool] = None,
                  prefill_chunk: Optional[int] = None, **load_kwargs) -> Engine:
     """Load a checkpoint (or build a tiny random one, see load_for_serving) and start an engine on it.
 
@@ -48,7 +48,8 @@ def start_engine(model: str = "THUDM/chatglm-6b", *, device: str = "auto", dtype
     context_length: tokens per sequence (prompt plus answer); by default the model's own, at most
     DEFAULT_CONTEXT (GLM-4's 128k tokens would take 5 GiB of KV cache per slot).
     prefill_chunk: prompt tokens read per engine step (0: each prompt whole); by default the
-    engine's for the device."""
+    engine's for the device.
+    cuda_graphs: the compiled fixed-shape decode step; None: on a CUDA GPU (Engine)."""
     if pick_device(device).type == "cpu":
         native.build_in_background()  # our CPU kernels (if this CPU runs them) build while the weights load
     tokenizer, net, name = load_for_serving(model, device=device, dtype=dtype, tiny_random=tiny_random, **load_kwargs)
