@@ -28,10 +28,12 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from benchmarks.common import CACHE, CHATGLM_6B, fastest_read_gbs, print_table, read_paths, report, run_worker
+from benchmarks.common import (CACHE, CHATGLM_6B, fastest_read_gbs, print_table, read_paths, report, run_worker,
+                               write_random_checkpoint)
 from benchmarks.quant import best_time
 from model_runtime import native
 from model_runtime.quant.backends import KERNELS
@@ -124,17 +126,25 @@ def prefill(bits, isa, layers, rows, generator) -> dict:
             f"prefill{rows}_linears_tok_s": round(rows / (CHATGLM_6B["num_layers"] * seconds), 1)}
 
 
+def serving_checkpoint(bits: int, args) -> Path:
+    """What the serving worker loads at this width (args.layers layers): the random float16
+    checkpoint for bfloat16, else benchmarks/quant.py's saved quantized one, made from it here
+    if missing."""
+    checkpoint = write_random_checkpoint(CACHE / f"chatglm-6b-random-{args.layers}l",
+                                         dict(CHATGLM_6B, num_layers=args.layers))
+    if bits == 16:
+        return checkpoint
+    saved = CACHE / f"chatglm-6b-random-{args.layers}l-int{bits}"
+    if not (saved / "config.json").exists():
+        quant_worker("onthefly", bits, args, {}, checkpoint=checkpoint, out=saved)
+    return saved
+
+
 def model_rows(args) -> list[dict]:
     """benchmarks/quant.py's serving worker per width and path (forced paths in their own process)."""
-    from benchmarks.common import write_random_checkpoint
-
-    sizes = dict(CHATGLM_6B, num_layers=args.layers)
-    checkpoint = write_random_checkpoint(CACHE / f"chatglm-6b-random-{args.layers}l", sizes)
     rows = []
     for bits in args.bits:
-        source = checkpoint if bits == 16 else CACHE / f"chatglm-6b-random-{args.layers}l-int{bits}"
-        if bits != 16 and not (source / "config.json").exists():
-            quant_worker("onthefly", bits, args, {}, checkpoint=checkpoint, out=source)
+        source = serving_checkpoint(bits, args)
         for isa in args.paths:
             row = quant_worker("serve", bits, args, {native.ISA_VARIABLE: isa}, checkpoint=source)
             rows.append({"path": isa, **row})
