@@ -1,7 +1,8 @@
 """Chunked prefill (DecodeBatch.prefill with a budget, the engine's prefill_chunk): a prompt read
 over several steps gives the same logits, keys, values and greedy tokens as one read whole, in
 every family (ChatGLM-6B's bidirectional prompt goes layer by layer, the causal ones by tokens),
-running answers keep getting tokens meanwhile, and a request cancelled mid-prefill frees its slot."""
+running answers keep getting tokens meanwhile, a request cancelled mid-prefill frees its slot, and
+the default budget is paced by the step times measured (pacing.PrefillPace)."""
 import time
 
 import pytest
@@ -12,6 +13,7 @@ from model_runtime.loading.loader import load_model
 from model_runtime.protocol import ChatRequest, Message, SamplingParams
 from model_runtime.serving.decode_batch import DecodeBatch, chunk_cost, generate, new_sequence
 from model_runtime.serving.engine import Engine
+from model_runtime.serving.pacing import IDLE_STEP_S, STALL_STEPS, PrefillPace
 from model_runtime.tiny.checkpoint import write_tiny_checkpoint
 from model_runtime.tokenizers.hf_json import JSONTokenizer
 from model_runtime.tiny.glm_hf import TINY_HF
@@ -195,3 +197,40 @@ def test_cancel_mid_prefill_frees_the_slot(models, family):
         assert list(engine.submit(request("早上好", max_new_tokens=5)))[-1].finish_reason in ("stop", "length")
     finally:
         engine.close()
+
+
+def test_the_default_budget_is_paced_by_measured_step_times():
+    pace = PrefillPace(32)
+    assert pace.budget(decoding=True) == pace.budget(decoding=False) == 32  # nothing measured yet
+    pace.read(0.064, 32, used_up=True)  # 2 ms a token's worth
+    assert pace.budget(decoding=False) == int(IDLE_STEP_S / 0.002)  # nobody waits: about a second a step
+    assert pace.budget(decoding=True) == 32  # no decode step measured yet
+    pace.decoded(0.020)
+    assert pace.budget(decoding=True) == int(STALL_STEPS * 0.020 / 0.002)  # a step of STALL_STEPS decode steps
+    pace.read(5.0, 32, used_up=False)  # the prompt ended early: says nothing of the rate
+    assert pace.budget(decoding=True) == int(STALL_STEPS * 0.020 / 0.002)
+    for _ in range(20):
+        pace.decoded(0.0001)  # decode steps far faster than a token's reading: never under the floor
+    assert pace.budget(decoding=True) == 32
+    fixed, whole = PrefillPace(32, paced=False), PrefillPace(0)
+    for measured in (fixed, whole):
+        measured.read(0.064, 32, used_up=True)
+        measured.decoded(0.020)
+    assert fixed.budget(decoding=False) == fixed.budget(decoding=True) == 32
+    assert whole.budget(decoding=False) is None
+
+
+def test_an_engine_paces_its_default_budget_and_keeps_a_chosen_one(models):
+    tokenizer, model = models["glm4"]
+    for chunk in (None, 4):
+        engine = Engine(tokenizer, model, slots=2, prefill_chunk=chunk)
+        try:
+            answer = list(engine.submit(request(LONG_QUERY, max_new_tokens=3)))
+            assert answer[-1].finish_reason in ("stop", "length")
+            budget = engine.pace.budget(decoding=False)
+        finally:
+            engine.close()
+        if chunk is None:  # measured its reading: a tiny model reads far more than the floor in a second
+            assert engine.pace.token_s is not None and budget > engine.prefill_chunk
+        else:
+            assert budget == 4

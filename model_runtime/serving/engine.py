@@ -38,6 +38,7 @@ from ..chat.tool_calls import ToolReader
 from ..protocol import ChatEvent, ChatRequest, EngineBusy, InvalidRequest
 from .admission import model_info, prepare
 from .decode_batch import CUDA_GRAPHS, DecodeBatch, Sequence
+from .pacing import PrefillPace
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +49,9 @@ MAX_FAILED_STEPS = 3  # consecutive failed steps after which the scheduler gives
 JOIN_GRACE_S = 30.0  # close() waits this much past the drain time for the step in progress
 SHUTDOWN_MESSAGE = "the server is shutting down; this answer was cut off"
 INTERNAL_ERROR = "internal error in the engine; see the server log"
-# Prompt tokens' worth of work read per engine step, by device type. CPU: measured with
-# benchmarks/chunked_prefill.py (docs/chunked-prefill.md); GPUs: not measured here, the order of
-# llama.cpp's and vLLM's batches (a GPU reads 512 tokens in about the time of one decode step).
+# The least prompt tokens' worth of work read per engine step, by device type (pacing.py reads
+# more where steps are fast). CPU: measured with benchmarks/chunked_prefill.py
+# (docs/chunked-prefill.md); GPUs: not measured here, the order of llama.cpp's and vLLM's batches.
 CPU_PREFILL_CHUNK = 32
 GPU_PREFILL_CHUNK = 512
 
@@ -121,12 +122,14 @@ class Engine:
     (a debugging aid that makes streams slow enough to watch); cuda_graphs: decode steps over
     every slot with fixed shapes, compiled into CUDA graphs (decode_batch.DecodeBatch); None:
     on a CUDA GPU, where a step of many small kernels otherwise waits on their launches;
-    prefill_chunk: about how many prompt tokens' worth of work a step reads (0: every prompt
-    whole at once; None: `default_prefill_chunk` for the model's device)."""
+    prefill_chunk: the prompt tokens' worth of work a step reads (0: every prompt whole at
+    once; None: `default_prefill_chunk` for the model's device, on CPUs paced up by measured
+    step times: pacing.PrefillPace)."""
 
     def __init__(self, tokenizer, model, *, slots: int = 8, max_queue: int = 64, context_length: Optional[int] = None,
                  name: str = "chatglm-6b", random_weights: bool = False, step_delay: float = 0.0,
                  cuda_graphs: Optional[bool] = None, prefill_chunk: Optional[int] = None):
+        paced = prefill_chunk is None and model.device.type == "cpu"  # a GPU step's time needs a sync
         if prefill_chunk is None:
             prefill_chunk = default_prefill_chunk(model.device)
         if slots < 1 or max_queue < 0 or prefill_chunk < 0:
@@ -141,6 +144,7 @@ class Engine:
         self.slots = slots
         self.step_delay = step_delay
         self.prefill_chunk = prefill_chunk
+        self.pace = PrefillPace(prefill_chunk, paced)
         self.batch = DecodeBatch(model, slots, context_length or model.config.max_sequence_length,
                                  vocab_size=tokenizer.vocab_size, compile_options=CUDA_GRAPHS if cuda_graphs else None)
         self.info = model_info(tokenizer, model, name=name, context_length=self.batch.max_len,
@@ -280,9 +284,13 @@ class Engine:
                     self._lock.wait(timeout=IDLE_POLL_S)
                 return
         if reading:
-            self._forward(lambda seqs: self.batch.prefill(seqs, self.prefill_chunk or None), reading)
+            budget, started = self.pace.budget(decoding=bool(ongoing)), time.perf_counter()
+            self._forward(lambda seqs: self.batch.prefill(seqs, budget), reading)
+            self.pace.read(time.perf_counter() - started, budget, any(job.seq.prefilling for job in reading))
         if ongoing:
+            started = time.perf_counter()
             self._forward(self.batch.step, ongoing)
+            self.pace.decoded(time.perf_counter() - started)
         self._publish([job for job in reading if not job.seq.prefilling] + ongoing)
         if self.step_delay:
             time.sleep(self.step_delay)
