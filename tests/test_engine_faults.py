@@ -164,3 +164,14 @@ def test_a_dead_scheduler_ends_every_stream_and_refuses_new_requests(engine):
     with pytest.raises(EngineBusy, match="internal error"):
         eng.submit(request("你好"))
     assert time.monotonic() - started < budget(0.5)  # refused before any work
+
+
+def test_a_failed_prompt_read_teaches_the_pace_nothing(engine):
+    """The default budget is paced by measured reading (pacing.py): a read that raised at once
+    must not count as a fast one, or the next prompts would be read in one long stall."""
+    eng = engine()
+    long_prompt = "FORWARD " + "请告诉我明天北京的天气怎么样，还有上海和广州的。" * 4  # longer than the first step's 32
+    assert final(eng.submit(request(long_prompt, max_length=512)))[-1].finish_reason == "error"
+    assert eng.pace.token_s is None
+    assert final(eng.submit(request(long_prompt[len("FORWARD "):], max_length=512)))[-1].finish_reason in ("stop", "length")
+    assert eng.pace.token_s is not None  # a read that worked is measured

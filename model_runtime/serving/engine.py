@@ -286,7 +286,8 @@ class Engine:
         if reading:
             budget, started = self.pace.budget(decoding=bool(ongoing)), time.perf_counter()
             self._forward(lambda seqs: self.batch.prefill(seqs, budget), reading)
-            self.pace.read(time.perf_counter() - started, budget, any(job.seq.prefilling for job in reading))
+            still_reading = any(job.seq.prefilling and not job.done for job in reading)  # a failed read ends its job
+            self.pace.read(time.perf_counter() - started, budget, still_reading)
         if ongoing:
             started = time.perf_counter()
             self._forward(self.batch.step, ongoing)
