@@ -19,10 +19,10 @@
 //     bfloat16 weights go to `vdpbf16ps` as they are.
 //   - AVX2 has no bfloat16 dot product, and only 16 vector registers: activations in float32, rows
 //     of the weight widened to float32 in registers and multiplied with FMA, at most 2 activation
-//     rows per pass. INT4: a 32-byte load is 8 words of 8 nibbles, offset once to unsigned; nibble j
-//     of every word becomes an exact integer with one AND and a float with one convert (the
-//     activations permuted and scaled once per call to line up with it; see int4_block_avx2). bfloat16: the even element of
-//     each 32-bit word is the word shifted left by 16, the odd one the word with its low half
+//     rows per pass. INT4: a 32-byte load is 8 words of 8 nibbles, offset once to unsigned;
+//     nibble j of every word becomes an exact integer with one AND and a float with one convert
+//     (the activations permuted and scaled once per call to line up with it; see
+//     int4_block_avx2). bfloat16: the even element of each 32-bit word is the word shifted left by 16, the odd one the word with its low half
 //     cleared (activations split into evens and odds once per call). INT8: bytes widened.
 // Products are exact (bf16 x 8-bit integer; float32 x integer in FMA); only the float32 summation
 // order differs from the float64 reference. (AVX-512 INT4 rounds float32 activations to bf16; the

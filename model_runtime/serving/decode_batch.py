@@ -277,7 +277,7 @@ class DecodeBatch:
                     self._layerwise[seq] = LayerwisePrefill(self.model, self.cache, seq.prompt, seq.layout,
                                                             seq.slot, seq.kv_len)
                 state = self._layerwise[seq]
-                left -= state.advance(left * layers, todo) / layers
+                left -= state.advance(left * layers) / layers
                 if state.done:
                     read.append((seq, state))
             else:

@@ -61,11 +61,11 @@ class LayerwisePrefill:
     def done(self) -> bool:
         return self.layer == len(self.model.transformer.layers)
 
-    def advance(self, budget: float, most: int) -> float:
-        """Run ranges of at most `most` tokens through a layer's parts until about `budget`
-        token-layers of work are spent (at least one range; see attention_share); returns what
-        was spent. The engine lets a range be as long as the budget allows (a step's budget of
-        B tokens x layers is B x layers rows of one layer): with ranges capped at a causal
+    def advance(self, budget: float) -> float:
+        """Run ranges of tokens through a layer's parts until about `budget` token-layers of
+        work are spent (at least one range; see attention_share); returns what was spent. A
+        range is as long as the budget allows (a step's budget of B tokens x layers is B x layers
+        rows of one layer), never capped at a causal chunk's size: with ranges capped at a causal
         chunk's size (32 / 128 tokens) a 2034-token prompt of a mid-size model took 1.8x / 1.3x
         the time of one forward, uncapped 1.2x / 1.1x (benchmarks/chunked_prefill.py's model,
         alone). The state moves only after each range has run, so a range that raises can be
@@ -77,7 +77,7 @@ class LayerwisePrefill:
             layer, cache = layers[self.layer], self.cache.layers[self.layer]
             if self.keys_written < n:
                 start = self.keys_written
-                end = _range_end(start, n, most, (budget - spent) / KEYS_SHARE)
+                end = _range_end(start, n, (budget - spent) / KEYS_SHARE)
                 _, queries = layer.write_keys(self.hidden[:, start:end], self.cos[:, start:end], self.sin[:, start:end],
                                               self.slots, self.cache_positions[:, start:end], cache)
                 if self.queries is None:
@@ -87,7 +87,7 @@ class LayerwisePrefill:
                 spent += (end - start) * KEYS_SHARE
                 continue
             row_cost = 1 - KEYS_SHARE + attention_share(self.length, self.hidden.shape[-1])
-            start, end = self.rows_done, _range_end(self.rows_done, n, most, (budget - spent) / row_cost)
+            start, end = self.rows_done, _range_end(self.rows_done, n, (budget - spent) / row_cost)
             rows = self.hidden[:, start:end]
             mask = attention_mask(self.prefix_len, self.cache_positions[:, start:end], self.length)
             self.output[:, start:end] = layer.finish(rows, layer.input_layernorm(rows), self.queries[:, start:end],
@@ -104,7 +104,6 @@ class LayerwisePrefill:
         return self.model.transformer.final_layernorm(self.hidden[0, -1])
 
 
-def _range_end(start: int, n: int, most: int, tokens: float) -> int:
-    """The end of the next range from start: `tokens` of them, at least MIN_RANGE, at most `most`
-    (and at least 1), at most to n."""
-    return min(n, start + max(1, min(most, max(MIN_RANGE, int(tokens)))))
+def _range_end(start: int, n: int, tokens: float) -> int:
+    """The end of the next range from start: `tokens` of them, at least MIN_RANGE, at most to n."""
+    return min(n, start + max(MIN_RANGE, int(tokens)))

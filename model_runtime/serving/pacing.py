@@ -3,7 +3,8 @@
 A fixed token budget cannot fit every machine: on a GPU 512 tokens take about one decode step, on
 two CPU cores 32 tokens of a mid-size model take about two, and the same 32 tokens of a full-size
 one take two seconds. So by default the budget is paced by time (a `--prefill-chunk` given
-explicitly is kept fixed). The device's floor (engine.default_prefill_chunk) stays; above it a step reads as many tokens as fit in STALL_STEPS decode steps while answers are running (their
+explicitly is kept fixed). The device's floor (engine.default_prefill_chunk) stays; above it a
+step reads as many tokens as fit in STALL_STEPS decode steps while answers are running (their
 longest gap is then about STALL_STEPS + 1 of their usual ones, and the newcomer pays about one
 decode step per STALL_STEPS of its own reading), or in IDLE_STEP_S when nothing else runs (few
 steps, so a lone prompt reads almost as fast as unchunked, while a cancel or a deadline still
