@@ -18,6 +18,9 @@ HEALTH_BUDGET_S = budget(0.2)
 
 
 def chat_body(messages, **fields) -> dict:
+    """A /v1 request body. Long answers are asked greedy (temperature 0): the tiny model's greedy
+    answer runs past 200 tokens, while a sampled one ends in a stop token now and then (1 in about
+    40 ended after 18 tokens, which made a 'still running' test flaky)."""
     return {"model": MODEL_NAME, "max_tokens": 4, "messages": messages, **fields}
 
 
@@ -115,8 +118,8 @@ def test_a_disconnected_non_streamed_request_frees_its_slot(served):
     served.wait_for(lambda m: m["active_sequences"] == 0 and m["queue_length"] == 0)
     cancelled = served.metrics()["requests_cancelled"]
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(served.url + "/v1/chat/completions", json=chat_body([{"role": "user", "content": "你好"}],
-                                                                        max_tokens=2000), timeout=1.0)
+        httpx.post(served.url + "/v1/chat/completions", timeout=1.0,
+                   json=chat_body([{"role": "user", "content": "你好"}], max_tokens=2000, temperature=0))
     left = time.monotonic()
     after = served.wait_for(lambda m: m["active_sequences"] == 0, timeout=1.0)
     assert after["requests_cancelled"] == cancelled + 1
@@ -127,7 +130,7 @@ def test_queue_size_governs_v1_with_429_and_retry_after(served):
     """slots 2 + queue 4: six long answers are taken, the seventh is refused at once."""
     served.wait_for(lambda m: m["active_sequences"] == 0 and m["queue_length"] == 0)
     clients, streams = [], []
-    body = chat_body([{"role": "user", "content": "你好"}], max_tokens=2000, stream=True)
+    body = chat_body([{"role": "user", "content": "你好"}], max_tokens=2000, stream=True, temperature=0)
     try:
         for _ in range(6):
             client = httpx.Client(base_url=served.url, timeout=30)
