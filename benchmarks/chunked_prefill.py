@@ -7,11 +7,13 @@ what chunking costs the newcomer, with and without chunks, measured in the same 
 A mid-size random model per family (ChatGLM-6B's shape scaled down as in benchmarks/concurrency.py:
 hidden 1024, 8 layers, 16 heads, MLP 4096; the tiny tokenizer's vocabulary), bfloat16 on CPU,
 written and loaded like a real checkpoint. For each prefill chunk (0: the whole prompt at
-once, as before; auto: the engine's default, paced by measured step times) a fresh engine decodes `--streams` greedy answers to short prompts; once each
+once; auto: the engine's default, paced by measured step times, prompt chunks and decode rows in
+one packed forward for the causal families; auto-apart: paced, a prompt step then a decode
+step, as before packing) a fresh engine decodes `--streams` greedy answers to short prompts; once each
 has `--before` tokens a newcomer with a `--newcomer`-token prompt arrives, and the streams go on
 until each has `--after` tokens more than when the newcomer's first token came. A running
-stream's tokens are timed where they are made: the end of each decode step that gave it one (the
-benchmark wraps the engine's `DecodeBatch.step`), so a gap is exactly the time between two of its
+stream's tokens are timed where they are made: the end of each step that gave it one (the
+benchmark wraps the engine's `DecodeBatch.step` and `prefill_and_step`), so a gap is exactly the time between two of its
 tokens. The longest gap is set against the stream's median gap (`worst_gap_ratio`, the issue's
 measure) and, stricter, against its median gap before the newcomer came (`worst_gap_vs_before`:
 during a long read more than half a short stream's gaps may be chunk steps). What a client sees
@@ -67,24 +69,34 @@ def ask(query: str, max_new_tokens: int) -> ChatRequest:
                                                temperature=0))
 
 
+PACED = ("auto", "auto-apart")  # the engine's default budget; "-apart": prompt and decode steps not packed
+
+
 def chunk_setting(text: str):
-    """A --chunks value: "auto" (kept as is) or a token count."""
-    return text if text == "auto" else int(text)
+    """A --chunks value: one of PACED (kept as is) or a token count."""
+    return text if text in PACED else int(text)
 
 
 def one_run(tokenizer, model, chunk, args) -> dict:
     """One engine, `args.streams` running answers, one newcomer: gaps and the newcomer's TTFT."""
     engine = Engine(tokenizer, model, slots=args.streams + 1, max_queue=0,
-                    context_length=MID_SIZE.max_sequence_length, prefill_chunk=None if chunk == "auto" else chunk)
+                    context_length=MID_SIZE.max_sequence_length, prefill_chunk=None if chunk in PACED else chunk)
     newcomer_text = long_text(tokenizer, args.newcomer)  # before any stream runs: the client's work, not the server's
-    step_ends = []  # (when a decode step ended, the sequences it gave a token)
-    decode_step = engine.batch.step
+    step_ends = []  # (when a step that decodes ended, the sequences it gave a token)
+    decode_step, packed_step = engine.batch.step, engine.batch.prefill_and_step
 
     def timed_step(seqs):
         decode_step(seqs)
         step_ends.append((time.perf_counter(), {id(seq) for seq in seqs}))
 
-    engine.batch.step = timed_step
+    def timed_packed_step(reading, decoding, budget):
+        read = packed_step(reading, decoding, budget)
+        step_ends.append((time.perf_counter(), {id(seq) for seq in decoding}))
+        return read
+
+    engine.batch.step, engine.batch.prefill_and_step = timed_step, timed_packed_step
+    if chunk == "auto-apart":
+        engine.batch.packs = lambda reading: False  # the baseline: a prompt step, then a decode step
     try:
         list(engine.submit(ask("你好", 4)))  # warm up
         timelines = [[] for _ in range(args.streams)]  # (time, tokens so far) per event
@@ -147,8 +159,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=["chatglm", "glm4"], choices=["chatglm", "chatglm2",
                                                                                        "chatglm3", "glm4"])
-    parser.add_argument("--chunks", type=chunk_setting, nargs="+", default=["auto", 32, 128],
-                        help="prefill chunks to measure: tokens, fixed, or auto (the engine's default, paced by time)")
+    parser.add_argument("--chunks", type=chunk_setting, nargs="+", default=["auto", "auto-apart", 128],
+                        help="prefill chunks to measure: tokens, fixed, or auto (the engine's default, paced by "
+                             "time; causal models pack prompt chunks and decode rows into one forward), auto-apart "
+                             "(paced, never packed: the earlier way)")
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--newcomer", type=int, default=2048, help="the newcomer's prompt tokens")
     parser.add_argument("--before", type=int, default=16, help="tokens each stream has when the newcomer comes")

@@ -13,7 +13,7 @@ from model_runtime.loading.loader import load_model
 from model_runtime.protocol import ChatRequest, Message, SamplingParams
 from model_runtime.serving.decode_batch import DecodeBatch, chunk_cost, generate, new_sequence
 from model_runtime.serving.engine import Engine
-from model_runtime.serving.pacing import IDLE_STEP_S, STALL_STEPS, PrefillPace
+from model_runtime.serving.pacing import GAP_STEPS, IDLE_STEP_S, PrefillPace
 from model_runtime.tiny.checkpoint import write_tiny_checkpoint
 from model_runtime.tokenizers.hf_json import JSONTokenizer
 from model_runtime.tiny.glm_hf import TINY_HF
@@ -136,6 +136,88 @@ def test_a_newcomer_read_in_chunks_while_others_decode_changes_no_answer(models,
     assert [s.generated for s in running + [newcomer]] == alone
 
 
+CAUSAL = ("chatglm2", "chatglm3", "glm4") + HF_FAMILIES
+
+
+def run_newcomers_beside_running_answers(batch, tokenizer, packed):
+    """Two answers decode while two newcomers are read 10 tokens' worth a step, until all end:
+    each step packed into one forward (`prefill_and_step`) or apart (`prefill`, then `step`).
+    Returns (answers, the logits each sequence sampled from, forwards run while both ran)."""
+    model = batch.model
+    prompts = [encode(tokenizer, q) for q in ("你好", "How is the weather in Shanghai today?", LONG_QUERY, "早上好" * 9)]
+    seqs = [new_sequence(model, prompt, GREEDY) for prompt in prompts]
+    for seq in seqs:
+        batch.admit(seq)
+    batch.prefill(seqs[:2])
+    seen = {id(seq): [] for seq in seqs}
+    original = batch._sample
+
+    def recording(sampled, hidden):
+        for seq, row in zip(sampled, batch.model.logits(hidden)):
+            seen[id(seq)].append(row)
+        original(sampled, hidden)
+
+    forwards = []
+    hook = model.register_forward_hook(lambda module, args, output: forwards.append(args[0].shape))
+    batch._sample = recording
+    mixed = 0
+    try:
+        while any(not seq.finished for seq in seqs):
+            reading = [seq for seq in seqs if seq.prefilling]
+            decoding = [seq for seq in seqs if not seq.prefilling and not seq.finished]
+            if reading and decoding:
+                before = len(forwards)
+                if packed:
+                    assert batch.packs(reading)
+                    batch.prefill_and_step(reading, decoding, 10)
+                else:
+                    batch.prefill(reading, 10)
+                    batch.step(decoding)
+                mixed += len(forwards) - before
+            elif reading:
+                batch.prefill(reading, 10)
+            else:
+                batch.step(decoding)
+    finally:
+        batch._sample = original
+        hook.remove()
+    return [seq.generated for seq in seqs], [seen[id(seq)] for seq in seqs], mixed
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+@pytest.mark.parametrize("prefix", [False, True], ids=["", "p-tuning"])
+def test_prompts_packed_with_decode_rows_read_and_answer_as_apart(models, family, prefix):
+    """prefill_and_step: prompt chunks and the running answers' new tokens in ONE forward per
+    step give the same greedy answers and, at every token, the same logits as a prompt step and
+    a decode step apart, for every causal family, with a P-tuning prefix too (the decode rows
+    then attend one by one, like chunks of a token)."""
+    tokenizer, model = models[family]
+    if prefix:
+        torch.manual_seed(0)
+        config = model.config
+        model.set_prefix(torch.randn(2 * config.num_layers, config.kv_heads, 5, config.head_dim))
+    try:
+        runs = [run_newcomers_beside_running_answers(
+            DecodeBatch(model, slots=4, max_len=GREEDY.max_length, vocab_size=tokenizer.vocab_size), tokenizer,
+            packed) for packed in (False, True)]
+    finally:
+        model.set_prefix(None)
+    (apart, apart_logits, apart_forwards), (packed, packed_logits, packed_forwards) = runs
+    assert packed == apart and all(len(answer) > 3 for answer in apart)
+    for rows_apart, rows_packed in zip(apart_logits, packed_logits):
+        torch.testing.assert_close(torch.stack(rows_packed), torch.stack(rows_apart), rtol=1e-4, atol=1e-4)
+    assert packed_forwards >= 5 and apart_forwards == 2 * packed_forwards  # one forward a step, not two
+
+
+def test_the_fixed_shape_decode_step_and_bidirectional_prompts_are_never_packed(models):
+    tokenizer, model = models["glm4"]
+    assert DecodeBatch(model, slots=2, max_len=64).packs([])
+    assert not DecodeBatch(model, slots=2, max_len=64, whole_decode=True).packs([])
+    tokenizer, model = models["chatglm"]
+    seq = new_sequence(model, encode(tokenizer, LONG_QUERY), GREEDY)
+    assert not DecodeBatch(model, slots=2, max_len=64).packs([seq])
+
+
 def test_a_budget_shared_by_several_prompts_reads_them_in_order(models):
     tokenizer, model = models["glm4"]
     batch = DecodeBatch(model, slots=3, max_len=GREEDY.max_length, vocab_size=tokenizer.vocab_size)
@@ -177,6 +259,30 @@ def test_engine_streams_keep_going_while_a_long_prompt_is_read(models, family):
     assert tokens_meanwhile[4] >= tokens_meanwhile[0] + 20
 
 
+def test_the_engine_packs_a_newcomers_prompt_with_the_running_answers(models):
+    """While a causal model's newcomer is read, every forward the engine runs is one packed row
+    (a prompt chunk and the running answer's token), never a prompt step and a decode step."""
+    tokenizer, model = models["glm4"]
+    forwards = []
+    hook = model.register_forward_hook(lambda module, args, output: forwards.append(tuple(args[0].shape)))
+    engine = Engine(tokenizer, model, slots=2, prefill_chunk=4, step_delay=0.02)
+    try:
+        running = iter(engine.submit(request("你好", max_new_tokens=200)))
+        while next(running).kind != "delta":
+            pass
+        first = len(forwards)
+        newcomer = list(engine.submit(request(LONG_QUERY, max_new_tokens=3)))
+    finally:
+        engine.close()
+        hook.remove()
+    during = forwards[first:]
+    reading = [i for i, (_, length) in enumerate(during) if length > 1]
+    assert len(reading) >= 10 and all(during[i][0] == 1 for i in reading)  # one packed row each
+    # the whole prompt, read beside the running answer's tokens: one each step
+    assert sum(during[i][1] - 1 for i in reading) == newcomer[-1].prompt_tokens
+    assert all(length > 1 for _, length in during[reading[0]:reading[-1] + 1])  # no decode step of its own
+
+
 @pytest.mark.parametrize("family", ["chatglm", "glm4"])
 def test_cancel_mid_prefill_frees_the_slot(models, family):
     tokenizer, model = models[family]
@@ -206,9 +312,12 @@ def test_the_default_budget_is_paced_by_measured_step_times():
     assert pace.budget(decoding=False) == int(IDLE_STEP_S / 0.002)  # nobody waits: about a second a step
     assert pace.budget(decoding=True) == 32  # no decode step measured yet
     pace.decoded(0.020)
-    assert pace.budget(decoding=True) == int(STALL_STEPS * 0.020 / 0.002)  # a step of STALL_STEPS decode steps
+    # Running answers wait GAP_STEPS gaps: the step itself when packed with their decode rows,
+    # the step then their decode step when apart.
+    assert pace.budget(decoding=True, packed=True) == int(GAP_STEPS * 0.020 / 0.002)
+    assert pace.budget(decoding=True) == int((GAP_STEPS - 1) * 0.020 / 0.002)
     pace.read(5.0, 32, used_up=False)  # the prompt ended early: says nothing of the rate
-    assert pace.budget(decoding=True) == int(STALL_STEPS * 0.020 / 0.002)
+    assert pace.budget(decoding=True) == int((GAP_STEPS - 1) * 0.020 / 0.002)
     for _ in range(20):
         pace.decoded(0.0001)  # decode steps far faster than a token's reading: never under the floor
     assert pace.budget(decoding=True) == 32

@@ -50,13 +50,15 @@ class FaultyModel:
     """The wrapped model, failing on purpose for prompts holding a trigger word:
     ADMIT: its layout cannot be read, so admission fails; FORWARD: its prefill raises;
     SAMPLE: it is made to say "a" three times, then its logits overflow the sampler; KILL: its
-    prefill raises SchedulerKilled."""
+    prefill raises SchedulerKilled. A packed forward (one row with a slot per token: prompt
+    chunks beside running answers' tokens) raises the same way but starts no SAMPLE fault."""
 
     def __init__(self, model, tokenizer):
         self._model = model
         self._tokenizer = tokenizer
         self._sample_faults: dict[int, int] = {}  # slot of a SAMPLE prompt -> tokens sampled
         self._last_slots: list[int] = []
+        self.failed_forwards: list[tuple[int, int]] = []  # the token shapes of the forwards that raised
         self._letter_a = tokenizer.encode("a", add_special_tokens=False)[0]
 
     def __getattr__(self, name):
@@ -73,7 +75,11 @@ class FaultyModel:
             if any("KILL" in text for text in texts):
                 raise SchedulerKilled()
             if any("FORWARD" in text for text in texts):
+                self.failed_forwards.append(tuple(tokens.shape))
                 raise RuntimeError("simulated kernel failure")
+            if slots.dim() == 2:  # packed: which rows it samples is the decode batch's business
+                self._last_slots = []
+                return self._model(tokens, positions, cache_positions, mask, slots, cache)
             for text, slot in zip(texts, slots.tolist()):
                 if "SAMPLE" in text:
                     self._sample_faults[slot] = 0
@@ -147,6 +153,23 @@ def test_a_failing_forward_ends_only_its_own_request(engine):
 def test_a_failing_sampler_ends_only_its_own_request(engine):
     events = check_fault_hits_only_its_request(engine, request("SAMPLE 你好", temperature=0.5), "SamplingError")
     assert events[-1].completion_tokens == 3  # it failed mid-answer
+
+
+def test_a_failing_packed_step_ends_only_the_prompt_at_fault(engine):
+    """A prompt read while an answer runs shares its forward (one packed row); when that raises,
+    the engine runs the prompt step and the decode step apart: only the request at fault ends."""
+    eng = engine(step_delay=0.01)
+    expected = final(eng.submit(request("你好", max_new_tokens=30)))[-1]
+    running = iter(eng.submit(request("你好", max_new_tokens=30)))
+    while within(TIMEOUT_S, next, running).kind != "delta":
+        pass
+    bad = final(eng.submit(request("FORWARD 你好")))
+    rest = within(TIMEOUT_S, list, running)
+    assert bad[-1].finish_reason == "error" and "simulated kernel failure" in bad[-1].error
+    assert rest[-1].finish_reason == expected.finish_reason and rest[-1].text == expected.text
+    (packed_rows, packed_length), (rows, length) = eng.batch.model.failed_forwards
+    assert packed_rows == rows == 1 and packed_length == length + 1  # the packed row, then the prompt alone
+    assert eng.health() is None and eng.stats()["requests_failed"] == 1
 
 
 def test_a_dead_scheduler_ends_every_stream_and_refuses_new_requests(engine):

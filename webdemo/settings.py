@@ -148,11 +148,12 @@ SETTINGS: tuple[Setting, ...] = (
             shown="as many as fit in memory, at most 16"),
     Setting("--context-length", "CHATGLM_CONTEXT_LENGTH", "tokens per conversation, prompt plus answer", MODEL,
             convert=positive_int, shown="the model's own, at most 8192 (--backend openai: 8192)"),
-    Setting("--prefill-chunk", "CHATGLM_PREFILL_CHUNK", "prompt tokens read per engine step, between the decode "
-            "steps of the answers already running, so a long prompt never stalls them (ChatGLM-6B: as much work, a "
-            "few layers at a time); 0 reads each prompt whole at once", MODEL, convert=non_negative_int,
-            metavar="TOKENS", shown="CPUs: at least 32, paced by measured step times (a step takes about 5 decode "
-            "steps while answers run, about 1 s when none does); GPUs: 512 (docs/chunked-prefill.md)"),
+    Setting("--prefill-chunk", "CHATGLM_PREFILL_CHUNK", "prompt tokens read per engine step, beside the decode "
+            "step of the answers already running (ChatGLM2/3, GLM-4: in the same forward), so a long prompt never "
+            "stalls them (ChatGLM-6B: as much work, a few layers at a time); 0 reads each prompt whole at once",
+            MODEL, convert=non_negative_int, metavar="TOKENS", shown="CPUs: at least 32, paced by measured step "
+            "times (running answers wait about 6 of their usual gaps, a step takes about 1 s when none runs); "
+            "GPUs: 512 (docs/chunked-prefill.md)"),
     Setting("--zerogpu", "CHATGLM_ZEROGPU", "run each answer as one spaces.GPU call on a model kept in CPU memory "
             "(no engine thread; /v1 chat answers 503); auto: on when the Space's hardware is ZeroGPU", ZEROGPU,
             default="auto", choices=("auto", "on", "off")),

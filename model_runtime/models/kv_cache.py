@@ -107,8 +107,10 @@ class LayerCache:
     without AMX (`scratch`) row by row (`single_query_attention` for grouped heads, and for
     ungrouped ones' rows from LONG_ROW keys to one widened chunk in steps of MANY_ROWS rows or
     more; else SDPA); elsewhere (GPUs, AMX) in one SDPA call over the slots the rows span
-    (`DecodeRows`), reading the cache in place. Otherwise (a prefill, or a P-tuning prefix in
-    front) the rows' first kv_len columns are gathered and attended to under the visibility mask."""
+    (`DecodeRows`), reading the cache in place. A packed forward (`packed` set: prompt chunks and
+    decode rows in one row, `PackedRows`) attends per chunk, in place, then its decode rows as
+    above. Otherwise (a prefill, or a P-tuning prefix in front) the rows' first kv_len columns are
+    gathered and attended to under the visibility mask."""
 
     def __init__(self, shape: tuple[int, ...], dtype, device, scratch: Optional[torch.Tensor] = None,
                  grouped: bool = False, native_decode: Optional[str] = None):
@@ -116,6 +118,7 @@ class LayerCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.native_decode = native_decode  # our kernel's code path, or None
         self.decode_rows: Optional[DecodeRows] = None
+        self.packed: Optional[PackedRows] = None  # the next forward is one packed row (PackedRows)
         self.whole = False  # row i of the forward is slot i, for every slot: read the whole cache in place
         self.scratch = scratch  # CPU: float32 chunk buffer of `single_query_attention`, shared by the layers
         self.grouped = grouped  # more query heads than key/value heads
@@ -129,22 +132,20 @@ class LayerCache:
         return self.read(q, slots, mask, prefix_kv)
 
     def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, cache_positions: torch.Tensor) -> None:
-        """Put k, v [B, T, kv_heads, d] at (slot, position). Apart from `read` so that a prompt
-        read a layer at a time can write all its keys before any of its queries reads them."""
-        rows = slots[:, None]
+        """Put k, v [B, T, kv_heads, d] at (slot, position) (slots [B], or [B, T] in a packed
+        forward). Apart from `read` so that a prompt read a layer at a time can write all its keys
+        before any of its queries reads them."""
+        rows = slots[:, None] if slots.dim() == 1 else slots  # a packed forward: a slot per token
         self.k[rows, :, cache_positions] = k
         self.v[rows, :, cache_positions] = v
 
     def read(self, q: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
              prefix_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """Attend q [B, T, heads, d] to what the rows' slots hold (see `attend`)."""
+        if self.packed is not None:
+            return self._attend_packed(q, self.packed, prefix_kv)
         if self.decode_rows is not None and prefix_kv is None:
-            if self.native_decode:
-                return native.decode_attention(q[:, 0], self.k, self.v, *self.decode_rows.slots_lengths,
-                                               self.native_decode)[:, None]
-            if self.scratch is not None:
-                return self._attend_row_by_row(q, self.decode_rows.rows)
-            return self._attend_span(q, self.decode_rows)
+            return self._attend_decode_rows(q, self.decode_rows)
         if self.whole:  # fixed shapes, no copy, no per-row loop: what a CUDA graph can capture
             keys, values, mask = with_prefix(prefix_kv, self.k[:q.shape[0]], self.v[:q.shape[0]], mask)
             return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
@@ -157,6 +158,31 @@ class LayerCache:
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
                                              enable_gqa=keys.shape[1] != q.shape[2])
         return out.transpose(1, 2)
+
+    def _attend_decode_rows(self, q: torch.Tensor, rows: "DecodeRows") -> torch.Tensor:
+        """One new token per row q [rows, 1, heads, d], each attending to its own slot in place."""
+        if self.native_decode:
+            return native.decode_attention(q[:, 0], self.k, self.v, *rows.slots_lengths, self.native_decode)[:, None]
+        if self.scratch is not None:
+            return self._attend_row_by_row(q, rows.rows)
+        return self._attend_span(q, rows)
+
+    def _attend_packed(self, q: torch.Tensor, packed: "PackedRows",
+                       prefix_kv: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """q [1, T, heads, d] of a packed forward: each prompt chunk attends causally to its slot
+        up to its own end (read in place), then the decode rows as in a decode step (with a
+        P-tuning prefix in front, they go one by one like chunks of one token)."""
+        out, start = [], 0
+        for slot, end, length, mask in packed.chunks + (packed.decode_chunks if prefix_kv is not None else []):
+            keys, values, seen = with_prefix(prefix_kv, self.k[slot:slot + 1, :, :end], self.v[slot:slot + 1, :, :end],
+                                             mask)
+            queries = q[:, start:start + length].transpose(1, 2)
+            out.append(F.scaled_dot_product_attention(queries, keys, values, attn_mask=seen,
+                                                      enable_gqa=keys.shape[1] != q.shape[2]).transpose(1, 2))
+            start += length
+        if prefix_kv is None and packed.decode is not None:
+            out.append(self._attend_decode_rows(q[0, start:, None], packed.decode).transpose(0, 1))
+        return torch.cat(out, dim=1) if len(out) > 1 else out[0]
 
     def _attend_span(self, q: torch.Tensor, rows: "DecodeRows") -> torch.Tensor:
         """One new token per row, all rows in one SDPA call over the cache's slots rows.start to
@@ -210,6 +236,25 @@ class DecodeRows:
             self.mask = mask[:, None, None].to(cache.device)
 
 
+class PackedRows:
+    """A packed forward: ONE row of tokens holding chunks of prompts, then one new token per
+    decode row, so that a step reads each weight once for both (vLLM's mixed batches): running
+    answers get their token in the step that reads a newcomer's prompt, and the newcomer pays
+    little for them. Causal prompts only. Made once per step, not per layer: `chunks` as (slot,
+    end, length, causal mask), the chunk being the slot's positions end - length .. end - 1;
+    `decode` the decode rows (slot, length: the new token at length - 1) as `DecodeRows`, and
+    as chunks of one token (`decode_chunks`, for attention with a P-tuning prefix in front)."""
+
+    def __init__(self, chunks: Sequence[tuple[int, int, int]], decode: Sequence[tuple[int, int]], cache: torch.Tensor):
+        def with_mask(slot: int, end: int, length: int) -> tuple[int, int, int, torch.Tensor]:
+            mask = attention_mask(torch.zeros(1), torch.arange(end - length, end)[None], end).to(cache.device)
+            return slot, end, length, mask
+
+        self.chunks = [with_mask(*chunk) for chunk in chunks]
+        self.decode = DecodeRows(decode, cache) if decode else None
+        self.decode_chunks = [with_mask(slot, length, 1) for slot, length in decode]
+
+
 class KVCache:
     """The static, pre-allocated KV cache of every layer: `slots` rows of up to `max_len` tokens.
 
@@ -236,7 +281,18 @@ class KVCache:
         decode_rows = None if rows is None else DecodeRows(rows, self.layers[0].k)  # once per step, not per layer
         for layer in self.layers:
             layer.decode_rows = decode_rows
+            layer.packed = None
             layer.whole = whole
+
+    def set_packed(self, chunks: Sequence[tuple[int, int, int]], decode: Sequence[tuple[int, int]]) -> None:
+        """The next forward is one packed row (see PackedRows): prompt chunks (slot, end,
+        length), then one token per decode row (slot, length). Any other forward resets it
+        with `set_decode_rows`."""
+        packed = PackedRows(chunks, decode, self.layers[0].k)
+        for layer in self.layers:
+            layer.decode_rows = None
+            layer.packed = packed
+            layer.whole = False
 
     def mark_static_addresses(self) -> None:
         """Tell torch.compile that the cache tensors never move, so a CUDA graph may write them."""

@@ -17,6 +17,7 @@ takes, from telling one user what another one sent.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Protocol, Sequence as Seq
@@ -281,9 +282,9 @@ class DecodeBatch:
                 if state.done:
                     read.append((seq, state))
             else:
-                size = chunk_size(seq.kv_len, todo, left, self.model.config.hidden_size)
-                chunks.append((seq, seq.kv_len + size))
-                left -= chunk_cost(seq.kv_len, size, self.model.config.hidden_size)
+                end, cost = self._next_chunk(seq, left)
+                chunks.append((seq, end))
+                left -= cost
         for group in prefill_groups([end - seq.kv_len for seq, end in chunks]):
             grouped = [chunks[i] for i in group]
             hidden = self._prefill_group(grouped)
@@ -301,6 +302,63 @@ class DecodeBatch:
             seq.kv_len = len(seq.prompt)
             self._layerwise.pop(seq, None)
         return finished
+
+    def _next_chunk(self, seq: Sequence, budget: float) -> tuple[int, float]:
+        """Where seq's next prompt chunk ends within `budget` (at least one token), and its cost."""
+        size = chunk_size(seq.kv_len, len(seq.prompt) - seq.kv_len, budget, self.model.config.hidden_size)
+        return seq.kv_len + size, chunk_cost(seq.kv_len, size, self.model.config.hidden_size)
+
+    def packs(self, reading: list[Sequence]) -> bool:
+        """Whether `prefill_and_step` can read these prompts: causal ones (no bidirectional
+        prefix, so chunks of tokens are exact), without the fixed-shape decode step."""
+        return self.model.causal and not self.whole_decode and not any(s.layout.prefix_len for s in reading)
+
+    @torch.inference_mode()
+    def prefill_and_step(self, reading: list[Sequence], decoding: list[Sequence], budget: Optional[int]) -> list[Sequence]:
+        """`prefill(reading, budget)` and `step(decoding)` in ONE forward (ask `packs` first): the
+        prompt chunks and the decode rows' new tokens are packed into one row (kv_cache.PackedRows),
+        so the step reads each weight once; one sampling call (one host sync) for all. Returns
+        the prompts read whole (their first token sampled). Nothing moves unless all of it ran."""
+        left = math.inf if budget is None else budget
+        chunks: list[tuple[Sequence, int]] = []
+        for seq in reading:
+            if left <= 0:
+                break
+            end, cost = self._next_chunk(seq, left)
+            chunks.append((seq, end))
+            left -= cost
+        tokens, positions, cache_positions, slots = [], [], [], []
+        for seq, end in chunks:
+            tokens += seq.prompt[seq.kv_len:end]
+            positions.append(seq.layout.positions(seq.kv_len, end))
+            cache_positions.append(torch.arange(seq.kv_len, end))
+            slots += [seq.slot] * (end - seq.kv_len)
+        for seq in decoding:
+            index = len(seq.tokens) - 1
+            tokens.append(seq.tokens[-1])
+            positions.append(seq.layout.positions(index, index + 1))
+            cache_positions.append(torch.tensor([index]))
+            slots.append(seq.slot)
+        self.cache.set_packed([(seq.slot, end, end - seq.kv_len) for seq, end in chunks],
+                              [(seq.slot, len(seq.tokens)) for seq in decoding])
+        device = self.model.device
+        try:
+            hidden = self.model(torch.tensor([tokens], device=device), torch.cat(positions, -1)[None].to(device),
+                                torch.cat(cache_positions)[None].to(device), None,
+                                torch.tensor([slots], device=device), self.cache)[0]
+        finally:
+            self.cache.set_decode_rows(None)
+        chunk_ends = itertools.accumulate(end - seq.kv_len for seq, end in chunks)  # in the packed row
+        read = [(seq, last - 1) for (seq, end), last in zip(chunks, chunk_ends) if end == len(seq.prompt)]
+        rows = [row for _, row in read] + list(range(len(tokens) - len(decoding), len(tokens)))
+        sampled = [seq for seq, _ in read] + decoding
+        if sampled:
+            self._sample(sampled, hidden[torch.tensor(rows, device=device)])
+        for seq, end in chunks:
+            seq.kv_len = end
+        for seq in decoding:
+            seq.kv_len = len(seq.tokens) - 1  # its newest token was only just sampled
+        return [seq for seq, _ in read]
 
     def _prefill_group(self, chunks: list[tuple[Sequence, int]]) -> torch.Tensor:
         """One right-padded forward over each sequence's prompt tokens from its first not yet in

@@ -10,7 +10,9 @@ scheduler thread, once per step:
 3. reads the prompts of admitted requests, oldest first, for at most `prefill_chunk` tokens'
    worth of work (chunked prefill, decode_batch.DecodeBatch.prefill): a long prompt is read over
    several steps, so the answers already running keep getting tokens meanwhile;
-4. advances every other live request by one token in one batched forward;
+4. advances every other live request by one token in one batched forward; with causal models
+   (not in the fixed-shape CUDA step) 3 and 4 are one packed forward that reads each weight once
+   (decode_batch.DecodeBatch.prefill_and_step);
 5. turns new tokens into text events on each request's own queue.
 
 Nothing can leave a caller waiting forever. A forward that raises is retried one request at a
@@ -283,6 +285,12 @@ class Engine:
                 if not self._closing:  # only requests that cannot start yet: wait, don't spin
                     self._lock.wait(timeout=IDLE_POLL_S)
                 return
+        if reading and ongoing and self.batch.packs([job.seq for job in reading]):
+            budget, started = self.pace.budget(decoding=True, packed=True), time.perf_counter()
+            if self._forward_packed(reading, ongoing, budget):
+                self.pace.read(time.perf_counter() - started, budget, any(job.seq.prefilling for job in reading))
+                self._publish([job for job in reading if not job.seq.prefilling] + ongoing)
+                return self._delay()
         if reading:
             budget, started = self.pace.budget(decoding=bool(ongoing)), time.perf_counter()
             self._forward(lambda seqs: self.batch.prefill(seqs, budget), reading)
@@ -293,6 +301,9 @@ class Engine:
             self._forward(self.batch.step, ongoing)
             self.pace.decoded(time.perf_counter() - started)
         self._publish([job for job in reading if not job.seq.prefilling] + ongoing)
+        self._delay()
+
+    def _delay(self) -> None:
         if self.step_delay:
             time.sleep(self.step_delay)
 
@@ -321,6 +332,17 @@ class Engine:
             self._counters["prompt_tokens_reused_total"] += job.seq.cached
             self._running.append(job)
         self._announce_queue_positions()
+
+    def _forward_packed(self, reading: list[_Job], ongoing: list[_Job], budget: Optional[int]) -> bool:
+        """Prompt chunks and the running answers' decode step in one forward (decode_batch's
+        `prefill_and_step`); False if it raised (logged): nothing moved, and the caller runs the
+        two apart, where a failure ends only the requests it touched."""
+        try:
+            self.batch.prefill_and_step([job.seq for job in reading], [job.seq for job in ongoing], budget)
+            return True
+        except Exception:
+            log.warning("a packed prefill and decode step failed; running them apart", exc_info=True)
+            return False
 
     def _forward(self, run, jobs: list[_Job]) -> None:
         """One batched forward; if it fails, each request alone, failing only those that fail."""
