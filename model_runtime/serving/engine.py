@@ -285,12 +285,28 @@ class Engine:
                 if not self._closing:  # only requests that cannot start yet: wait, don't spin
                     self._lock.wait(timeout=IDLE_POLL_S)
                 return
-        if reading and ongoing and self.batch.packs([job.seq for job in reading]):
-            budget, started = self.pace.budget(decoding=True, packed=True), time.perf_counter()
-            if self._forward_packed(reading, ongoing, budget):
-                self.pace.read(time.perf_counter() - started, budget, any(job.seq.prefilling for job in reading))
-                self._publish([job for job in reading if not job.seq.prefilling] + ongoing)
-                return self._delay()
+        packed = reading and ongoing and self.batch.packs([job.seq for job in reading])
+        if not (packed and self._step_packed(reading, ongoing)):
+            self._step_apart(reading, ongoing)
+        self._publish([job for job in reading if not job.seq.prefilling] + ongoing)
+        if self.step_delay:
+            time.sleep(self.step_delay)
+
+    def _step_packed(self, reading: list[_Job], ongoing: list[_Job]) -> bool:
+        """Prompt chunks and the running answers' decode step in one forward (decode_batch's
+        `prefill_and_step`); False if it raised (logged): nothing moved, and the caller runs the
+        two apart, where a failure ends only the requests it touches."""
+        budget, started = self.pace.budget(decoding=True, packed=True), time.perf_counter()
+        try:
+            self.batch.prefill_and_step([job.seq for job in reading], [job.seq for job in ongoing], budget)
+        except Exception:
+            log.warning("a packed prefill and decode step failed; running them apart", exc_info=True)
+            return False
+        self.pace.read(time.perf_counter() - started, budget, any(job.seq.prefilling for job in reading))
+        return True
+
+    def _step_apart(self, reading: list[_Job], ongoing: list[_Job]) -> None:
+        """A prompt step, then the running answers' decode step, each retried per request."""
         if reading:
             budget, started = self.pace.budget(decoding=bool(ongoing)), time.perf_counter()
             self._forward(lambda seqs: self.batch.prefill(seqs, budget), reading)
@@ -300,12 +316,6 @@ class Engine:
             started = time.perf_counter()
             self._forward(self.batch.step, ongoing)
             self.pace.decoded(time.perf_counter() - started)
-        self._publish([job for job in reading if not job.seq.prefilling] + ongoing)
-        self._delay()
-
-    def _delay(self) -> None:
-        if self.step_delay:
-            time.sleep(self.step_delay)
 
     def _end_expired(self) -> None:
         """End what was cancelled, is past its deadline (waiting too), or outlived the drain."""
@@ -332,17 +342,6 @@ class Engine:
             self._counters["prompt_tokens_reused_total"] += job.seq.cached
             self._running.append(job)
         self._announce_queue_positions()
-
-    def _forward_packed(self, reading: list[_Job], ongoing: list[_Job], budget: Optional[int]) -> bool:
-        """Prompt chunks and the running answers' decode step in one forward (decode_batch's
-        `prefill_and_step`); False if it raised (logged): nothing moved, and the caller runs the
-        two apart, where a failure ends only the requests it touched."""
-        try:
-            self.batch.prefill_and_step([job.seq for job in reading], [job.seq for job in ongoing], budget)
-            return True
-        except Exception:
-            log.warning("a packed prefill and decode step failed; running them apart", exc_info=True)
-            return False
 
     def _forward(self, run, jobs: list[_Job]) -> None:
         """One batched forward; if it fails, each request alone, failing only those that fail."""
