@@ -19,12 +19,12 @@ def prompts_for(tokenizer, family):
     return prompts
 
 
-def run(tokenizer, model, prompts, **batch_options):
+def run(tokenizer, model, prompts, batch=None, **batch_options):
     """Greedy answers, the third prompt joining once the first two have run 5 steps."""
     seqs = [new_sequence(model, p, GREEDY) for p in prompts]
     for seq in seqs:
         seq.stop_ids = frozenset()  # random weights: always run to the length limit
-    batch = DecodeBatch(model, 4, 48, vocab_size=tokenizer.vocab_size, **batch_options)
+    batch = batch or DecodeBatch(model, 4, 48, vocab_size=tokenizer.vocab_size, **batch_options)
     for seq in seqs[:2]:
         batch.admit(seq)
     batch.prefill(seqs[:2])
@@ -111,3 +111,37 @@ def test_the_compiled_step_gives_the_eager_tokens_and_logits(family_model, monke
     assert len(compiled_logits) == len(eager_logits) > 10
     for got, expected in zip(compiled_logits, eager_logits):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_compile_is_paid_at_start_up_by_a_probe_that_leaves_nothing_behind(family_model):
+    """`warm_up` (what the engine runs at start-up on CUDA) traces the fixed-shape step on a
+    throwaway prompt: the answers that follow reuse that one graph (no compile in a user's
+    request), find every slot free and nothing cached for reuse, and equal the eager answers."""
+    family, tokenizer, model = family_model
+    prompts = prompts_for(tokenizer, family)
+    torch._dynamo.reset()
+    counters.clear()
+    batch = DecodeBatch(model, 4, 48, vocab_size=tokenizer.vocab_size, compile_options=TRACE_ONLY)
+    assert batch.warm_up(new_sequence(model, prompts[0], GREEDY, cache_salt="probe")) is None
+    assert counters["stats"]["unique_graphs"] == 1
+    assert batch.free_slots == [0, 1, 2, 3] and not batch.slot_contents
+    assert run(tokenizer, model, prompts, batch) == run(tokenizer, model, prompts)
+    assert counters["stats"]["unique_graphs"] == 1 and batch.whole_decode
+
+
+def test_a_step_that_cannot_compile_falls_back_to_the_eager_step(family_model):
+    """A compiler that fails at start-up (no toolchain for this GPU, an op it cannot lower) must
+    not fail every answer after: the batch decodes eager, per row, and says why."""
+    family, tokenizer, model = family_model
+    prompts = prompts_for(tokenizer, family)
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no compiler for this device")
+
+    torch._dynamo.reset()
+    batch = DecodeBatch(model, 4, 48, vocab_size=tokenizer.vocab_size,
+                        compile_options={"backend": broken_backend, "fullgraph": True, "dynamic": False})
+    reason = batch.warm_up(new_sequence(model, prompts[1], GREEDY))
+    assert "no compiler for this device" in reason
+    assert not batch.whole_decode and batch.free_slots == [0, 1, 2, 3]
+    assert run(tokenizer, model, prompts, batch) == run(tokenizer, model, prompts)

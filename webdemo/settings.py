@@ -140,9 +140,9 @@ SETTINGS: tuple[Setting, ...] = (
             "(the variable: 1 or a family)", MODEL, choices=TINY_FAMILIES, kind="optional", const="chatglm",
             metavar="FAMILY", env_convert=tiny_family),
     Setting("--no-cuda-graphs", "CHATGLM_NO_CUDA_GRAPHS", "on a CUDA GPU the engine runs each decode step over "
-            "every slot with fixed shapes, compiled into CUDA graphs by torch.compile (its first steps wait while it "
-            "compiles; torch's on-disk compile cache, on by default in TORCHINDUCTOR_CACHE_DIR, shortens later "
-            "starts); this flag keeps the eager step instead. "
+            "every slot with fixed shapes, compiled into CUDA graphs by torch.compile at start-up (before the page "
+            "serves; torch's on-disk compile cache, on by default in TORCHINDUCTOR_CACHE_DIR, shortens later starts; "
+            "if the compile fails the engine logs why and decodes eager); this flag keeps the eager step instead. "
             "CPUs and --zerogpu always run the eager step", MODEL, default=False, kind="switch"),
     Setting("--slots", "CHATGLM_SLOTS", "answers decoded together in one batch", MODEL, convert=positive_int,
             shown="as many as fit in memory, at most 16"),

@@ -166,6 +166,7 @@ def shared_prefix(a: Seq[int], b: Seq[int], limit: int) -> int:
 
 
 CUDA_GRAPHS = {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False}  # torch.compile's options
+WARM_UP_STEPS = 3  # "reduce-overhead" compiles on the first call, warms up on the next, records a CUDA graph on the third
 
 
 class DecodeBatch:
@@ -200,6 +201,30 @@ class DecodeBatch:
         self.slot_contents: dict[int, tuple[str, list[int]]] = {}
         self._layerwise: dict[Sequence, LayerwisePrefill] = {}  # prompts part-read a layer at a time
         self._weights_version = model.weights_version if self.reuse else 0
+
+    def warm_up(self, probe: Sequence) -> Optional[str]:
+        """Compile the fixed-shape decode step (and record its CUDA graph) now, at start-up, by
+        answering `probe` (a throwaway prompt) for a few steps, so that no user's first answer
+        waits for the compile (24 s on an H200). Should that fail (no compiler for this GPU, an
+        op torch.compile cannot lower), every later step runs eager, per row, instead of failing
+        every answer: returns why (None when compiled, or when nothing is to be compiled). The
+        probe's slot is given back holding nothing reusable."""
+        if self._decode_forward is self.model:
+            return None
+        probe.cache_salt = None
+        self.admit(probe)
+        try:
+            self.prefill([probe])  # a failure here is no compile's: it is raised
+            try:
+                for _ in range(WARM_UP_STEPS):
+                    self.step([probe])
+            except Exception as error:  # noqa: BLE001 - whatever the compiler raised
+                self._decode_forward, self.whole_decode = self.model, False
+                self.cache.set_decode_rows(None)
+                return f"{type(error).__name__}: {' '.join(str(error).split())[:400]}"  # one log line
+        finally:
+            self.release(probe)
+        return None
 
     def admit(self, seq: Sequence) -> bool:
         """Give seq a slot; False when none is free."""

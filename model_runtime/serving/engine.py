@@ -37,7 +37,7 @@ import torch
 
 from ..chat.answer_text import AnswerText, reasoning_fields
 from ..chat.tool_calls import ToolReader
-from ..protocol import ChatEvent, ChatRequest, EngineBusy, InvalidRequest
+from ..protocol import ChatEvent, ChatRequest, EngineBusy, InvalidRequest, Message
 from .admission import model_info, prepare
 from .decode_batch import CUDA_GRAPHS, DecodeBatch, Sequence
 from .pacing import PrefillPace
@@ -149,6 +149,14 @@ class Engine:
         self.pace = PrefillPace(prefill_chunk, paced)
         self.batch = DecodeBatch(model, slots, context_length or model.config.max_sequence_length,
                                  vocab_size=tokenizer.vocab_size, compile_options=CUDA_GRAPHS if cuda_graphs else None)
+        if cuda_graphs:  # the compile is paid here, at start-up, not by the first answer
+            started = time.perf_counter()
+            probe, _ = prepare(tokenizer, model, ChatRequest(messages=(Message("user", "你好"),)), self.batch.max_len)
+            failed = self.batch.warm_up(probe)
+            if failed:
+                log.warning("the compiled decode step failed (%s): decoding eager, per row, instead", failed)
+            else:
+                log.info("decode step compiled into CUDA graphs in %.1f s", time.perf_counter() - started)
         self.info = model_info(tokenizer, model, name=name, context_length=self.batch.max_len,
                                random_weights=random_weights)
         self._lock = threading.Condition()
