@@ -198,13 +198,15 @@ void int8_block_avx2(const float* x, int64_t K, const int8_t* q, int64_t n0, int
       for (int r = 0; r < kBlockRows; ++r) {
         const __m256i shifted = j == 3 ? _mm256_srli_epi32(packed[r], 24) : _mm256_and_si256(packed[r], byte);
         const __m256 wf = _mm256_cvtepi32_ps(shifted);
-        for (int m = 0; m < M; ++m) into[m][r] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x + m * x_stride + k + 8 * j), into[m][r]);
+        for (int m = 0; m < M; ++m)
+          into[m][r] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x + m * x_stride + k + 8 * j), into[m][r]);
       }
     }
   }
   for (int64_t k = body; k < K; k += 8)  // the last 16 inputs, if any: bytes widened
     for (int r = 0; r < kBlockRows; ++r) {
-      const __m256 wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w[r] + k))));
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w[r] + k));
+      const __m256 wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
       for (int m = 0; m < M; ++m) acc[m][r] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x + m * x_stride + k), acc[m][r]);
     }
   finish_block<M>(acc, odd, sums);
@@ -317,10 +319,12 @@ at::Tensor activations_for(const at::Tensor& x, int64_t bits, bool avx512) {
   if (bits == 8) {
     if (avx512) return x.to(at::kFloat).contiguous();
     const int64_t body = K - K % 32;  // see int8_block_avx2
-    const at::Tensor byte_scale = at::tensor({1.0f, 0x1p-8f, 0x1p-16f, 1.0f}, x.options().dtype(at::kFloat)).view({1, 1, 4, 1});
+    const at::Tensor byte_scale =
+        at::tensor({1.0f, 0x1p-8f, 0x1p-16f, 1.0f}, x.options().dtype(at::kFloat)).view({1, 1, 4, 1});
     const at::Tensor x32 = x.to(at::kFloat);
     const at::Tensor lined_up = x32.narrow(1, 0, body).view({M, body / 32, 8, 4}).transpose(2, 3).mul(byte_scale);
-    const at::Tensor offsets = at::constant_pad_nd(x.narrow(1, 0, body).to(at::kDouble).sum(1, true).mul(128).to(at::kFloat), {0, 7});
+    const at::Tensor sum = x.narrow(1, 0, body).to(at::kDouble).sum(1, true);
+    const at::Tensor offsets = at::constant_pad_nd(sum.mul(128).to(at::kFloat), {0, 7});
     return at::cat({lined_up.reshape({M, body}), x32.narrow(1, body, K - body), offsets}, 1);
   }
   if (bits == 16) {

@@ -166,7 +166,8 @@ def shared_prefix(a: Seq[int], b: Seq[int], limit: int) -> int:
 
 
 CUDA_GRAPHS = {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False}  # torch.compile's options
-WARM_UP_STEPS = 3  # "reduce-overhead" compiles on the first call, warms up on the next, records a CUDA graph on the third
+# "reduce-overhead" compiles on a step's first call, warms up on the next, records its CUDA graph on the third
+WARM_UP_STEPS = 3
 
 
 class DecodeBatch:
@@ -339,7 +340,8 @@ class DecodeBatch:
         return self.model.causal and not self.whole_decode and not any(s.layout.prefix_len for s in reading)
 
     @torch.inference_mode()
-    def prefill_and_step(self, reading: list[Sequence], decoding: list[Sequence], budget: Optional[int]) -> list[Sequence]:
+    def prefill_and_step(self, reading: list[Sequence], decoding: list[Sequence],
+                         budget: Optional[int]) -> list[Sequence]:
         """`prefill(reading, budget)` and `step(decoding)` in ONE forward (ask `packs` first): the
         prompt chunks and the decode rows' new tokens are packed into one row (kv_cache.PackedRows),
         so the step reads each weight once; one sampling call (one host sync) for all. Returns
