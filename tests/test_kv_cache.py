@@ -16,12 +16,16 @@ IN_ORDER = [(1, 9), (2, 9), (3, 4)]  # the span's slots in order: no scatter, a 
 ONE_ROW = [(4, 11)]  # no mask at all
 
 
-@pytest.mark.parametrize("path", ["this-cpu", "one-call"])  # one-call: GPUs' (and AMX CPUs') single SDPA call
+# this-cpu: grouped heads' rows (all at most 30 keys) in one batched product on CPUs without AMX;
+# row-by-row: the same with SHORT_ROWS below them; one-call: GPUs' (and AMX CPUs') single SDPA call
+@pytest.mark.parametrize("path", ["this-cpu", "row-by-row", "one-call"])
 @pytest.mark.parametrize("rows", [FEW_ROWS, MANY, IN_ORDER, ONE_ROW], ids=["few-rows", "many-rows", "in-order", "one"])
 @pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 2)])  # ChatGLM-6B; grouped heads (ChatGLM2/3, GLM-4)
 def test_in_place_decode_equals_the_masked_gather(monkeypatch, heads, kv_heads, rows, path):
     assert len(FEW_ROWS) < kv_cache.MANY_ROWS <= len(MANY)
     monkeypatch.setattr(kv_cache, "LONG_ROW", 8)  # rows of 12 and 30 keys count as long
+    if path == "row-by-row":
+        monkeypatch.setattr(kv_cache, "SHORT_ROWS", 8)
     generator = torch.Generator().manual_seed(0)
     cache = KVCache(layers=1, slots=6, heads=kv_heads, max_len=32, head_dim=16, dtype=torch.float32, device="cpu",
                     query_heads=heads)

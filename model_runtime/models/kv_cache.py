@@ -33,6 +33,10 @@ def attention_mask(prefix_lens: torch.Tensor, cache_positions: torch.Tensor, kv_
 # at 16; full size, 512 keys: 0.66 against 1.94 ms per layer).
 MANY_ROWS = 4
 LONG_ROW = 512
+# Grouped heads on CPUs without AMX: when every row of a step is at most this long, all rows attend
+# in one batched float32 product instead of one by one (GLM-4 heads, 2 threads, per layer: 8 rows
+# of 64 keys 0.25 against 0.72 ms, of 256 keys 0.89 against 1.02; from 384 keys row by row wins).
+SHORT_ROWS = 256
 SCORE_CHUNK_ELEMENTS = 2**21  # keys (or values) widened to float32 at a time: 8 MiB, reused
 
 
@@ -104,7 +108,8 @@ class LayerCache:
     batch: each row's slot and length) every row attends to its own slot, so a step reads the
     keys and values its rows hold and copies nothing, whatever the other slots hold: all rows
     in one call of our CPU kernel where `native_decode` (ChatGLM-6B on AVX-512 or AVX2); on CPUs
-    without AMX (`scratch`) row by row (`single_query_attention` for grouped heads, and for
+    without AMX (`scratch`) grouped heads' short rows (SHORT_ROWS) in one batched product (they
+    copy their few keys out), else row by row (`single_query_attention` for grouped heads, and for
     ungrouped ones' rows from LONG_ROW keys to one widened chunk in steps of MANY_ROWS rows or
     more; else SDPA); elsewhere (GPUs, AMX) in one SDPA call over the slots the rows span
     (`DecodeRows`), reading the cache in place. A packed forward (`packed` set: prompt chunks and
@@ -164,6 +169,8 @@ class LayerCache:
         if self.native_decode:
             return native.decode_attention(q[:, 0], self.k, self.v, *rows.slots_lengths, self.native_decode)[:, None]
         if self.scratch is not None:
+            if self.grouped and len(rows.rows) > 1 and rows.longest <= SHORT_ROWS:
+                return self._attend_short_rows(q, rows)
             return self._attend_row_by_row(q, rows.rows)
         return self._attend_span(q, rows)
 
@@ -196,6 +203,18 @@ class LayerCache:
                                              enable_gqa=keys.shape[1] != q.shape[2]).transpose(1, 2)
         return out if rows.in_order else out.index_select(0, rows.span_index)
 
+    def _attend_short_rows(self, q: torch.Tensor, rows: "DecodeRows") -> torch.Tensor:
+        """Grouped heads, every row at most SHORT_ROWS long: all rows in one batched product, in
+        float32 as `single_query_attention` computes one (the rows' keys and values copied out
+        up to the longest row and widened; each row's columns past its length masked)."""
+        slots, _ = rows.slots_lengths
+        keys = self.k[:, :, :rows.longest].index_select(0, slots).float()
+        values = self.v[:, :, :rows.longest].index_select(0, slots).float()
+        kv_heads, d = keys.shape[1], keys.shape[3]
+        queries = q[:, 0].float().view(len(rows.rows), kv_heads, -1, d).mul_(d ** -0.5)
+        scores = torch.matmul(queries, keys.transpose(-1, -2)).masked_fill_(rows.padding[:, None, None], float("-inf"))
+        return torch.matmul(scores.softmax(-1), values).view(q.shape).to(q.dtype)
+
     def _attend_row_by_row(self, q: torch.Tensor, rows: Sequence[tuple[int, int]]) -> torch.Tensor:
         """CPUs without AMX: each row against its own slot (no mask needed), by the kernel that
         measured fastest there for its length (see MANY_ROWS, LONG_ROW)."""
@@ -217,13 +236,15 @@ class DecodeRows:
     made once per step from host-side lists (nothing is read back from the device): the slots'
     and lengths' tensors of our CPU kernel; the span of slots the rows cover, where each row sits
     in it, and the additive mask [span, 1, 1, longest] of the one-call attention (`_attend_span`;
-    None when the rows are the span's slots in order and all as long as the longest)."""
+    None when the rows are the span's slots in order and all as long as the longest); the columns
+    past each row's length (`padding`, for `_attend_short_rows`)."""
 
     def __init__(self, rows: Sequence[tuple[int, int]], cache: torch.Tensor):
         self.rows = rows
         slots, lengths = [slot for slot, _ in rows], [length for _, length in rows]
         self.slots_lengths = (torch.tensor(slots), torch.tensor(lengths))
         self.start, self.stop, self.longest = min(slots), max(slots) + 1, max(lengths)
+        self.padding = torch.arange(self.longest) >= self.slots_lengths[1][:, None]  # [rows, longest]: past a row
         self.in_order = slots == list(range(self.start, self.stop))
         self.span_index = None if self.in_order else torch.tensor(slots, device=cache.device) - self.start
         self.mask = None
