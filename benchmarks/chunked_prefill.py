@@ -141,7 +141,7 @@ def one_run(tokenizer, model, chunk, args) -> dict:
         stream_gaps = [t1 - t0 for t0, t1 in zip(times, times[1:])]
         longest.append(max(stream_gaps))
         medians.append(statistics.median(stream_gaps))
-        before.append(statistics.median([t1 - t0 for t0, t1 in zip(times, times[1:]) if t1 < submitted]))
+        before.append(statistics.median([gap for gap, t1 in zip(stream_gaps, times[1:]) if t1 < submitted]))
         gaps += stream_gaps
     waits = [t1 - t0 for timeline in timelines for (t0, _), (t1, _) in zip(timeline, timeline[1:])]
     gaps.sort()

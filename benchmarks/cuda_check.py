@@ -40,7 +40,6 @@ from model_runtime import native
 from model_runtime.models.glm6b import ChatGLMModel, GLMConfig
 from model_runtime.protocol import ChatRequest, Message, SamplingParams
 from model_runtime.quant.convert import quantized_linears
-from model_runtime.serving.admission import prepare
 from model_runtime.serving.decode_batch import CUDA_GRAPHS, DecodeBatch, new_sequence
 from model_runtime.serving.engine import Engine
 from model_runtime.serving.launch import load_for_serving
@@ -176,8 +175,7 @@ def dry_run_engine(tokenizer, model, compile_options) -> Engine:
     engine = Engine(tokenizer, model, slots=2, cuda_graphs=False)
     engine.batch = DecodeBatch(model, 2, engine.batch.max_len, vocab_size=tokenizer.vocab_size,
                                compile_options=compile_options)
-    probe, _ = prepare(tokenizer, model, ChatRequest((Message("user", "你好"),)), engine.batch.max_len)
-    engine.batch.warm_up(probe)
+    engine.compile_decode_step()
     return engine
 
 

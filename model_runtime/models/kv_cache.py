@@ -7,6 +7,7 @@ j < prefix_len (ChatGLM-6B's bidirectional prompt, up to and including [gMASK]) 
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -244,7 +245,6 @@ class DecodeRows:
         slots, lengths = [slot for slot, _ in rows], [length for _, length in rows]
         self.slots_lengths = (torch.tensor(slots), torch.tensor(lengths))
         self.start, self.stop, self.longest = min(slots), max(slots) + 1, max(lengths)
-        self.padding = torch.arange(self.longest) >= self.slots_lengths[1][:, None]  # [rows, longest]: past a row
         self.in_order = slots == list(range(self.start, self.stop))
         self.span_index = None if self.in_order else torch.tensor(slots, device=cache.device) - self.start
         self.mask = None
@@ -256,6 +256,12 @@ class DecodeRows:
             mask = torch.zeros(hidden.shape, dtype=cache.dtype).masked_fill_(hidden, float("-inf"))
             self.mask = mask[:, None, None].to(cache.device)
 
+    @functools.cached_property
+    def padding(self) -> torch.Tensor:
+        """[rows, longest]: True past each row's length (on the CPU, made at first use: only
+        `_attend_short_rows` needs it)."""
+        return torch.arange(self.longest) >= self.slots_lengths[1][:, None]
+
 
 class PackedRows:
     """A packed forward: ONE row of tokens holding chunks of prompts, then one new token per
@@ -264,16 +270,23 @@ class PackedRows:
     little for them. Causal prompts only. Made once per step, not per layer: `chunks` as (slot,
     end, length, causal mask), the chunk being the slot's positions end - length .. end - 1;
     `decode` the decode rows (slot, length: the new token at length - 1) as `DecodeRows`, and
-    as chunks of one token (`decode_chunks`, for attention with a P-tuning prefix in front)."""
+    as chunks of one token (`decode_chunks`, made at first use: only attention with a P-tuning
+    prefix in front needs them)."""
 
     def __init__(self, chunks: Sequence[tuple[int, int, int]], decode: Sequence[tuple[int, int]], cache: torch.Tensor):
-        def with_mask(slot: int, end: int, length: int) -> tuple[int, int, int, torch.Tensor]:
-            mask = attention_mask(torch.zeros(1), torch.arange(end - length, end)[None], end).to(cache.device)
-            return slot, end, length, mask
-
-        self.chunks = [with_mask(*chunk) for chunk in chunks]
+        self.device = cache.device
+        self.chunks = [self._with_mask(*chunk) for chunk in chunks]
         self.decode = DecodeRows(decode, cache) if decode else None
-        self.decode_chunks = [with_mask(slot, length, 1) for slot, length in decode]
+        self._decode = decode
+
+    @functools.cached_property
+    def decode_chunks(self) -> list[tuple[int, int, int, torch.Tensor]]:
+        return [self._with_mask(slot, length, 1) for slot, length in self._decode]
+
+    def _with_mask(self, slot: int, end: int, length: int) -> tuple[int, int, int, torch.Tensor]:
+        """(slot, end, length, the causal mask of the chunk's queries over the slot's first end columns)."""
+        mask = attention_mask(torch.zeros(1), torch.arange(end - length, end)[None], end).to(self.device)
+        return slot, end, length, mask
 
 
 class KVCache:

@@ -22,8 +22,9 @@
 //     rows per pass. INT4: a 32-byte load is 8 words of 8 nibbles, offset once to unsigned;
 //     nibble j of every word becomes an exact integer with one AND and a float with one convert
 //     (the activations permuted and scaled once per call to line up with it; see
-//     int4_block_avx2). bfloat16: the even element of each 32-bit word is the word shifted left by 16, the odd one the word with its low half
-//     cleared (activations split into evens and odds once per call). INT8: as INT4, a 32-byte load
+//     int4_block_avx2). bfloat16: the even element of each 32-bit word is the word shifted left
+//     by 16, the odd one the word with its low half cleared (activations split into evens and
+//     odds once per call). INT8: as INT4, a 32-byte load
 //     offset once to unsigned, byte j of every word one AND and one convert (int8_block_avx2).
 // Products are exact (bf16 x 8-bit integer; float32 x integer in FMA); only the float32 summation
 // order differs from the float64 reference. (AVX-512 INT4 rounds float32 activations to bf16; the
@@ -177,7 +178,8 @@ void bf16_block(const uint16_t* x, int64_t K, const uint16_t* q, int64_t n0, int
 // b into b + 128 (0..255); byte j of the words is then one AND (an exact integer below 2^24; byte
 // 3 a logical shift) and one convert, and 128 * sum(x) is subtracted at the end: three operations
 // per 8 weights and one load per 32, where widening bytes took a load and a cross-lane widen per 8
-// (0.83-0.85 of a plain read on a 2-core Zen 4, against 0.95-1.0 on the AVX-512 path).
+// (four ChatGLM-6B block shapes, one row, 2-core Zen 4: 0.83 of a plain read against 0.51;
+// benchmarks/results/cpu_isa-kernels.json and cpu_isa-kernels-previous.json).
 template <int M>
 __attribute__((target("avx2,fma")))
 void int8_block_avx2(const float* x, int64_t K, const int8_t* q, int64_t n0, int64_t rows, float* sums) {
@@ -312,6 +314,13 @@ bool supported(int64_t bits, const std::string& isa) {
   return bits == 8 ? avx512 : avx512 && __builtin_cpu_supports("avx512bf16");  // 16 and 4: vdpbf16ps
 }
 
+// The AVX2 INT8 / INT4 kernels' last columns: offset * (the sum of a row's first `inputs`
+// activations, in float64), then 7 zeros; the kernels subtract it for the offset they add to
+// every weight.
+at::Tensor offset_columns(const at::Tensor& x, int64_t inputs, double offset) {
+  return at::constant_pad_nd(x.narrow(1, 0, inputs).to(at::kDouble).sum(1, true).mul(offset).to(at::kFloat), {0, 7});
+}
+
 // The activations as the kernels of that path and width read them (see each kernel): [M, row
 // stride] values in a contiguous tensor.
 at::Tensor activations_for(const at::Tensor& x, int64_t bits, bool avx512) {
@@ -323,9 +332,7 @@ at::Tensor activations_for(const at::Tensor& x, int64_t bits, bool avx512) {
         at::tensor({1.0f, 0x1p-8f, 0x1p-16f, 1.0f}, x.options().dtype(at::kFloat)).view({1, 1, 4, 1});
     const at::Tensor x32 = x.to(at::kFloat);
     const at::Tensor lined_up = x32.narrow(1, 0, body).view({M, body / 32, 8, 4}).transpose(2, 3).mul(byte_scale);
-    const at::Tensor sum = x.narrow(1, 0, body).to(at::kDouble).sum(1, true);
-    const at::Tensor offsets = at::constant_pad_nd(sum.mul(128).to(at::kFloat), {0, 7});
-    return at::cat({lined_up.reshape({M, body}), x32.narrow(1, body, K - body), offsets}, 1);
+    return at::cat({lined_up.reshape({M, body}), x32.narrow(1, body, K - body), offset_columns(x, body, 128)}, 1);
   }
   if (bits == 16) {
     return avx512 ? x.to(at::kBFloat16).contiguous()
@@ -336,9 +343,8 @@ at::Tensor activations_for(const at::Tensor& x, int64_t bits, bool avx512) {
     const at::Tensor nibble_scale = at::tensor({1.0f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-20f, 0x1p-24f, 1.0f},
                                                x.options().dtype(at::kFloat)).view({1, 1, 8, 1});
     const at::Tensor x32 = x.to(at::kFloat);
-    const at::Tensor offsets = at::constant_pad_nd(x.to(at::kDouble).sum(1, true).mul(8).to(at::kFloat), {0, 7});
     const at::Tensor lined_up = x32.view({M, K / 64, 8, 8}).index_select(3, order).transpose(2, 3).mul(nibble_scale);
-    return at::cat({lined_up.reshape({M, K}), offsets}, 1);
+    return at::cat({lined_up.reshape({M, K}), offset_columns(x, K, 8)}, 1);
   }
   const at::Tensor order = at::tensor({1, 0, 3, 2}, x.options().dtype(at::kLong));
   const int64_t padded = (K + 127) / 128 * 128;

@@ -220,8 +220,7 @@ class DecodeBatch:
                 for _ in range(WARM_UP_STEPS):
                     self.step([probe])
             except Exception as error:  # noqa: BLE001 - whatever the compiler raised
-                self._decode_forward, self.whole_decode = self.model, False
-                self.cache.set_decode_rows(None)
+                self._decode_forward, self.whole_decode = self.model, False  # the next forward sets its own rows
                 return f"{type(error).__name__}: {' '.join(str(error).split())[:400]}"  # one log line
         finally:
             self.release(probe)

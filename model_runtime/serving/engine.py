@@ -150,13 +150,7 @@ class Engine:
         self.batch = DecodeBatch(model, slots, context_length or model.config.max_sequence_length,
                                  vocab_size=tokenizer.vocab_size, compile_options=CUDA_GRAPHS if cuda_graphs else None)
         if cuda_graphs:  # the compile is paid here, at start-up, not by the first answer
-            started = time.perf_counter()
-            probe, _ = prepare(tokenizer, model, ChatRequest(messages=(Message("user", "你好"),)), self.batch.max_len)
-            failed = self.batch.warm_up(probe)
-            if failed:
-                log.warning("the compiled decode step failed (%s): decoding eager, per row, instead", failed)
-            else:
-                log.info("decode step compiled into CUDA graphs in %.1f s", time.perf_counter() - started)
+            self.compile_decode_step()
         self.info = model_info(tokenizer, model, name=name, context_length=self.batch.max_len,
                                random_weights=random_weights)
         self._lock = threading.Condition()
@@ -174,6 +168,18 @@ class Engine:
         self._token_times: deque[float] = deque()  # when each token of the last RATE_WINDOW_S came
         self._thread = threading.Thread(target=self._run, name="chatglm-engine", daemon=True)
         self._thread.start()
+
+    def compile_decode_step(self) -> None:
+        """Compile the batch's fixed-shape decode step now (`DecodeBatch.warm_up` on a throwaway
+        prompt); if that fails the batch decodes eager, and the log says why. Before serving."""
+        started = time.perf_counter()
+        probe, _ = prepare(self.tokenizer, self.model, ChatRequest(messages=(Message("user", "你好"),)),
+                           self.batch.max_len)
+        failed = self.batch.warm_up(probe)
+        if failed:
+            log.warning("the compiled decode step failed (%s): decoding eager, per row, instead", failed)
+        else:
+            log.info("decode step compiled in %.1f s", time.perf_counter() - started)
 
     # ---- the ChatBackend interface -------------------------------------------------------------
 
