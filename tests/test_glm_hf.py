@@ -7,6 +7,7 @@ import peft
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
 from model_runtime.loading.family import detect_family, read_config
 from model_runtime.loading.loader import load_model
@@ -15,6 +16,8 @@ from model_runtime.models.config import CheckpointError
 from model_runtime.models.glm_hf import HFGLMModel
 from model_runtime.models.kv_cache import attention_mask
 from model_runtime.protocol import SamplingParams
+from model_runtime.quant.format import quantize_weight
+from model_runtime.quant.saving import save_quantized
 from model_runtime.serving.decode_batch import generate
 from model_runtime.tiny.glm_hf import GLM4_0414_TEMPLATE, write_tiny_hf_checkpoint, write_tiny_json_tokenizer
 
@@ -128,7 +131,7 @@ def test_quantized_loading_follows_the_float_model(tmp_path, bits):
     _, quantized = load_model(tmp_path, device="cpu", dtype="float32", quantize=bits)
     assert quantized.config.quantization_bit == bits
     linears = [name for name, module in quantized.named_modules() if type(module).__name__ == "QuantizedLinear"]
-    assert len(linears) == 6 * quantized.config.num_layers  # q, k, v, o, gate_up, down of every block
+    assert len(linears) == 4 * quantized.config.num_layers  # q, k and v stacked, o, gate_up, down of every block
     prompt = tokenizer.chat_format.encode(tokenizer, "你好", [])
     _, float_logits = our_greedy_logits(float_model, prompt, 1)
     _, quant_logits = our_greedy_logits(quantized, prompt, 1)
@@ -139,6 +142,48 @@ def test_quantized_loading_follows_the_float_model(tmp_path, bits):
     later.quantize(bits)
     _, later_logits = our_greedy_logits(later, prompt, 1)
     assert torch.allclose(later_logits[0], quant_logits[0], atol=1e-5)
+
+
+def test_q_k_v_are_stacked_on_load_and_split_again_on_save(tmp_path):
+    """The checkpoint's q_proj, k_proj and v_proj run as one stacked Linear; quantized (per row,
+    so stacking and quantizing commute) and saved, they are the checkpoint's three layers again,
+    each the quantization of its own float rows, and the reload answers as the model saved."""
+    save_transformers_checkpoint(tmp_path / "float", "glm4-grouped-untied-bias")
+    floats = load_file(tmp_path / "float" / "model.safetensors")
+    tokenizer, model = load_model(tmp_path / "float", device="cpu", dtype="float32")
+    attention = model.model.layers[1].self_attn
+    assert not hasattr(attention, "q_proj") and torch.equal(attention.qkv_proj.weight, torch.cat(
+        [floats[f"model.layers.1.self_attn.{name}.weight"] for name in ("q_proj", "k_proj", "v_proj")]))
+    model.quantize(4)
+    saved = save_quantized(model, tokenizer, tmp_path / "int4", float_dtype=torch.float32)
+    stored = {}
+    for shard in saved.glob("*.safetensors"):
+        stored.update(load_file(shard))
+    assert not any("qkv_proj" in name for name in stored)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        prefix = f"model.layers.1.self_attn.{name}"
+        weight, scale = quantize_weight(floats[f"{prefix}.weight"], 4)
+        assert torch.equal(stored[f"{prefix}.weight"], weight) and torch.equal(stored[f"{prefix}.weight_scale"], scale)
+        assert torch.equal(stored[f"{prefix}.bias"], floats[f"{prefix}.bias"])
+    _, reloaded = load_model(saved, device="cpu", dtype="float32")
+    prompt = tokenizer.chat_format.encode(tokenizer, "你好", [])
+    ours, logits = our_greedy_logits(model, prompt, 4)
+    again, logits_again = our_greedy_logits(reloaded, prompt, 4)
+    assert ours == again and all(torch.equal(a, b) for a, b in zip(logits, logits_again))
+
+
+def test_a_missing_part_of_a_stacked_layer_is_named(tmp_path):
+    save_transformers_checkpoint(tmp_path, "glm4-grouped-untied-bias")
+    state = load_file(tmp_path / "model.safetensors")
+    del state["model.layers.0.self_attn.k_proj.weight"]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"lack model\.layers\.0\.self_attn\.k_proj\.weight$"):
+        load_model(tmp_path, device="cpu", dtype="float32")
+    state["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(48, 64)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \(48, 64\), "
+                                              r"config.json implies 32 rows"):
+        load_model(tmp_path, device="cpu", dtype="float32")
 
 
 def test_bfloat16_model_with_int8_output_layer_loads(tmp_path):

@@ -96,7 +96,8 @@ class Adapter:
         """Refuse, before anything loads, an adapter for another family, or an update for a
         parameter the base model (of this config) lacks or whose shape differs."""
         with torch.device("meta"):  # names and shapes only: no memory
-            shapes = {name: tuple(p.shape) for name, p in model_class(config)(config).named_parameters()}
+            model = model_class(config)(config)
+            shapes = {name: tuple(p.shape) for name, p in model.checkpoint_tensors(model.named_parameters())}
         family = config.family
         hinted = family_named(self.base_model)
         if hinted and hinted != family:

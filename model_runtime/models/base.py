@@ -9,7 +9,7 @@ the seed's `model.chat` / `model.stream_chat`.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -105,6 +105,38 @@ class GLMModel(nn.Module):
             if layer.attention.prefix_kv is not None:
                 layer.attention.prefix_kv = tuple(fn(t) for t in layer.attention.prefix_kv)
         return self
+
+    def stacked_parts(self) -> dict[str, tuple[tuple[str, int], ...]]:
+        """Linear layers this network keeps stacked in one while its checkpoints store them apart,
+        by their path in a block: {stacked layer: ((checkpoint layer, its rows), ...) in row order}.
+        One product instead of several per step (glm_hf.py's q, k and v). None here."""
+        return {}
+
+    def checkpoint_parts(self) -> dict[str, list[tuple[str, int, int]]]:
+        """`stacked_parts` of every block by full name: {stacked layer: [(checkpoint layer, first
+        row, rows), ...]}; what the loader, the saver and the adapter check translate names by."""
+        pieces = self.stacked_parts()
+        if not pieces:
+            return {}
+        blocks = next(name for name, module in self.named_modules() if module is self.transformer.layers)
+        parts = {}
+        for index in range(len(self.transformer.layers)):
+            for stacked, layers in pieces.items():
+                starts = [sum(rows for _, rows in layers[:i]) for i in range(len(layers))]
+                parts[f"{blocks}.{index}.{stacked}"] = [(f"{blocks}.{index}.{layer}", start, rows)
+                                                        for (layer, rows), start in zip(layers, starts)]
+        return parts
+
+    def checkpoint_tensors(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) pairs of this model under the checkpoint's names: a stacked layer's
+        tensors split into its parts' rows (views)."""
+        parts = self.checkpoint_parts()
+        for name, tensor in tensors:
+            owner, _, leaf = name.rpartition(".")
+            if owner in parts:
+                yield from ((f"{layer}.{leaf}", tensor[start:start + rows]) for layer, start, rows in parts[owner])
+            else:
+                yield name, tensor
 
     def layout_for_prompt(self, prompt: list[int]):
         """Where the prompt's tokens go: `.prefix_len` and `.positions(start, end)`."""

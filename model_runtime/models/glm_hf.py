@@ -9,7 +9,8 @@ dims of each head (transformers' "interleaved" GLM rotary: cos/sin repeat_interl
 (x[2i], x[2i+1]); the other dims pass through), SwiGLU with the gate first, causal attention
 over the caller's cache, the calling convention of `base.GLMModel`. What differs:
 
-- q, k and v are separate projections (bias when `attention_bias`), the output one `o_proj`;
+- q, k and v are separate projections in the checkpoint (bias when `attention_bias`), stacked
+  into one `qkv_proj` here as glm2's `query_key_value` is; the output one `o_proj`;
 - GLM-4-0414 has four RMSNorms per block: `post_self_attn_layernorm` on the attention output and
   `post_mlp_layernorm` on the MLP output, each before its residual add; glm-4-9b-chat-hf has the
   usual two;
@@ -159,17 +160,18 @@ def rms_norm(config: HFGLMConfig) -> RMSNorm:
 
 
 class Attention(SelfAttention):
-    """glm2.SelfAttention with transformers' separate q/k/v projections and `o_proj`."""
+    """glm2.SelfAttention under transformers' names: the checkpoint's q_proj, k_proj and v_proj
+    stacked by rows into one `qkv_proj` (one product per step instead of three; the loader
+    stacks them, the saver splits them: `HFGLMModel.stacked_parts`), the output `o_proj`."""
 
     def make_projections(self, config: HFGLMConfig, q_size: int, kv_size: int) -> None:
-        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
 
-    def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        qk = torch.cat([self.q_proj(x), self.k_proj(x)], dim=-1).unflatten(-1, (-1, self.head_dim))
-        return qk, self.v_proj(x).unflatten(-1, (-1, self.head_dim))
+    @property
+    def query_key_value(self) -> nn.Module:
+        """The name glm2's `projections` reads the stacked layer by."""
+        return self.qkv_proj
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         return self.o_proj(x)
@@ -236,8 +238,7 @@ class HFGLMModel(GLMModel):
     keys and values are reused for its next turn."""
 
     causal = True
-    quantized_layers = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                        "mlp.gate_up_proj", "mlp.down_proj")
+    quantized_layers = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
     def __init__(self, config: HFGLMConfig):
         super().__init__(config)
@@ -256,6 +257,11 @@ class HFGLMModel(GLMModel):
     def _after_to_empty(self, device: torch.device) -> None:
         if self.tied_lm_head and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.model.embed_tokens.weight  # to_empty unties
+
+    def stacked_parts(self) -> dict[str, tuple[tuple[str, int], ...]]:
+        q_size, kv_size = self.config.num_attention_heads * self.config.head_dim, self.config.kv_heads * self.config.head_dim
+        return {"self_attn.qkv_proj": (("self_attn.q_proj", q_size), ("self_attn.k_proj", kv_size),
+                                       ("self_attn.v_proj", kv_size))}
 
     def layout_for_prompt(self, prompt: list[int]) -> CausalLayout:
         return CAUSAL

@@ -83,7 +83,29 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: Union[str, Path], *,
 
 
 def _checkpoint_entries(model, float_dtype):
-    """(name, getter, stored bytes) in the official order; getters return (cpu tensor, exact)."""
+    """(name, getter, stored bytes) in the official order, under the checkpoint's names (a stacked
+    layer's tensors split into its parts: `GLMModel.checkpoint_parts`); getters return (cpu
+    tensor, exact)."""
+    parts = model.checkpoint_parts()
+    for name, get, nbytes in _model_entries(model, float_dtype):
+        owner, _, leaf = name.rpartition(".")
+        if owner not in parts:
+            yield name, get, nbytes
+            continue
+        total = sum(rows for _, _, rows in parts[owner])
+        for layer, start, rows in parts[owner]:
+            yield f"{layer}.{leaf}", _rows_of(get, start, rows), nbytes * rows // total
+
+
+def _rows_of(get, start: int, rows: int):
+    def get_rows():
+        tensor, exact = get()
+        return tensor[start:start + rows].clone(), exact
+    return get_rows
+
+
+def _model_entries(model, float_dtype):
+    """(name, getter, stored bytes) of the model's own tensors; getters return (cpu tensor, exact)."""
     def float_tensor(tensor):
         def get():
             stored = tensor.detach().to("cpu", float_dtype).contiguous()
@@ -99,8 +121,8 @@ def _checkpoint_entries(model, float_dtype):
 
     element = torch.empty((), dtype=float_dtype).element_size()
     for name, module in model.named_modules():
-        if name.startswith("lm_head"):  # tied to the embeddings (also when computed by QuantizedOutputLayer)
-            continue
+        if name.startswith("lm_head") and model.tied_lm_head:  # the embeddings' matrix (also when computed by
+            continue                                            # a QuantizedOutputLayer)
         if isinstance(module, QuantizedLinear):
             out, inp = module.out_features, module.in_features
             yield f"{name}.weight", quantized_tensor(module, 0), out * inp * module.bits // 8

@@ -6,17 +6,19 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
+
+from ..models.base import GLMModel
 
 
-def random_weights(model: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """float32 weights for every parameter of `model` (tied ones under each name).
+def random_weights(model: GLMModel, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """float32 weights for every parameter of `model` (tied ones under each name), under the
+    checkpoint's names (a stacked layer's parts apart: `GLMModel.checkpoint_tensors`).
 
     Matrices are drawn with 3x the usual 1/sqrt(fan_in) scale, so that the blocks outweigh the
     residual stream (which otherwise makes every token predict itself) and random answers read
     as text; LayerNorm weights are near 1."""
     state = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
+    for name, param in model.checkpoint_tensors(model.named_parameters(remove_duplicate=False)):
         if name.endswith("norm.weight"):
             value = 1 + 0.1 * torch.randn(param.shape, generator=generator)
         else:
