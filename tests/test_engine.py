@@ -255,3 +255,47 @@ def test_stats_count_what_happened(engine):
     assert stats["requests_total"] == 1 and stats["requests_completed"] == 1
     assert stats["tokens_generated_total"] > 0 and stats["time_to_first_token_seconds_count"] == 1
     assert stats["queue_length"] == 0 and stats["active_sequences"] == 0 and stats["slots_total"] == 2
+
+
+def test_the_token_budget_holds_back_what_would_not_fit_and_gives_memory_back(engine):
+    """Slots are free but the running answer's reservation (its max_length) leaves too little of
+    the budget: the next request waits at the head of the line, the one after it behind it;
+    once the first ends, both run; when all have ended nothing is held or in memory."""
+    eng = engine(slots=4, step_delay=0.01, token_budget=2100)
+    running = eng.submit(request("你好", max_length=2048))
+    events = iter(running)
+    while next(events).kind != "delta":
+        pass
+    assert eng.stats()["kv_tokens_held"] == 2048 and eng.stats()["kv_cache_resident_bytes"] > 0
+    held_back, behind = iter(eng.submit(request("早上好", max_length=100))), iter(eng.submit(request("1 + 1 = ?", max_length=20)))
+    first = next(held_back)
+    assert first.kind == "queued" and first.queue_position == 1
+    assert next(behind).queue_position == 2  # a short request does not jump the line
+    assert eng.stats()["active_sequences"] == 1 and eng.stats()["queue_length"] == 2
+    running.cancel()
+    assert list(held_back)[-1].finish_reason in ("stop", "length")
+    assert list(behind)[-1].finish_reason in ("stop", "length")
+    stats = eng.stats()
+    assert stats["kv_tokens_held"] == 0 and stats["kv_cache_resident_bytes"] == 0  # no salt: nothing kept
+
+
+def test_the_token_budget_drops_a_cached_conversation_before_holding_a_request_back(tiny_glm4):
+    tokenizer, model = tiny_glm4
+    eng = Engine(tokenizer, model, slots=3, context_length=256, token_budget=300)
+    try:
+        def ask(messages, salt, max_length=256, max_new_tokens=8):  # reserves min(max_length, prompt + max_new_tokens)
+            before = eng.stats()["prompt_tokens_reused_total"]
+            last = final(eng.submit(ChatRequest(messages=tuple(messages), cache_salt=salt, sampling=SamplingParams(
+                max_length=max_length, max_new_tokens=max_new_tokens, temperature=0))))[-1]
+            return eng.stats()["prompt_tokens_reused_total"] - before, last
+
+        document = [Message("user", "Please read this shared document about the weather in Beijing. " * 2)]
+        _, first = ask(document, "alice", max_length=160)
+        kept = eng.stats()["kv_tokens_held"]
+        assert first.prompt_tokens <= kept <= first.prompt_tokens + first.completion_tokens  # kept for her next turn
+        follow_up = document + [Message("assistant", first.text), Message("user", "Thanks!")]
+        assert ask(follow_up, "alice", max_length=160)[0] > 0  # 160 more fit beside what is kept: reused
+        ask([Message("user", "Something else entirely")], "bob", max_new_tokens=None)  # 256 do not fit beside alice's turns
+        assert ask(follow_up, "alice", max_length=160)[0] == 0  # dropped to make room: read again
+    finally:
+        eng.close()

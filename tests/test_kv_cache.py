@@ -106,3 +106,24 @@ def test_our_decode_kernel_reads_each_slot_in_place_as_accurately_as_sdpa(head_d
             return ((got.double() - expected).norm() / expected.norm()).item()
 
         assert error(ours[row:row + 1]) <= 1.1 * error(sdpa) + 1e-7 and error(ours[row:row + 1]) < 4e-3, (row, length)
+
+
+def test_a_cpu_cache_costs_the_memory_of_what_its_slots_hold():
+    """1 GiB of cache (4 layers x 8 slots x 32 heads x 2048 tokens x 128 dims, bfloat16): nothing
+    is in memory until tokens are written, reading adds nothing, and dropping a slot's positions
+    gives their whole pages (16 tokens of a head) back to the OS and reads zeros there again."""
+    cache = KVCache(4, 8, 32, 2048, 128, torch.bfloat16, "cpu")
+    assert sum(layer.k.nbytes + layer.v.nbytes for layer in cache.layers) == 2**30
+    assert cache.resident_bytes == 0
+    for layer in cache.layers:
+        layer.k[1, :, :100] = 1.0
+        layer.v[1, :, :100] = 2.0
+    page_rows = 7 * 32 * 2 * 4  # 100 tokens fill 7 pages of each head's row, keys and values, 4 layers
+    assert cache.resident_bytes == page_rows * 4096
+    assert cache.layers[0].k[2:].float().abs().sum() == 0  # other slots read zeros ...
+    assert cache.resident_bytes == page_rows * 4096  # ... without taking memory
+    cache.drop_after(1, 50)  # keeps tokens 0-63: the pages holding the first 50
+    assert cache.resident_bytes == 4 * 32 * 2 * 4 * 4096
+    assert (cache.layers[3].v[1, :, :64] == 2.0).all() and cache.layers[3].v[1, :, 64:].float().abs().sum() == 0
+    cache.drop_after(1, 0)
+    assert cache.resident_bytes == 0 and cache.layers[0].k.float().abs().sum() == 0

@@ -145,7 +145,8 @@ SETTINGS: tuple[Setting, ...] = (
             "if the compile fails the engine logs why and decodes eager); this flag keeps the eager step instead. "
             "CPUs and --zerogpu always run the eager step", MODEL, default=False, kind="switch"),
     Setting("--slots", "CHATGLM_SLOTS", "answers decoded together in one batch", MODEL, convert=positive_int,
-            shown="as many as fit in memory, at most 16"),
+            shown="CPUs: 16, sharing a quarter of the free memory as a token budget that each answer reserves its "
+            "maximum length of when it starts; GPUs: as many whole contexts as fit a quarter of it, at most 16"),
     Setting("--context-length", "CHATGLM_CONTEXT_LENGTH", "tokens per conversation, prompt plus answer", MODEL,
             convert=positive_int, shown="the model's own, at most 8192 (--backend openai: 8192)"),
     Setting("--prefill-chunk", "CHATGLM_PREFILL_CHUNK", "prompt tokens read per engine step, beside the decode "

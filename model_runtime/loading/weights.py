@@ -5,7 +5,6 @@ model size (shards are memory-mapped, never loaded whole as float32).
 from __future__ import annotations
 
 import ctypes
-import functools
 import mmap
 from pathlib import Path
 from typing import Optional
@@ -16,7 +15,7 @@ from ..models.base import GLMModel
 from ..models.config import CheckpointError
 from ..quant.convert import quantized_linears
 from ..quant.linear import QuantizedLinear
-from ..quant.memory import trim_heap
+from ..quant.memory import libc, trim_heap
 from .adapters import Adapter
 from .checkpoint import read_shard
 
@@ -49,12 +48,8 @@ def _release_pages(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
     first, last = -(-start // page) * page, (start + size) // page * page
     if last <= first or not any(low <= first and last <= high for low, high in ranges):
         return
-    _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+    libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
 
-
-@functools.lru_cache(maxsize=None)
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)
 
 
 class _Stacker:

@@ -7,13 +7,19 @@ j < prefix_len (ChatGLM-6B's bidirectional prompt, up to and including [gMASK]) 
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import math
+import mmap
+import re
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .. import native
+from ..quant.memory import libc
 from .prefix import with_prefix
 
 
@@ -102,6 +108,54 @@ def native_decode_attention(device, dtype, grouped: bool, head_dim: int) -> Opti
     return isa
 
 
+class CommittedOnWrite:
+    """CPU memory for a cache's tensors that the OS commits page by page as each page is first
+    written: zeros in a private anonymous mapping, transparent huge pages off (a huge page would
+    commit 2 MiB, 8192 tokens of a head, at once), so slots cost the memory of what they hold,
+    not of their whole context. `drop` gives pages back (they read as zeros again);
+    `resident_bytes` says what is held (the mapping sits between two inaccessible pages, so it is
+    one region of its own in /proc/self/smaps, never merged with a neighbour)."""
+
+    def __init__(self, nbytes: int):
+        page = mmap.PAGESIZE
+        self.mapping = mmap.mmap(-1, nbytes + 2 * page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):
+            self.mapping.madvise(mmap.MADV_NOHUGEPAGE)
+        self.base = torch.frombuffer(self.mapping, dtype=torch.uint8, count=page).data_ptr()
+        for guard in (self.base, self.base + nbytes + page):
+            libc().mprotect(ctypes.c_void_p(guard), ctypes.c_size_t(page), 0)
+        self.used = page
+
+    @staticmethod
+    def available() -> bool:
+        return hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MADV_DONTNEED") and hasattr(libc(), "mprotect")
+
+    def zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The next page-aligned `shape` of the mapping (the tensor keeps the mapping alive)."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        tensor = torch.frombuffer(self.mapping, dtype=torch.uint8, offset=self.used, count=nbytes)
+        self.used += -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+        return tensor.view(dtype).view(shape)
+
+    def drop(self, address: int, nbytes: int) -> None:
+        """Give back the whole pages inside [address, address + nbytes)."""
+        start = -(-(address - self.base) // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (address + nbytes - self.base) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            self.mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of the mapping in memory now (Linux; 0 elsewhere). Pages only read are not."""
+        try:
+            smaps = Path("/proc/self/smaps").read_text()
+        except OSError:
+            return 0
+        found = re.search(rf"^{self.base + mmap.PAGESIZE:x}-.*?^Anonymous:\s+(\d+) kB", smaps, re.M | re.S)
+        return int(found.group(1)) * 1024 if found else 0
+
+
+
 class LayerCache:
     """One layer's keys and values of every slot: [slots, kv_heads, max_len, head_dim] each.
 
@@ -119,9 +173,14 @@ class LayerCache:
     gathered and attended to under the visibility mask."""
 
     def __init__(self, shape: tuple[int, ...], dtype, device, scratch: Optional[torch.Tensor] = None,
-                 grouped: bool = False, native_decode: Optional[str] = None):
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+                 grouped: bool = False, native_decode: Optional[str] = None,
+                 memory: Optional[CommittedOnWrite] = None):
+        if memory is not None:
+            self.k, self.v = memory.zeros(shape, dtype), memory.zeros(shape, dtype)
+        else:
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.memory = memory
         self.native_decode = native_decode  # our kernel's code path, or None
         self.decode_rows: Optional[DecodeRows] = None
         self.packed: Optional[PackedRows] = None  # the next forward is one packed row (PackedRows)
@@ -144,6 +203,20 @@ class LayerCache:
         rows = slots[:, None] if slots.dim() == 1 else slots  # a packed forward: a slot per token
         self.k[rows, :, cache_positions] = k
         self.v[rows, :, cache_positions] = v
+
+    def drop_after(self, slot: int, keep: int) -> None:
+        """Give the memory of `slot`'s positions from `keep` on back to the OS (whole pages; a
+        cache reserved whole keeps it): they read as zeros again."""
+        if self.memory is None:
+            return
+        _, heads, max_len, d = self.k.shape
+        token, row = d * self.k.element_size(), max_len * d * self.k.element_size()  # row: one head of one slot
+        for tensor in (self.k, self.v):
+            first = tensor[slot].data_ptr()
+            if keep == 0:
+                self.memory.drop(first, heads * row)
+            for head in range(heads) if keep else ():
+                self.memory.drop(first + head * row + keep * token, row - keep * token)
 
     def read(self, q: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
              prefix_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
@@ -291,6 +364,8 @@ class PackedRows:
 
 class KVCache:
     """The static, pre-allocated KV cache of every layer: `slots` rows of up to `max_len` tokens.
+    On the CPU its memory is committed as tokens are written (`committed_on_write`) and given back
+    by `drop_after`, so it costs what the slots hold; on a GPU it is reserved whole.
 
     It belongs to whoever decodes (a `serving.decode_batch.DecodeBatch`), not to the model: the model's
     forward reads and writes the cache it is given, in place, so that the serving engine and a
@@ -304,8 +379,10 @@ class KVCache:
         scratch = torch.empty(score_chunk(heads, head_dim, max_len) * heads * head_dim, dtype=torch.float32) \
             if torch.device(device).type == "cpu" and not amx_attention() else None
         in_kernel = native_decode_attention(device, dtype, grouped, head_dim)
-        self.layers = [LayerCache((slots, heads, max_len, head_dim), dtype, device, scratch, grouped, in_kernel)
-                       for _ in range(layers)]
+        shape = (slots, heads, max_len, head_dim)
+        self.memory = CommittedOnWrite(layers * 2 * -(-math.prod(shape) * dtype.itemsize // mmap.PAGESIZE) * mmap.PAGESIZE) \
+            if torch.device(device).type == "cpu" and CommittedOnWrite.available() else None
+        self.layers = [LayerCache(shape, dtype, device, scratch, grouped, in_kernel, self.memory) for _ in range(layers)]
 
     def set_decode_rows(self, rows: Optional[Sequence[tuple[int, int]]], whole: bool = False) -> None:
         """(slot, length) of each row of the next forward when it decodes one token per row (its
@@ -327,6 +404,17 @@ class KVCache:
             layer.decode_rows = None
             layer.packed = packed
             layer.whole = False
+
+    def drop_after(self, slot: int, keep: int) -> None:
+        """Give the memory of `slot`'s positions from `keep` on back to the OS, in every layer
+        (CPU caches, committed on write; elsewhere the whole cache stays reserved)."""
+        for layer in self.layers:
+            layer.drop_after(slot, keep)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of this cache in memory now (CPU caches on Linux; else 0): what slots hold."""
+        return self.memory.resident_bytes if self.memory is not None else 0
 
     def mark_static_addresses(self) -> None:
         """Tell torch.compile that the cache tensors never move, so a CUDA graph may write them."""

@@ -14,6 +14,13 @@ rest of the prompt (`Sequence.cached` says how many tokens were reused): a conve
 turn prefills only the new text. Keys and values depend only on the tokens before them, so this
 computes the same numbers as a full prefill. The salt keeps the reuse, and so the time a prefill
 takes, from telling one user what another one sent.
+
+A `token_budget` bounds the tokens the slots may hold together (on the CPU the cache costs the
+memory of what it holds: kv_cache.CommittedOnWrite): `admit` reserves a sequence's max_length
+(prompt plus answer) against it, dropping free slots' cached turns (least recently released
+first) when they are in the way, and refuses while running sequences' reservations leave too
+little; a sequence gives its reservation back, and the pages past what its slot keeps, when it
+leaves.
 """
 from __future__ import annotations
 
@@ -182,16 +189,21 @@ class DecodeBatch:
     overhead outweighs reading the unused columns (GPUs, short contexts, few slots)."""
 
     def __init__(self, model: DecodableModel, slots: int, max_len: int, vocab_size: Optional[int] = None, *,
-                 whole_decode: bool = False, compile_options: Optional[dict] = None):
+                 whole_decode: bool = False, compile_options: Optional[dict] = None,
+                 token_budget: Optional[int] = None):
         """vocab_size: the tokenizer's; the model's output layer may be padded beyond it
         (130528 vs 130344 for ChatGLM-6B) and those ids must never be sampled.
-        compile_options: torch.compile arguments for the decode step; implies whole_decode."""
+        compile_options: torch.compile arguments for the decode step; implies whole_decode.
+        token_budget: tokens all slots may hold together (at least one whole context; None:
+        every slot its whole context)."""
         self.model = model
         self.vocab_size = vocab_size
         self.whole_decode = whole_decode or compile_options is not None
         self.slots = slots
         self.cache = model.new_kv_cache(slots + 1 if self.whole_decode else slots, max_len)  # + the spare slot
         self.max_len = self.cache.max_len
+        self.token_budget = slots * self.max_len if token_budget is None else max(token_budget, self.max_len)
+        self.reserved: dict[int, int] = {}  # slot of a running sequence -> tokens reserved for it
         self._decode_forward = model
         if compile_options is not None:
             self.cache.mark_static_addresses()
@@ -227,15 +239,34 @@ class DecodeBatch:
         return None
 
     def admit(self, seq: Sequence) -> bool:
-        """Give seq a slot; False when none is free."""
+        """Give seq a slot and reserve its max_length of tokens; False when no slot is free or
+        the running sequences leave too little of the token budget."""
         if not self.free_slots:
             return False
         if seq.max_length > self.max_len:
             seq.max_length = self.max_len  # the cache bounds every sequence
+        if not self._make_room(seq.max_length):
+            return False
         seq.slot, seq.cached = self._choose_slot(seq)
         seq.kv_len = seq.cached
+        self.cache.drop_after(seq.slot, seq.cached)  # what an earlier conversation left past the reused turns
         self.free_slots.remove(seq.slot)
+        self.reserved[seq.slot] = seq.max_length
         return True
+
+    @property
+    def tokens_held(self) -> int:
+        """Tokens reserved by running sequences plus those free slots keep for reuse."""
+        return sum(self.reserved.values()) + sum(len(tokens) for _, tokens in self.slot_contents.values())
+
+    def _make_room(self, tokens: int) -> bool:
+        """Whether `tokens` more fit the budget, after dropping free slots' cached turns (least
+        recently released first) as far as needed."""
+        while self.tokens_held + tokens > self.token_budget and self.slot_contents:
+            slot = next(iter(self.slot_contents))
+            del self.slot_contents[slot]
+            self.cache.drop_after(slot, 0)
+        return self.tokens_held + tokens <= self.token_budget
 
     MIN_REUSE = 8  # shorter shared prefixes do not evict another conversation's cached turns
 
@@ -245,7 +276,9 @@ class DecodeBatch:
         if not self.reuse or seq.layout.prefix_len:  # no reuse across a bidirectional prefix
             return self.free_slots[0], 0
         if self._weights_version != self.model.weights_version:
-            self.slot_contents.clear()  # computed with other weights
+            for slot in self.slot_contents:  # computed with other weights
+                self.cache.drop_after(slot, 0)
+            self.slot_contents.clear()
             self._weights_version = self.model.weights_version
         limit = len(seq.prompt) - 1  # the last prompt token must run to give the first logits
 
@@ -266,11 +299,16 @@ class DecodeBatch:
         return best, reused[best]
 
     def release(self, seq: Sequence) -> None:
-        """Give seq's slot back; its keys and values stay there for a later prompt of the same salt."""
+        """Give seq's slot and reservation back; its keys and values stay there for a later prompt
+        of the same salt (the rest of the slot's memory goes back to the OS)."""
         if seq.slot < 0:
             return
+        kept = 0
         if self.reuse and seq.cache_salt is not None and seq.kv_len and not seq.layout.prefix_len:
             self.slot_contents[seq.slot] = (seq.cache_salt, seq.tokens[:seq.kv_len])
+            kept = seq.kv_len
+        self.cache.drop_after(seq.slot, kept)
+        self.reserved.pop(seq.slot, None)
         self._layerwise.pop(seq, None)  # a prompt cancelled while being read
         self.free_slots.append(seq.slot)
         self.free_slots.sort()

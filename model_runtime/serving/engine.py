@@ -126,11 +126,14 @@ class Engine:
     on a CUDA GPU, where a step of many small kernels otherwise waits on their launches;
     prefill_chunk: the prompt tokens' worth of work a step reads (0: every prompt whole at
     once; None: `default_prefill_chunk` for the model's device, on CPUs paced up by measured
-    step times: pacing.PrefillPace)."""
+    step times: pacing.PrefillPace); token_budget: tokens the slots may hold together, each
+    request reserving its max_length when it starts (None: every slot its whole context; see
+    decode_batch.DecodeBatch)."""
 
     def __init__(self, tokenizer, model, *, slots: int = 8, max_queue: int = 64, context_length: Optional[int] = None,
                  name: str = "chatglm-6b", random_weights: bool = False, step_delay: float = 0.0,
-                 cuda_graphs: Optional[bool] = None, prefill_chunk: Optional[int] = None):
+                 cuda_graphs: Optional[bool] = None, prefill_chunk: Optional[int] = None,
+                 token_budget: Optional[int] = None):
         paced = prefill_chunk is None and model.device.type == "cpu"  # a GPU step's time needs a sync
         if prefill_chunk is None:
             prefill_chunk = default_prefill_chunk(model.device)
@@ -148,7 +151,8 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.pace = PrefillPace(prefill_chunk, paced)
         self.batch = DecodeBatch(model, slots, context_length or model.config.max_sequence_length,
-                                 vocab_size=tokenizer.vocab_size, compile_options=CUDA_GRAPHS if cuda_graphs else None)
+                                 vocab_size=tokenizer.vocab_size, compile_options=CUDA_GRAPHS if cuda_graphs else None,
+                                 token_budget=token_budget)
         if cuda_graphs:  # the compile is paid here, at start-up, not by the first answer
             self.compile_decode_step()
         self.info = model_info(tokenizer, model, name=name, context_length=self.batch.max_len,
@@ -227,6 +231,9 @@ class Engine:
                 "queue_length": len(self._waiting),
                 "active_sequences": len(self._running),
                 "slots_total": self.slots,
+                "kv_tokens_held": self.batch.tokens_held,
+                "kv_tokens_budget": self.batch.token_budget,
+                "kv_cache_resident_bytes": self.batch.cache.resident_bytes,
                 "tokens_per_second": len(window) / span if span > 0 else 0.0,
                 "time_to_first_token_seconds_sum": self._ttft_sum,
                 "time_to_first_token_seconds_count": self._ttft_count,
@@ -344,15 +351,19 @@ class Engine:
                 self._end(job, "error", error=SHUTDOWN_MESSAGE)
 
     def _admit(self) -> None:
+        """Start waiting requests, first come first served, while a slot and the token budget
+        allow (a request the budget cannot take yet waits at the head of the line)."""
         while self._waiting and self.batch.free_slots:
-            job = self._waiting.popleft()
+            job = self._waiting[0]
             try:
-                self.batch.admit(job.seq)
+                if not self.batch.admit(job.seq):
+                    break
                 job.text = AnswerText(self.tokenizer, job.request.sampling.stop, job.tool_reader)
             except Exception as error:
                 log.exception("could not admit request %s", job.request_id)
                 self._end(job, "error", error=f"could not start this answer: {type(error).__name__}: {error}")
                 continue
+            self._waiting.popleft()
             self._counters["prompt_tokens_reused_total"] += job.seq.cached
             self._running.append(job)
         self._announce_queue_positions()
@@ -457,9 +468,13 @@ class Engine:
         self._counters[counter] += 1
 
     def _announce_queue_positions(self) -> None:
-        """Tell each waiting request its place in line (those a free slot awaits are not in line)."""
+        """Tell each waiting request its place in line (those a free slot awaits are not in line;
+        while the token budget holds the first back, everyone is)."""
+        head = self._waiting[0].seq if self._waiting else None
+        starting = 0 if head is not None and head.slot < 0 and self.batch.tokens_held + min(
+            head.max_length, self.batch.max_len) > self.batch.token_budget else len(self.batch.free_slots)
         for index, job in enumerate(self._waiting):
-            position = index + 1 - len(self.batch.free_slots)
+            position = index + 1 - starting
             if position > 0 and job.queue_position != position:
                 job.queue_position = position
                 job.events.put(job.event("queued", queue_position=position))

@@ -11,6 +11,7 @@ import torch
 from .. import native
 from ..loading.device import free_memory, pick_device
 from ..loading.loader import load_model
+from ..models.kv_cache import CommittedOnWrite
 from ..tiny.checkpoint import write_tiny_checkpoint
 from .engine import Engine
 from .per_call import GpuCall, PerCallBackend, no_host
@@ -43,8 +44,8 @@ def start_engine(model: str = "THUDM/chatglm-6b", *, device: str = "auto", dtype
                  prefill_chunk: Optional[int] = None, **load_kwargs) -> Engine:
     """Load a checkpoint (or build a tiny random one, see load_for_serving) and start an engine on it.
 
-    slots: concurrent sequences; by default as many as fit (up to 16) in a quarter of the memory
-    left after loading the model.
+    slots: concurrent sequences; by default `default_capacity`'s (up to 16 sharing a quarter of the
+    memory left after loading the model).
     context_length: tokens per sequence (prompt plus answer); by default the model's own, at most
     DEFAULT_CONTEXT (GLM-4's 128k tokens would take 5 GiB of KV cache per slot).
     prefill_chunk: prompt tokens read per engine step (0: each prompt whole); by default the
@@ -54,11 +55,12 @@ def start_engine(model: str = "THUDM/chatglm-6b", *, device: str = "auto", dtype
         native.build_in_background()  # our CPU kernels (if this CPU runs them) build while the weights load
     tokenizer, net, name = load_for_serving(model, device=device, dtype=dtype, tiny_random=tiny_random, **load_kwargs)
     context_length = context_length or min(net.config.max_sequence_length, DEFAULT_CONTEXT)
+    token_budget = None
     if slots is None:
-        slots = default_slots(net, context_length=context_length)
+        slots, token_budget = default_capacity(net, context_length)
     return Engine(tokenizer, net, slots=slots, max_queue=max_queue, name=name, random_weights=bool(tiny_random),
                   step_delay=step_delay, context_length=context_length, cuda_graphs=cuda_graphs,
-                  prefill_chunk=prefill_chunk)
+                  prefill_chunk=prefill_chunk, token_budget=token_budget)
 
 
 def start_per_call(model: str = "THUDM/chatglm-6b", *, gpu_call: GpuCall = no_host, device: str = "auto",
@@ -80,7 +82,13 @@ def start_per_call(model: str = "THUDM/chatglm-6b", *, gpu_call: GpuCall = no_ho
                           step_delay=step_delay)
 
 
-def default_slots(model, limit: int = 16, context_length: Optional[int] = None) -> int:
-    """As many full-length KV-cache rows as fit in a quarter of the free memory (at least 1)."""
-    per_slot = model.kv_cache_bytes_per_token() * (context_length or model.config.max_sequence_length)
-    return max(1, min(limit, int(free_memory(model.device) * 0.25 // per_slot)))
+def default_capacity(model, context_length: int, limit: int = 16) -> tuple[int, Optional[int]]:
+    """(slots, token budget) that fit a quarter of the free memory. On a GPU, whose cache is
+    reserved whole, as many whole-context slots as fit (at least 1), no budget beyond them; on the
+    CPU, whose cache costs what it holds (kv_cache.CommittedOnWrite), `limit` slots sharing that
+    quarter as a token budget (at least one whole context): short answers run side by side where
+    whole contexts would not fit."""
+    tokens = int(free_memory(model.device) * 0.25 // model.kv_cache_bytes_per_token())
+    if model.device.type == "cpu" and CommittedOnWrite.available():
+        return limit, max(tokens, context_length)
+    return max(1, min(limit, tokens // context_length)), None
