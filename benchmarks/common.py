@@ -122,10 +122,24 @@ class PeakRSS:
         self._stop.set()
 
 
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile")  # what our paths use
+
+
 def machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+    """The machine a result came from: the CPU's model name and the features our kernels use."""
+    return {"cpu": platform.processor() or platform.machine(), "cpu_model": _cpuinfo("model name"),
+            "cpu_flags": [flag for flag in CPU_FLAGS if flag in _cpuinfo("flags").split()],
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)}
+
+
+def _cpuinfo(field: str) -> str:
+    """A field of the first processor in /proc/cpuinfo (Linux; empty elsewhere)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":")[0].strip() == field), "")
 
 
 def write_random_checkpoint(directory: Path, sizes: dict, shards: int = 8, seed: int = 0) -> Path:

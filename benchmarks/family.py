@@ -1,7 +1,8 @@
 """Full-size ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B-chat and GLM-4-9B-0414 / GLM-Z1-9B-0414 shapes with
 random weights: prefill, decode, and the second turn of a conversation with and without reuse of
-the first turn's KV cache. `glm4-0414` is transformers' layout (models/glm_hf.py: q, k and v as
-three matmuls, four norms per block) at GLM-4-9B-chat's sizes, so the two rows compare layouts.
+the first turn's KV cache. `glm4-0414` is transformers' layout (models/glm_hf.py: q, k and v
+stored apart, stacked into one Linear on load; four norms per block) at GLM-4-9B-chat's sizes, so
+the two rows compare layouts.
 
     python -m benchmarks.family                                  # CPU, bfloat16 + INT8/INT4 rows, 4 layers
     python -m benchmarks.family --rows chatglm3:bfloat16 --layers 28 --device cuda   # one full model

@@ -1,11 +1,14 @@
 """The serving engine: batching equality, cancellation, back-pressure, isolation."""
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from model_runtime.chat.stream import stream_answer
 from model_runtime.protocol import ChatRequest, EngineBusy, InvalidRequest, Message, SamplingParams
+from model_runtime.serving import launch
 from model_runtime.serving.engine import Engine
 
 QUERIES = ["你好", "How is the weather in Shanghai today?", "写一个 Python 函数", "早上好",
@@ -275,8 +278,7 @@ def test_the_token_budget_holds_back_what_would_not_fit_and_gives_memory_back(en
     running.cancel()
     assert list(held_back)[-1].finish_reason in ("stop", "length")
     assert list(behind)[-1].finish_reason in ("stop", "length")
-    stats = eng.stats()
-    assert stats["kv_tokens_held"] == 0 and stats["kv_cache_resident_bytes"] == 0  # no salt: nothing kept
+    assert eng.stats()["kv_tokens_held"] == 0 and eng.batch.cache.resident_bytes == 0  # no salt: nothing kept
 
 
 def test_the_token_budget_drops_a_cached_conversation_before_holding_a_request_back(tiny_glm4):
@@ -299,3 +301,16 @@ def test_the_token_budget_drops_a_cached_conversation_before_holding_a_request_b
         assert ask(follow_up, "alice", max_length=160)[0] == 0  # dropped to make room: read again
     finally:
         eng.close()
+
+
+def test_cpus_default_to_16_slots_sharing_a_quarter_of_the_free_memory(monkeypatch):
+    """A CPU cache costs what it holds, so 16 slots share a token budget; a GPU's is reserved
+    whole, so it gets as many whole-context slots as fit (and no budget beyond them)."""
+    monkeypatch.setattr(launch, "free_memory", lambda device: 64 * 2**20)  # a quarter: 16 MiB
+    per_token = 2**10
+    cpu = SimpleNamespace(device=torch.device("cpu"), kv_cache_bytes_per_token=lambda: per_token)
+    assert launch.default_capacity(cpu, context_length=2048) == (16, 16 * 2**10)
+    assert launch.default_capacity(cpu, context_length=32768) == (16, 32768)  # at least one whole context
+    gpu = SimpleNamespace(device=torch.device("cuda"), kv_cache_bytes_per_token=lambda: per_token)
+    assert launch.default_capacity(gpu, context_length=2048) == (8, None)
+    assert launch.default_capacity(gpu, context_length=32768) == (1, None)
