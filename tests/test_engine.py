@@ -114,7 +114,8 @@ def test_full_queue_answers_busy_at_once_and_positions_are_reported(engine):
 def test_cancel_while_queued_leaves_the_queue_at_once(engine):
     eng = engine(slots=1, step_delay=0.01)
     running = eng.submit(request("你好", max_length=2048))
-    while next(iter(running)).kind != "delta":  # running now
+    events = iter(running)  # kept: a stream dropped mid-way cancels its request
+    while next(events).kind != "delta":  # running now
         pass
     waiting = eng.submit(request("早上好"))
     assert eng.stats()["queue_length"] == 1

@@ -245,8 +245,7 @@ class Engine:
 
     def _resident_bytes(self) -> int:
         """The KV cache's bytes in memory, read at most once a second (a few ms of /proc each)."""
-        read_at, value = self._resident
-        if time.monotonic() - read_at >= RESIDENT_READ_S:
+        if time.monotonic() - self._resident[0] >= RESIDENT_READ_S:
             self._resident = (time.monotonic(), self.batch.cache.resident_bytes)
         return self._resident[1]
 
