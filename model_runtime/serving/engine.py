@@ -26,7 +26,6 @@ scheduler thread be gone without a word.
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
 import time
@@ -46,7 +45,6 @@ from .pacing import PrefillPace
 log = logging.getLogger(__name__)
 
 RATE_WINDOW_S = 10.0  # tokens/s in stats() is measured over this many recent seconds
-RESIDENT_READ_S = 1.0  # stats() reads the KV cache's resident bytes at most this often
 STREAM_POLL_S = 0.5  # a stream waiting for its next event checks this often that the scheduler lives
 IDLE_POLL_S = 1.0  # the scheduler re-checks deadlines this often when it has nothing to run
 MAX_FAILED_STEPS = 3  # consecutive failed steps after which the scheduler gives up
@@ -169,7 +167,6 @@ class Engine:
         self._counters = {"requests_total": 0, "requests_rejected_busy": 0, "requests_cancelled": 0,
                           "requests_failed": 0, "requests_completed": 0, "tokens_generated_total": 0,
                           "prompt_tokens_reused_total": 0}  # KV cache of earlier turns (causal models)
-        self._resident = (-math.inf, 0)  # (when read, kv_cache_resident_bytes)
         self._ttft_sum = 0.0
         self._ttft_count = 0
         self._token_times: deque[float] = deque()  # when each token of the last RATE_WINDOW_S came
@@ -225,7 +222,6 @@ class Engine:
             self._lock.notify_all()
 
     def stats(self) -> dict:
-        resident = self._resident_bytes()  # outside the lock: it reads /proc
         with self._lock:
             now = time.monotonic()
             window = [t for t in self._token_times if now - t <= RATE_WINDOW_S]
@@ -237,17 +233,10 @@ class Engine:
                 "slots_total": self.slots,
                 "kv_tokens_held": self.batch.tokens_held,
                 "kv_tokens_budget": self.batch.token_budget,
-                "kv_cache_resident_bytes": resident,
                 "tokens_per_second": len(window) / span if span > 0 else 0.0,
                 "time_to_first_token_seconds_sum": self._ttft_sum,
                 "time_to_first_token_seconds_count": self._ttft_count,
             }
-
-    def _resident_bytes(self) -> int:
-        """The KV cache's bytes in memory, read at most once a second (a few ms of /proc each)."""
-        if time.monotonic() - self._resident[0] >= RESIDENT_READ_S:
-            self._resident = (time.monotonic(), self.batch.cache.resident_bytes)
-        return self._resident[1]
 
     def health(self) -> Optional[str]:
         """None while requests are served; else why not (no lock taken: always quick)."""
