@@ -71,6 +71,7 @@ def test_new_switch_rename_delete(new_page):
     settle(page)
     chat(page, "你好")
     new_chat(page)
+    settle(page)  # a new chat starts with the default (long) maximum length
     chat(page, "Hello there")
     assert titles(page) == ["Hello there", "你好"]  # newest first, named after the first message
     open_chat(page, "你好")
@@ -262,6 +263,7 @@ def test_kept_across_reload_and_server_restart(new_page, app_server, server_env)
     settle(page)
     first = chat(page, "你好")
     new_chat(page)
+    settle(page)  # a new chat starts with the default (long) maximum length
     chat(page, "Second chat")
     open_chat(page, "你好")
     page.reload()

@@ -113,6 +113,7 @@ def test_at_the_cap_new_chat_is_refused_clearly_and_the_list_scrolls(new_page, t
     for control in ("#delete-chat", "#rename", "#download-json"):
         expect(page.locator(control)).to_be_in_viewport()
     open_before = page.locator(f"{LIST}.selected").inner_text()
+    settle(page)
     chat(page, "where do I land?")
     expect(page.locator(f"{LIST}.selected")).to_have_text(open_before)
     expect(page.locator(USER)).to_have_text([open_before, "where do I land?"])
@@ -138,6 +139,7 @@ def test_delete_can_be_undone_for_a_few_seconds(new_page):
     settle(page)
     first = chat(page, "first chat")
     new_chat(page)
+    settle(page)  # a new chat starts with the default (long) maximum length
     chat(page, "second chat")
     page.locator(LIST, has_text="first chat").click()
     expect(page.locator(USER)).to_have_text(["first chat"])
@@ -176,6 +178,7 @@ def test_search_by_title(new_page):
     for text in ("apples and pears", "书籍推荐", "Apple pie"):
         if page.locator(USER).count():
             new_chat(page)
+            settle(page)  # a new chat starts with the default (long) maximum length
         chat(page, text)
     page.locator("#chat-search input").fill("apple")
     expect(page.locator(LIST)).to_have_text(["Apple pie", "apples and pears"])
