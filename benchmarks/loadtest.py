@@ -10,6 +10,9 @@ does not enter their history. First every turn that will complete is run alone, 
 time, to get the expected answers; then all clients run together, round by round. Reported:
 failed turns, answers that differ from their alone run (mixed up or lost), p95 time to first
 token, and the p95 / max latency of `/health`, polled every 50 ms throughout the crowded phase.
+The tiny model computes in float32; where MKL's float32 GEMM sums a row differently for other
+batch sizes (some Intel CPUs), start a server of your own with MKL_CBWR=AUTO,STRICT, as this
+script and the tests do, or a near-tie may flip a greedy token and count as "differ".
 """
 from __future__ import annotations
 
@@ -229,7 +232,8 @@ def main() -> None:
     server = None
     if args.url is None:
         from tests.browser.app_server import AppServer
-        server = AppServer("--slots", "16", "--concurrency", "128", "--max-per-client", "256")  # all users share 127.0.0.1
+        server = AppServer("--slots", "16", "--concurrency", "128", "--max-per-client", "256",  # all users share 127.0.0.1
+                           env={"MKL_CBWR": "AUTO,STRICT"})
         args.url = server.url
     try:
         report = run_load(args.url, args.api_clients, args.page_users, args.rounds, seed=args.seed,

@@ -5,6 +5,13 @@ import pytest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# The tests see that no answer is mixed up with another by batched float32 answers equalling the
+# same conversations alone, bit for bit. On some CPUs (an Intel Xeon with AVX-512 here) MKL's
+# float32 GEMM sums a row differently for different batch sizes (F.linear of 1 row against the
+# same row among 2-9: not equal), so a near-tie of random tiny weights could flip a greedy token;
+# MKL's strict reproducibility mode makes a row's result independent of the batch (servers the
+# tests start inherit it). The product's bfloat16 and quantized paths run our own kernels.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 # Under CI, a skip fails the run unless its reason names hardware this machine lacks: a broken
 # install or a missing browser must not pass as a green run with fewer tests.

@@ -51,11 +51,11 @@ def _release_pages(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
     libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
 
 
-
 class _Stacker:
     """Holds the checkpoint's parts of a stacked layer (`GLMModel.stacked_parts`) until all have
-    arrived, then hands them over as one tensor under the stacked layer's name. One layer's parts
-    wait at most (the shards list a layer's tensors together)."""
+    arrived, then hands them over as one tensor under the stacked layer's name. A waiting part is
+    a view of its memory-mapped shard (a LoRA-merged one its float copy); published shards list a
+    layer's tensors together, so few wait at once."""
 
     def __init__(self, model: GLMModel):
         self.stacks = {stacked: [layer for layer, _, _ in layers] for stacked, layers in model.checkpoint_parts().items()}

@@ -134,7 +134,7 @@ class CommittedOnWrite:
         """The next page-aligned `shape` of the mapping (the tensor keeps the mapping alive)."""
         nbytes = math.prod(shape) * dtype.itemsize
         tensor = torch.frombuffer(self.mapping, dtype=torch.uint8, offset=self.used, count=nbytes)
-        self.used += -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+        self.used += whole_pages(nbytes)
         return tensor.view(dtype).view(shape)
 
     def drop(self, address: int, nbytes: int) -> None:
@@ -154,6 +154,10 @@ class CommittedOnWrite:
         found = re.search(rf"^{self.base + mmap.PAGESIZE:x}-.*?^Anonymous:\s+(\d+) kB", smaps, re.M | re.S)
         return int(found.group(1)) * 1024 if found else 0
 
+
+def whole_pages(nbytes: int) -> int:
+    """nbytes rounded up to whole pages."""
+    return -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
 class LayerCache:
@@ -214,8 +218,9 @@ class LayerCache:
         for tensor in (self.k, self.v):
             first = tensor[slot].data_ptr()
             if keep == 0:
-                self.memory.drop(first, heads * row)
-            for head in range(heads) if keep else ():
+                self.memory.drop(first, heads * row)  # the slot's rows of every head lie together: one range
+                continue
+            for head in range(heads):
                 self.memory.drop(first + head * row + keep * token, row - keep * token)
 
     def read(self, q: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
@@ -364,7 +369,7 @@ class PackedRows:
 
 class KVCache:
     """The static, pre-allocated KV cache of every layer: `slots` rows of up to `max_len` tokens.
-    On the CPU its memory is committed as tokens are written (`committed_on_write`) and given back
+    On the CPU its memory is committed as tokens are written (`CommittedOnWrite`) and given back
     by `drop_after`, so it costs what the slots hold; on a GPU it is reserved whole.
 
     It belongs to whoever decodes (a `serving.decode_batch.DecodeBatch`), not to the model: the model's
@@ -380,8 +385,8 @@ class KVCache:
             if torch.device(device).type == "cpu" and not amx_attention() else None
         in_kernel = native_decode_attention(device, dtype, grouped, head_dim)
         shape = (slots, heads, max_len, head_dim)
-        self.memory = CommittedOnWrite(layers * 2 * -(-math.prod(shape) * dtype.itemsize // mmap.PAGESIZE) * mmap.PAGESIZE) \
-            if torch.device(device).type == "cpu" and CommittedOnWrite.available() else None
+        on_write = torch.device(device).type == "cpu" and CommittedOnWrite.available()
+        self.memory = CommittedOnWrite(layers * 2 * whole_pages(math.prod(shape) * dtype.itemsize)) if on_write else None
         self.layers = [LayerCache(shape, dtype, device, scratch, grouped, in_kernel, self.memory) for _ in range(layers)]
 
     def set_decode_rows(self, rows: Optional[Sequence[tuple[int, int]]], whole: bool = False) -> None:
