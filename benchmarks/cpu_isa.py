@@ -110,7 +110,7 @@ def prefill(bits, isa, layers, rows, generator) -> dict:
             for w, _ in layers:
                 linear = DecodeLinear(w.shape[1], w.shape[0], bias=False, device="meta")
                 linear.weight = torch.nn.Parameter(w, requires_grad=False)
-                linear.isa, linear.gemm_in_float32 = isa, not native.bf16_gemm_faster()
+                linear.isa, linear.gemm_in_float32 = isa, not native.bf16_arithmetic()
                 linears.append(linear)
             gemm = "float32" if linears[0].gemm_in_float32 else "bfloat16"
         else:

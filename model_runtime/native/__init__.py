@@ -32,7 +32,6 @@ import platform
 import subprocess
 import sys
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -93,35 +92,6 @@ def bf16_arithmetic() -> bool:
     """Whether the CPU multiplies bfloat16 natively (AVX512-BF16) and the avx512 path is allowed:
     otherwise torch's bfloat16 GEMMs convert every element and float32 ones are faster."""
     return BF16_FLAG in cpu_flags() and path_unavailable("avx512") is None
-
-
-def bf16_gemm_faster() -> bool:
-    """Whether prefill-sized GEMMs (dequantized weights, bfloat16 models' Linear layers) should
-    run in bfloat16 rather than float32 here: never without `bf16_arithmetic`, and where it is
-    there, as measured once (about 0.1 s), because the flag does not settle it: 512x4096x12288
-    ran at 330-370 GFLOPS in bfloat16 on an AMD EPYC (Zen 4), but at 152 against float32's 239 on
-    an Intel Xeon with AVX512-BF16 and no AMX (2 cores each)."""
-    return bf16_arithmetic() and _bf16_gemm_measured_faster()
-
-
-@functools.lru_cache(maxsize=None)
-def _bf16_gemm_measured_faster() -> bool:
-    faster = gemm_seconds(torch.bfloat16) < gemm_seconds(torch.float32)
-    log.info("prefill GEMMs in %s (measured faster here)", "bfloat16" if faster else "float32")
-    return faster
-
-
-def gemm_seconds(dtype: torch.dtype, rows: int = 128, size: int = 2048, repeats: int = 3) -> float:
-    """The best of `repeats` timings of a [rows, size] x [size, size] product in dtype (after one
-    untimed run)."""
-    x, w = torch.randn(rows, size).to(dtype), torch.randn(size, size).to(dtype)
-    torch.nn.functional.linear(x, w)
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        torch.nn.functional.linear(x, w)
-        best = min(best, time.perf_counter() - started)
-    return best
 
 
 def path_unavailable(isa: str, bits: Optional[int] = None) -> Optional[str]:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import IN_FEATURES_MULTIPLE, bf16_gemm_faster, first_isa, linear, linear_unavailable, log_fallback_once
+from . import IN_FEATURES_MULTIPLE, bf16_arithmetic, first_isa, linear, linear_unavailable, log_fallback_once
 
 DECODE_ROWS = 32  # input rows up to which our kernel is faster (measured at 1-64 rows, full-size shapes)
 
@@ -50,6 +50,6 @@ def use_decode_linears(model: nn.Module) -> int:
         if type(module) is nn.Linear and module.in_features % IN_FEATURES_MULTIPLE[16] == 0:
             module.__class__ = DecodeLinear
             module.isa = isa
-            module.gemm_in_float32 = not bf16_gemm_faster()
+            module.gemm_in_float32 = not bf16_arithmetic()
             changed += 1
     return changed
