@@ -262,11 +262,15 @@ class DecodeBatch:
     def _make_room(self, tokens: int) -> bool:
         """Whether `tokens` more fit the budget, after dropping free slots' cached turns (least
         recently released first) as far as needed."""
-        while self.tokens_held + tokens > self.token_budget and self.slot_contents:
+        while not self.fits(tokens) and self.slot_contents:
             slot = next(iter(self.slot_contents))
             del self.slot_contents[slot]
             self.cache.drop_after(slot, 0)
-        return self.tokens_held + tokens <= self.token_budget
+        return self.fits(tokens)
+
+    def fits(self, tokens: int) -> bool:
+        """Whether `tokens` more fit the budget beside what is held now."""
+        return self.tokens_held + min(tokens, self.max_len) <= self.token_budget
 
     MIN_REUSE = 8  # shorter shared prefixes do not evict another conversation's cached turns
 

@@ -470,8 +470,8 @@ class Engine:
         """Tell each waiting request its place in line (those a free slot awaits are not in line;
         while the token budget holds the first back, everyone is)."""
         head = self._waiting[0].seq if self._waiting else None
-        starting = 0 if head is not None and head.slot < 0 and self.batch.tokens_held + min(
-            head.max_length, self.batch.max_len) > self.batch.token_budget else len(self.batch.free_slots)
+        starting = 0 if head is not None and head.slot < 0 and not self.batch.fits(head.max_length) \
+            else len(self.batch.free_slots)
         for index, job in enumerate(self._waiting):
             position = index + 1 - starting
             if position > 0 and job.queue_position != position:
