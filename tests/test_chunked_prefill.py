@@ -87,6 +87,33 @@ def test_chunked_prefill_equals_one_forward(models, family, budget):
     assert answers[1] == answers[0] and len(answers[0]) > 3
 
 
+def test_a_bidirectional_prompt_is_never_split_into_token_chunks(models):
+    """A budget that holds the prompt's tokens but not their work (attention counts too) once
+    sent ChatGLM-6B's prompt down in a causal chunk, whose queries saw the unwritten rest of the
+    prompt: what the slot's last user left there. Every budget must read it as one forward does."""
+    tokenizer, model = models["chatglm"]
+    prompt = encode(tokenizer, LONG_QUERY)
+    hidden = model.config.hidden_size
+    batch = DecodeBatch(model, slots=1, max_len=GREEDY.max_length, vocab_size=tokenizer.vocab_size)
+
+    def first_logits(budget):
+        other = new_sequence(model, encode(tokenizer, LONG_QUERY[::-1] + "!"), GREEDY)  # leaves its keys in the slot
+        batch.admit(other)
+        batch.prefill([other])
+        batch.release(other)
+        seq = new_sequence(model, prompt, GREEDY)
+        batch.admit(seq)
+        logits = read(batch, seq, budget)[1]
+        batch.release(seq)
+        return logits
+
+    whole = first_logits(None)
+    n = len(prompt)
+    assert chunk_cost(0, n, hidden) > n + 4  # so that the budgets below hold the tokens but not the work
+    for budget in (n - 1, n, n + 2, int(chunk_cost(0, n, hidden)) - 1):
+        torch.testing.assert_close(first_logits(budget), whole, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_p_tuning_prefix_is_seen_by_every_chunk(models, family):
     tokenizer, model = models[family]

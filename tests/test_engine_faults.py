@@ -50,14 +50,14 @@ class FaultyModel:
     """The wrapped model, failing on purpose for prompts holding a trigger word:
     ADMIT: its layout cannot be read, so admission fails; FORWARD: its prefill raises;
     SAMPLE: it is made to say "a" three times, then its logits overflow the sampler; KILL: its
-    prefill raises SchedulerKilled. A packed forward (one row with a slot per token: prompt
-    chunks beside running answers' tokens) raises the same way but starts no SAMPLE fault."""
+    prefill raises SchedulerKilled. A prefill is one packed row (kv_cache.PackedRows): prompt
+    chunks, one per slot, then the running answers' tokens, one each."""
 
     def __init__(self, model, tokenizer):
         self._model = model
         self._tokenizer = tokenizer
         self._sample_faults: dict[int, int] = {}  # slot of a SAMPLE prompt -> tokens sampled
-        self._last_slots: list[int] = []
+        self._last_slots: list[int] = []  # the slot of each row the next logits call samples
         self.failed_forwards: list[tuple[int, int]] = []  # the token shapes of the forwards that raised
         self._letter_a = tokenizer.encode("a", add_special_tokens=False)[0]
 
@@ -70,27 +70,32 @@ class FaultyModel:
         return self._model.layout_for_prompt(prompt)
 
     def __call__(self, tokens, positions, cache_positions, mask, slots, cache):
-        if tokens.shape[1] > 1:  # a prefill
-            texts = [self._tokenizer.decode(row.tolist()) for row in tokens]
-            if any("KILL" in text for text in texts):
-                raise SchedulerKilled()
-            if any("FORWARD" in text for text in texts):
-                self.failed_forwards.append(tuple(tokens.shape))
-                raise RuntimeError("simulated kernel failure")
-            if slots.dim() == 2:  # packed: which rows it samples is the decode batch's business
-                self._last_slots = []
-                return self._model(tokens, positions, cache_positions, mask, slots, cache)
-            for text, slot in zip(texts, slots.tolist()):
-                if "SAMPLE" in text:
-                    self._sample_faults[slot] = 0
-                else:
-                    self._sample_faults.pop(slot, None)
-        self._last_slots = slots.tolist()
+        packed = cache.layers[0].packed
+        if packed is None:  # a decode step: a row per running answer
+            self._last_slots = slots.tolist()
+            return self._model(tokens, positions, cache_positions, mask, slots, cache)
+        chunks, start = [], 0
+        for slot, _, length, _ in packed.chunks:
+            chunks.append((slot, self._tokenizer.decode(tokens[0, start:start + length].tolist())))
+            start += length
+        if any("KILL" in text for _, text in chunks):
+            raise SchedulerKilled()
+        if any("FORWARD" in text for _, text in chunks):
+            self.failed_forwards.append(tuple(tokens.shape))
+            raise RuntimeError("simulated kernel failure")
+        for slot, text in chunks:
+            if "SAMPLE" in text:
+                self._sample_faults[slot] = 0
+            else:
+                self._sample_faults.pop(slot, None)
+        # Sampled: the prompts read whole (all of them when as many rows come), then the answers.
+        self._last_slots = [slot for slot, _ in chunks] + slots[0, start:].tolist()
         return self._model(tokens, positions, cache_positions, mask, slots, cache)
 
     def logits(self, hidden):
         logits = self._model.logits(hidden)
-        for row, slot in enumerate(self._last_slots):
+        rows = self._last_slots if len(self._last_slots) == len(logits) else []  # a prompt not read whole: none
+        for row, slot in enumerate(rows):
             if slot in self._sample_faults:
                 self._sample_faults[slot] += 1
                 if self._sample_faults[slot] > 3:

@@ -173,8 +173,9 @@ class LayerCache:
     more; else SDPA); elsewhere (GPUs, AMX) in one SDPA call over the slots the rows span
     (`DecodeRows`), reading the cache in place. A packed forward (`packed` set: prompt chunks and
     decode rows in one row, `PackedRows`) attends per chunk, in place, then its decode rows as
-    above. Otherwise (a prefill, or a P-tuning prefix in front) the rows' first kv_len columns are
-    gathered and attended to under the visibility mask."""
+    above; prompts are read that way too. Otherwise (a prompt read a layer at a time, or a
+    P-tuning prefix in front of a decode step) the rows' first kv_len columns are gathered and
+    attended to under the visibility mask."""
 
     def __init__(self, shape: tuple[int, ...], dtype, device, scratch: Optional[torch.Tensor] = None,
                  grouped: bool = False, native_decode: Optional[str] = None,
@@ -343,15 +344,19 @@ class DecodeRows:
 
 class PackedRows:
     """A packed forward: ONE row of tokens holding chunks of prompts, then one new token per
-    decode row, so that a step reads each weight once for both (vLLM's mixed batches): running
-    answers get their token in the step that reads a newcomer's prompt, and the newcomer pays
-    little for them. Causal prompts only. Made once per step, not per layer: `chunks` as (slot,
-    end, length, causal mask), the chunk being the slot's positions end - length .. end - 1;
-    `decode` the decode rows (slot, length: the new token at length - 1) as `DecodeRows`, and
-    as chunks of one token (`decode_chunks`, made at first use: only attention with a P-tuning
-    prefix in front needs them)."""
+    decode row, so that a step reads each weight once for all of them (vLLM's mixed batches):
+    running answers get their token in the step that reads a newcomer's prompt, and prompts of
+    any lengths share a forward with no padding. Each chunk attends to exactly its slot's first
+    `end` columns, so no other row's length enters its sums: a prompt's numbers do not depend on
+    what was read beside it. Made once per step, not per layer: `chunks` as (slot, end, length,
+    mask), the chunk being the slot's positions end - length .. end - 1 and the mask its
+    queries' visibility (causal, plus a bidirectional prefix: a chunk of a prompt with one holds
+    all of it); `decode` the decode rows (slot, length: the new token at length - 1) as
+    `DecodeRows`, and as chunks of one token (`decode_chunks`, made at first use: only attention
+    with a P-tuning prefix in front needs them)."""
 
-    def __init__(self, chunks: Sequence[tuple[int, int, int]], decode: Sequence[tuple[int, int]], cache: torch.Tensor):
+    def __init__(self, chunks: Sequence[tuple[int, int, int, int]], decode: Sequence[tuple[int, int]],
+                 cache: torch.Tensor):
         self.device = cache.device
         self.chunks = [self._with_mask(*chunk) for chunk in chunks]
         self.decode = DecodeRows(decode, cache) if decode else None
@@ -361,9 +366,9 @@ class PackedRows:
     def decode_chunks(self) -> list[tuple[int, int, int, torch.Tensor]]:
         return [self._with_mask(slot, length, 1) for slot, length in self._decode]
 
-    def _with_mask(self, slot: int, end: int, length: int) -> tuple[int, int, int, torch.Tensor]:
-        """(slot, end, length, the causal mask of the chunk's queries over the slot's first end columns)."""
-        mask = attention_mask(torch.zeros(1), torch.arange(end - length, end)[None], end).to(self.device)
+    def _with_mask(self, slot: int, end: int, length: int, prefix_len: int = 0) -> tuple[int, int, int, torch.Tensor]:
+        """(slot, end, length, the mask of the chunk's queries over the slot's first end columns)."""
+        mask = attention_mask(torch.tensor([prefix_len]), torch.arange(end - length, end)[None], end).to(self.device)
         return slot, end, length, mask
 
 
@@ -400,9 +405,9 @@ class KVCache:
             layer.packed = None
             layer.whole = whole
 
-    def set_packed(self, chunks: Sequence[tuple[int, int, int]], decode: Sequence[tuple[int, int]]) -> None:
+    def set_packed(self, chunks: Sequence[tuple[int, int, int, int]], decode: Sequence[tuple[int, int]]) -> None:
         """The next forward is one packed row (see PackedRows): prompt chunks (slot, end,
-        length), then one token per decode row (slot, length). Any other forward resets it
+        length, prefix_len), then one token per decode row (slot, length). Any other forward resets it
         with `set_decode_rows`."""
         packed = PackedRows(chunks, decode, self.layers[0].k)
         for layer in self.layers:

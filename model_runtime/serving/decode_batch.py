@@ -122,32 +122,6 @@ def new_sequence(model: DecodableModel, prompt: list[int], params: SamplingParam
                     stop_ids=stops, layout=model.layout_for_prompt(prompt), cache_salt=cache_salt)
 
 
-# A prefill forward costs about FORWARD_COST + (its rows x its longest row) tokens' worth of time: a
-# pass over every weight, then work per token run, padding included. Measured at ChatGLM-6B sizes
-# (2 threads, INT4/INT8/bf16, noisy shared machine): the fixed part is worth 15-20 tokens.
-FORWARD_COST = 16
-
-
-def prefill_groups(lengths: list[int]) -> list[list[int]]:
-    """Indices into `lengths` (tokens each newcomer prefills), grouped for right-padded forwards
-    so that the modelled time, sum over groups of FORWARD_COST + rows x longest, is least: a
-    long prompt never pads many short ones up to its length, and prompts of nearly the same
-    length share one forward. Groups are runs of the lengths sorted longest first (an optimal
-    partition has that form), so a small dynamic programme over the split points is exact."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    cost, split = [0], [0]  # for the first j newcomers (in that order): least cost, where its last group starts
-    for end in range(1, len(order) + 1):
-        options = [(cost[start] + FORWARD_COST + lengths[order[start]] * (end - start), start) for start in range(end)]
-        least, start = min(options)
-        cost.append(least)
-        split.append(start)
-    groups, end = [], len(order)
-    while end:
-        groups.append(order[split[end]:end])
-        end = split[end]
-    return groups[::-1]
-
-
 def chunk_cost(start: int, tokens: int, hidden_size: int) -> float:
     """The work of reading prompt tokens start..start+tokens-1 in one chunk, in tokens' worth of
     matrix products: each token also attends to those before it (layerwise.attention_share)."""
@@ -326,49 +300,41 @@ class DecodeBatch:
         engine can run decode steps in between (chunked prefill).
 
         A prompt goes in chunks of tokens, each attending to the keys and values its slot holds
-        plus itself causally: prompts of similar lengths are right-padded together, one forward
-        per group (`prefill_groups` bounds the padding). A prompt with a bidirectional prefix
-        (ChatGLM-6B) that does not fit the budget whole goes a share of a layer at a time
-        instead (layerwise.py): its budget is tokens x layers. Work counts attention too
-        (`chunk_cost`), so that a budget takes about as long late in a long prompt as early."""
+        plus itself causally; the chunks of all prompts share one packed forward (`_packed`). A
+        prompt with a bidirectional prefix (ChatGLM-6B) goes whole, or, when that does not fit
+        the budget, a share of a layer at a time (layerwise.py): its budget is tokens x layers.
+        Work counts attention too (`chunk_cost`), so that a budget takes about as long late in a
+        long prompt as early."""
         self.cache.set_decode_rows(None)
         left = math.inf if budget is None else budget
         layers = self.model.config.num_layers
         chunks: list[tuple[Sequence, int]] = []  # (sequence, where its chunk ends)
-        read: list[tuple[Sequence, Any]] = []  # prompts read by this call: their LayerwisePrefill or last hidden state
+        layerwise: list[Sequence] = []  # prompts read a layer at a time, now done
         for seq in seqs:
             if left <= 0:
                 break
-            todo = len(seq.prompt) - seq.kv_len
-            if seq in self._layerwise or (seq.layout.prefix_len and todo > left):
-                if seq not in self._layerwise:
-                    self._layerwise[seq] = LayerwisePrefill(self.model, self.cache, seq.prompt, seq.layout,
-                                                            seq.slot, seq.kv_len)
-                state = self._layerwise[seq]
-                left -= state.advance(left * layers) / layers
-                if state.done:
-                    read.append((seq, state))
-            else:
+            if seq not in self._layerwise:
                 end, cost = self._next_chunk(seq, left)
-                chunks.append((seq, end))
-                left -= cost
-        for group in prefill_groups([end - seq.kv_len for seq, end in chunks]):
-            grouped = [chunks[i] for i in group]
-            hidden = self._prefill_group(grouped)
-            for row, (seq, end) in enumerate(grouped):
-                if end == len(seq.prompt):
-                    read.append((seq, hidden[row]))
-                else:
-                    seq.kv_len = end
-        if not read:
-            return []
-        finished = [seq for seq, _ in read]
-        last = [state.last_hidden() if isinstance(state, LayerwisePrefill) else state for _, state in read]
-        self._sample(finished, torch.stack(last))  # one sampling call (and host sync) for all
-        for seq in finished:  # only now: a prefill whose sampling raised can run again
+                if end == len(seq.prompt) or not seq.layout.prefix_len:  # a bidirectional prefix is never split
+                    chunks.append((seq, end))
+                    left -= cost
+                    continue
+                self._layerwise[seq] = LayerwisePrefill(self.model, self.cache, seq.prompt, seq.layout,
+                                                        seq.slot, seq.kv_len)
+            state = self._layerwise[seq]
+            left -= state.advance(left * layers) / layers
+            if state.done:
+                layerwise.append(seq)
+        read, hidden = self._packed(chunks, []) if chunks else ([], None)
+        last = [self._layerwise[seq].last_hidden()[None] for seq in layerwise]
+        if read or layerwise:
+            self._sample(read + layerwise, torch.cat(([hidden] if read else []) + last))  # one sampling call (and host sync)
+        for seq, end in chunks:  # only now: a prefill whose sampling raised can run again
+            seq.kv_len = end
+        for seq in layerwise:
             seq.kv_len = len(seq.prompt)
-            self._layerwise.pop(seq, None)
-        return finished
+            del self._layerwise[seq]
+        return read + layerwise
 
     def _next_chunk(self, seq: Sequence, budget: float) -> tuple[int, float]:
         """Where seq's next prompt chunk ends within `budget` (at least one token), and its cost."""
@@ -384,9 +350,9 @@ class DecodeBatch:
     def prefill_and_step(self, reading: list[Sequence], decoding: list[Sequence],
                          budget: Optional[int]) -> list[Sequence]:
         """`prefill(reading, budget)` and `step(decoding)` in ONE forward (ask `packs` first): the
-        prompt chunks and the decode rows' new tokens are packed into one row (kv_cache.PackedRows),
-        so the step reads each weight once; one sampling call (one host sync) for all. Returns
-        the prompts read whole (their first token sampled). Nothing moves unless all of it ran."""
+        prompt chunks and the decode rows' new tokens are packed into one row (`_packed`), so the
+        step reads each weight once; one sampling call (one host sync) for all. Returns the
+        prompts read whole (their first token sampled). Nothing moves unless all of it ran."""
         left = math.inf if budget is None else budget
         chunks: list[tuple[Sequence, int]] = []
         for seq in reading:
@@ -395,6 +361,20 @@ class DecodeBatch:
             end, cost = self._next_chunk(seq, left)
             chunks.append((seq, end))
             left -= cost
+        read, hidden = self._packed(chunks, decoding)
+        if read or decoding:
+            self._sample(read + decoding, hidden)
+        for seq, end in chunks:
+            seq.kv_len = end
+        for seq in decoding:
+            seq.kv_len = len(seq.tokens) - 1  # its newest token was only just sampled
+        return read
+
+    def _packed(self, chunks: list[tuple[Sequence, int]], decoding: list[Sequence]) -> tuple[list[Sequence], torch.Tensor]:
+        """ONE forward over prompt chunks (each sequence's tokens from its first not yet in the
+        cache to `end`) and the decode rows' newest tokens, packed into one row with no padding
+        (kv_cache.PackedRows: each chunk attends to exactly its own slot). Returns the sequences
+        whose prompt it finishes, and the hidden states to sample from: theirs, then the decode rows'."""
         tokens, positions, cache_positions, slots = [], [], [], []
         for seq, end in chunks:
             tokens += seq.prompt[seq.kv_len:end]
@@ -407,7 +387,7 @@ class DecodeBatch:
             positions.append(seq.layout.positions(index, index + 1))
             cache_positions.append(torch.tensor([index]))
             slots.append(seq.slot)
-        self.cache.set_packed([(seq.slot, end, end - seq.kv_len) for seq, end in chunks],
+        self.cache.set_packed([(seq.slot, end, end - seq.kv_len, seq.layout.prefix_len) for seq, end in chunks],
                               [(seq.slot, len(seq.tokens)) for seq in decoding])
         device = self.model.device
         try:
@@ -419,33 +399,7 @@ class DecodeBatch:
         chunk_ends = itertools.accumulate(end - seq.kv_len for seq, end in chunks)  # in the packed row
         read = [(seq, last - 1) for (seq, end), last in zip(chunks, chunk_ends) if end == len(seq.prompt)]
         rows = [row for _, row in read] + list(range(len(tokens) - len(decoding), len(tokens)))
-        sampled = [seq for seq, _ in read] + decoding
-        if sampled:
-            self._sample(sampled, hidden[torch.tensor(rows, device=device)])
-        for seq, end in chunks:
-            seq.kv_len = end
-        for seq in decoding:
-            seq.kv_len = len(seq.tokens) - 1  # its newest token was only just sampled
-        return [seq for seq, _ in read]
-
-    def _prefill_group(self, chunks: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """One right-padded forward over each sequence's prompt tokens from its first not yet in
-        the cache to `end`: the hidden state of each chunk's last token."""
-        device = self.model.device
-        seqs = [seq for seq, _ in chunks]
-        starts = torch.tensor([s.kv_len for s in seqs])
-        length = max(end - s.kv_len for s, end in chunks)
-        tokens = torch.full((len(seqs), length), self.model.config.pad_token_id, dtype=torch.long)
-        for row, (seq, end) in enumerate(chunks):
-            tokens[row, :end - seq.kv_len] = torch.tensor(seq.prompt[seq.kv_len:end])
-        # Padding writes past each chunk's end (at the cache's last cell at most); those cells
-        # are overwritten by the next chunk or token before any query can see them (a query at p
-        # sees only the prefix and j <= p).
-        positions = torch.stack([s.layout.positions(s.kv_len, s.kv_len + length) for s in seqs])
-        cache_positions = (starts[:, None] + torch.arange(length)).clamp_(max=self.max_len - 1)
-        last = torch.tensor([end - 1 - s.kv_len for s, end in chunks], device=device)
-        hidden = self._forward(seqs, tokens, positions, cache_positions, int(cache_positions.max()) + 1)
-        return hidden[torch.arange(len(seqs), device=device), last]
+        return [seq for seq, _ in read], hidden[torch.tensor(rows, dtype=torch.long, device=device)]
 
     @torch.inference_mode()
     def step(self, seqs: list[Sequence]) -> None:
