@@ -130,7 +130,19 @@ def machine() -> dict:
     return {"cpu": platform.processor() or platform.machine(), "cpu_model": _cpuinfo("model name"),
             "cpu_flags": [flag for flag in CPU_FLAGS if flag in _cpuinfo("flags").split()],
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)}
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "last_level_cache_mib": round(last_level_cache_bytes() / 2**20, 1)}
+
+
+def last_level_cache_bytes() -> int:
+    """The size of the largest cache the first CPU sees (Linux sysfs; 0 where unknown): a
+    benchmark whose weights fit in it measures the cache, not the memory a whole model streams from."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip()
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * scale)
+    return max(sizes, default=0)
 
 
 def _cpuinfo(field: str) -> str:
