@@ -96,7 +96,7 @@ def one_run(tokenizer, model, chunk, args) -> dict:
 
     engine.batch.step, engine.batch.prefill_and_step = timed_step, timed_packed_step
     if chunk == "auto-apart":
-        engine.batch.packs = lambda reading: False  # the baseline: a prompt step, then a decode step
+        engine.batch.packs = lambda reading, budget: False  # the baseline: a prompt step, then a decode step
     try:
         list(engine.submit(ask("你好", 4)))  # warm up
         timelines = [[] for _ in range(args.streams)]  # (time, tokens so far) per event
@@ -105,8 +105,11 @@ def one_run(tokenizer, model, chunk, args) -> dict:
         streams = [engine.submit(ask(QUESTIONS[i % len(QUESTIONS)], 4000)) for i in range(args.streams)]
         stream_seqs = [engine._jobs[stream.request_id].seq for stream in streams]
 
+        ended_early = []
+
         def follow(index):
             tokens_at_newcomer = None
+            event = None
             for event in streams[index]:
                 if event.completion_tokens > (timelines[index][-1][1] if timelines[index] else 0):
                     timelines[index].append((time.perf_counter(), event.completion_tokens))
@@ -117,12 +120,17 @@ def one_run(tokenizer, model, chunk, args) -> dict:
                         tokens_at_newcomer = event.completion_tokens
                     elif event.completion_tokens >= tokens_at_newcomer + args.after:
                         streams[index].cancel()
+            if not enough[index].is_set():  # ended before the newcomer came: say so, never wait forever
+                ended_early.append(f"{event.finish_reason} after {event.completion_tokens} tokens ({event.error})")
+                enough[index].set()
 
         threads = [threading.Thread(target=follow, args=(i,)) for i in range(args.streams)]
         for thread in threads:
             thread.start()
         for event in enough:
             event.wait()
+        if ended_early:
+            raise RuntimeError(f"a running stream ended before the newcomer came: {ended_early[0]}")
         submitted = time.perf_counter()
         newcomer = engine.submit(ask(newcomer_text, 2))
         first = prompt_tokens = None

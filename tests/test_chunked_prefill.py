@@ -166,9 +166,9 @@ def test_a_newcomer_read_in_chunks_while_others_decode_changes_no_answer(models,
 CAUSAL = ("chatglm2", "chatglm3", "glm4") + HF_FAMILIES
 
 
-def run_newcomers_beside_running_answers(batch, tokenizer, packed):
-    """Two answers decode while two newcomers are read 10 tokens' worth a step, until all end:
-    each step packed into one forward (`prefill_and_step`) or apart (`prefill`, then `step`).
+def run_newcomers_beside_running_answers(batch, tokenizer, packed, budget=10):
+    """Two answers decode while two newcomers are read `budget` tokens' worth a step, until all
+    end: each step packed into one forward (`prefill_and_step`) or apart (`prefill`, then `step`).
     Returns (answers, the logits each sequence sampled from, forwards run while both ran)."""
     model = batch.model
     prompts = [encode(tokenizer, q) for q in ("你好", "How is the weather in Shanghai today?", LONG_QUERY, "早上好" * 9)]
@@ -195,14 +195,14 @@ def run_newcomers_beside_running_answers(batch, tokenizer, packed):
             if reading and decoding:
                 before = len(forwards)
                 if packed:
-                    assert batch.packs(reading)
-                    batch.prefill_and_step(reading, decoding, 10)
+                    assert batch.packs(reading, budget)
+                    batch.prefill_and_step(reading, decoding, budget)
                 else:
-                    batch.prefill(reading, 10)
+                    batch.prefill(reading, budget)
                     batch.step(decoding)
                 mixed += len(forwards) - before
             elif reading:
-                batch.prefill(reading, 10)
+                batch.prefill(reading, budget)
             else:
                 batch.step(decoding)
     finally:
@@ -236,13 +236,33 @@ def test_prompts_packed_with_decode_rows_read_and_answer_as_apart(models, family
     assert packed_forwards >= 5 and apart_forwards == 2 * packed_forwards  # one forward a step, not two
 
 
-def test_the_fixed_shape_decode_step_and_bidirectional_prompts_are_never_packed(models):
-    tokenizer, model = models["glm4"]
-    assert DecodeBatch(model, slots=2, max_len=64).packs([])
-    assert not DecodeBatch(model, slots=2, max_len=64, whole_decode=True).packs([])
+def test_chatglm_6b_prompts_read_whole_are_packed_with_decode_rows_and_answer_as_apart(models):
+    """A bidirectional prompt that fits the step's budget whole shares the running answers'
+    forward too (its chunk's mask holds its prefix): same answers and logits as apart."""
     tokenizer, model = models["chatglm"]
+    runs = [run_newcomers_beside_running_answers(
+        DecodeBatch(model, slots=4, max_len=GREEDY.max_length, vocab_size=tokenizer.vocab_size), tokenizer,
+        packed, budget=None) for packed in (False, True)]
+    (apart, apart_logits, apart_forwards), (packed, packed_logits, packed_forwards) = runs
+    assert packed == apart and all(len(answer) > 3 for answer in apart)
+    for rows_apart, rows_packed in zip(apart_logits, packed_logits):
+        torch.testing.assert_close(torch.stack(rows_packed), torch.stack(rows_apart), rtol=1e-4, atol=1e-4)
+    assert packed_forwards >= 1 and apart_forwards == 2 * packed_forwards
+
+
+def test_the_fixed_shape_decode_step_and_split_bidirectional_prompts_are_never_packed(models):
+    tokenizer, model = models["glm4"]
+    assert DecodeBatch(model, slots=2, max_len=64).packs([], 10)
+    assert not DecodeBatch(model, slots=2, max_len=64, whole_decode=True).packs([], 10)
+    tokenizer, model = models["chatglm"]
+    batch = DecodeBatch(model, slots=2, max_len=GREEDY.max_length, vocab_size=tokenizer.vocab_size)
     seq = new_sequence(model, encode(tokenizer, LONG_QUERY), GREEDY)
-    assert not DecodeBatch(model, slots=2, max_len=64).packs([seq])
+    batch.admit(seq)
+    whole = chunk_cost(0, len(seq.prompt), model.config.hidden_size)
+    assert batch.packs([seq], None) and batch.packs([seq], int(whole) + 1)
+    assert not batch.packs([seq], len(seq.prompt))  # its tokens fit, their attention does not
+    batch.prefill([seq], 10)  # begun layer by layer: it finishes that way
+    assert seq in batch._layerwise and not batch.packs([seq], None)
 
 
 def test_a_budget_shared_by_several_prompts_reads_them_in_order(models):

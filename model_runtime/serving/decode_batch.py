@@ -341,18 +341,8 @@ class DecodeBatch:
         size = chunk_size(seq.kv_len, len(seq.prompt) - seq.kv_len, budget, self.model.config.hidden_size)
         return seq.kv_len + size, chunk_cost(seq.kv_len, size, self.model.config.hidden_size)
 
-    def packs(self, reading: list[Sequence]) -> bool:
-        """Whether `prefill_and_step` can read these prompts: causal ones (no bidirectional
-        prefix, so chunks of tokens are exact), without the fixed-shape decode step."""
-        return self.model.causal and not self.whole_decode and not any(s.layout.prefix_len for s in reading)
-
-    @torch.inference_mode()
-    def prefill_and_step(self, reading: list[Sequence], decoding: list[Sequence],
-                         budget: Optional[int]) -> list[Sequence]:
-        """`prefill(reading, budget)` and `step(decoding)` in ONE forward (ask `packs` first): the
-        prompt chunks and the decode rows' new tokens are packed into one row (`_packed`), so the
-        step reads each weight once; one sampling call (one host sync) for all. Returns the
-        prompts read whole (their first token sampled). Nothing moves unless all of it ran."""
+    def _token_chunks(self, reading: list[Sequence], budget: Optional[int]) -> list[tuple[Sequence, int]]:
+        """The prompt chunks (sequence, where its chunk ends) that `budget` reads, in order."""
         left = math.inf if budget is None else budget
         chunks: list[tuple[Sequence, int]] = []
         for seq in reading:
@@ -361,6 +351,24 @@ class DecodeBatch:
             end, cost = self._next_chunk(seq, left)
             chunks.append((seq, end))
             left -= cost
+        return chunks
+
+    def packs(self, reading: list[Sequence], budget: Optional[int]) -> bool:
+        """Whether `prefill_and_step(reading, ..., budget)` can read these prompts: not beside
+        the fixed-shape decode step, and a prompt with a bidirectional prefix (ChatGLM-6B) only
+        whole (chunks of tokens are exact for causal prompts alone; a longer one goes layer by
+        layer in `prefill`)."""
+        return not self.whole_decode and not any(seq in self._layerwise for seq in reading) and all(
+            end == len(seq.prompt) for seq, end in self._token_chunks(reading, budget) if seq.layout.prefix_len)
+
+    @torch.inference_mode()
+    def prefill_and_step(self, reading: list[Sequence], decoding: list[Sequence],
+                         budget: Optional[int]) -> list[Sequence]:
+        """`prefill(reading, budget)` and `step(decoding)` in ONE forward (ask `packs` first): the
+        prompt chunks and the decode rows' new tokens are packed into one row (`_packed`), so the
+        step reads each weight once; one sampling call (one host sync) for all. Returns the
+        prompts read whole (their first token sampled). Nothing moves unless all of it ran."""
+        chunks = self._token_chunks(reading, budget)
         read, hidden = self._packed(chunks, decoding)
         if read or decoding:
             self._sample(read + decoding, hidden)

@@ -305,18 +305,19 @@ class Engine:
                 if not self._closing:  # only requests that cannot start yet: wait, don't spin
                     self._lock.wait(timeout=IDLE_POLL_S)
                 return
-        packed = reading and ongoing and self.batch.packs([job.seq for job in reading])
-        if not (packed and self._step_packed(reading, ongoing)):
+        budget = self.pace.budget(decoding=True, packed=True)
+        packed = reading and ongoing and self.batch.packs([job.seq for job in reading], budget)
+        if not (packed and self._step_packed(reading, ongoing, budget)):
             self._step_apart(reading, ongoing)
         self._publish([job for job in reading if not job.seq.prefilling] + ongoing)
         if self.step_delay:
             time.sleep(self.step_delay)
 
-    def _step_packed(self, reading: list[_Job], ongoing: list[_Job]) -> bool:
+    def _step_packed(self, reading: list[_Job], ongoing: list[_Job], budget: Optional[int]) -> bool:
         """Prompt chunks and the running answers' decode step in one forward (decode_batch's
         `prefill_and_step`); False if it raised (logged): nothing moved, and the caller runs the
         two apart, where a failure ends only the requests it touches."""
-        budget, started = self.pace.budget(decoding=True, packed=True), time.perf_counter()
+        started = time.perf_counter()
         try:
             self.batch.prefill_and_step([job.seq for job in reading], [job.seq for job in ongoing], budget)
         except Exception:
