@@ -58,16 +58,16 @@ class _Stacker:
     layer's tensors together, so few wait at once."""
 
     def __init__(self, model: GLMModel):
-        self.stacks = {stacked: [layer for layer, _, _ in layers] for stacked, layers in model.checkpoint_parts().items()}
+        self.model = model
         self.parts = {layer: (stacked, index, rows, len(layers))
-                      for stacked, layers in model.checkpoint_parts().items()
+                      for stacked, layers in model.checkpoint_parts.items()
                       for index, (layer, _, rows) in enumerate(layers)}
         self.waiting: dict[str, dict[int, torch.Tensor]] = {}
 
     def names(self, name: str) -> list[str]:
         """The checkpoint's names of a model tensor (its parts' when it is stacked)."""
-        owner, _, leaf = name.rpartition(".")
-        return [f"{layer}.{leaf}" for layer in self.stacks[owner]] if owner in self.stacks else [name]
+        parts = self.model.tensor_parts(name)
+        return [name] if parts is None else [part for part, _, _ in parts]
 
     def take(self, name: str, tensor: torch.Tensor, path: Path) -> Optional[tuple[str, torch.Tensor]]:
         """(name, tensor) to load now: the tensor itself, the stacked one once its last part is in

@@ -9,6 +9,7 @@ the seed's `model.chat` / `model.stream_chat`.
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Iterator, Optional
 
 import torch
@@ -112,9 +113,10 @@ class GLMModel(nn.Module):
         One product instead of several per step (glm_hf.py's q, k and v). None here."""
         return {}
 
+    @functools.cached_property
     def checkpoint_parts(self) -> dict[str, list[tuple[str, int, int]]]:
         """`stacked_parts` of every block by full name: {stacked layer: [(checkpoint layer, first
-        row, rows), ...]}; what the loader, the saver and the adapter check translate names by."""
+        row, rows), ...]}. Worked out once (blocks never change); `tensor_parts` asks it per tensor."""
         pieces = self.stacked_parts()
         if not pieces:
             return {}
@@ -127,16 +129,23 @@ class GLMModel(nn.Module):
                                                         for (layer, rows), start in zip(layers, starts)]
         return parts
 
+    def tensor_parts(self, name: str) -> Optional[list[tuple[str, int, int]]]:
+        """The checkpoint's tensors that make up this model tensor, (name, first row, rows) each,
+        when its layer is stacked; None when the checkpoint holds it as it is. The one translation
+        the loader, the saver, the adapter check and the tiny writer use."""
+        owner, _, leaf = name.rpartition(".")
+        parts = self.checkpoint_parts.get(owner)
+        return None if parts is None else [(f"{layer}.{leaf}", start, rows) for layer, start, rows in parts]
+
     def checkpoint_tensors(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) pairs of this model under the checkpoint's names: a stacked layer's
         tensors split into its parts' rows (views)."""
-        parts = self.checkpoint_parts()
         for name, tensor in tensors:
-            owner, _, leaf = name.rpartition(".")
-            if owner in parts:
-                yield from ((f"{layer}.{leaf}", tensor[start:start + rows]) for layer, start, rows in parts[owner])
-            else:
+            parts = self.tensor_parts(name)
+            if parts is None:
                 yield name, tensor
+            else:
+                yield from ((part, tensor[start:start + rows]) for part, start, rows in parts)
 
     def layout_for_prompt(self, prompt: list[int]):
         """Where the prompt's tokens go: `.prefix_len` and `.positions(start, end)`."""

@@ -84,17 +84,16 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: Union[str, Path], *,
 
 def _checkpoint_entries(model, float_dtype):
     """(name, getter, stored bytes) in the official order, under the checkpoint's names (a stacked
-    layer's tensors split into its parts: `GLMModel.checkpoint_parts`); getters return (cpu
+    layer's tensors split into its parts: `GLMModel.tensor_parts`); getters return (cpu
     tensor, exact)."""
-    parts = model.checkpoint_parts()
     for name, get, nbytes in _model_entries(model, float_dtype):
-        owner, _, leaf = name.rpartition(".")
-        if owner not in parts:
+        parts = model.tensor_parts(name)
+        if parts is None:
             yield name, get, nbytes
             continue
-        total = sum(rows for _, _, rows in parts[owner])
-        for layer, start, rows in parts[owner]:
-            yield f"{layer}.{leaf}", _rows_of(get, start, rows), nbytes * rows // total
+        total = sum(rows for _, _, rows in parts)
+        for part, start, rows in parts:
+            yield part, _rows_of(get, start, rows), nbytes * rows // total
 
 
 def _rows_of(get, start: int, rows: int):
