@@ -54,14 +54,18 @@ def test_matches_the_reference_at_every_row_count_and_shape(bits, isa):
             assert relative_error(got, reference_linear(xb, weight, scale, bits, bias.to(torch.bfloat16))) < 4e-3
 
 
+@pytest.mark.parametrize("bf16_measured_faster", [True, False])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_reads_the_published_weight_in_place_and_switches_to_a_gemm_for_prefill(bits, isa, monkeypatch):
+def test_reads_the_published_weight_in_place_and_switches_to_a_gemm_for_prefill(bits, isa, bf16_measured_faster,
+                                                                                 monkeypatch):
+    monkeypatch.setattr(native, "_bf16_gemm_measured_faster", lambda: bf16_measured_faster)
     weight, scale = quantize_weight(torch.randn(256, 512), bits)
     kernel = KERNELS[f"cpu-{isa}"].prepare(weight, scale, bits)
     assert kernel.name == f"cpu-{isa}"
-    # the prefill GEMM in bfloat16 only where the CPU multiplies it natively (and the path may use it)
+    # the prefill GEMM in bfloat16 only where the CPU multiplies it natively, the path may use it,
+    # and it measured faster than float32 here
     assert kernel.gemm_dtype == (torch.bfloat16 if isa == "avx512" and "avx512_bf16" in native.cpu_flags()
-                                 else torch.float32)
+                                 and bf16_measured_faster else torch.float32)
     assert kernel.weight.data_ptr() == weight.data_ptr()  # no second copy of the weights
     assert kernel.nbytes() == weight.numel() + scale.numel() * (2 + 4)  # + float16 and float32 scales
     assert all(torch.equal(a, b) for a, b in zip(kernel.published(), (weight, scale)))
@@ -198,3 +202,12 @@ def test_the_build_folder_is_keyed_by_torch_and_the_sources(monkeypatch):
     name = native.extension_name()
     monkeypatch.setattr(native.torch, "__version__", "9.9.9")
     assert native.extension_name() != name
+
+
+def test_bfloat16_gemms_are_measured_only_where_the_cpu_multiplies_bfloat16(monkeypatch):
+    def measured():
+        raise AssertionError("measured without AVX512-BF16")
+    monkeypatch.setattr(native, "_bf16_gemm_measured_faster", measured)
+    monkeypatch.setattr(native, "cpu_flags", lambda: {"avx2", "fma", "f16c"})
+    assert native.dequantized_gemm_dtype() == torch.float32
+    assert native.gemm_seconds(torch.float32, rows=4, size=64, repeats=1) > 0

@@ -51,7 +51,7 @@ class CpuNativeKernel(DequantKernel):
         if reason:
             raise RuntimeError(f"{self.name} {reason}")
         self.gemm_above = self.gemm_above_rows[bits]
-        self.gemm_dtype = torch.bfloat16 if native.bf16_arithmetic() else torch.float32
+        self.gemm_dtype = native.dequantized_gemm_dtype()
 
     def matmul(self, x, bias):
         if x.shape[0] <= self.gemm_above:
