@@ -44,13 +44,14 @@ class ScriptedModel:
         return getattr(self._model, name)
 
     def __call__(self, tokens, positions, cache_positions, mask, slots, cache):
-        for row, slot in enumerate(slots.tolist()):
-            start = int(cache_positions[row, 0])
+        # slots [B]: a row per sequence; [1, T]: a packed row, a slot per token
+        token_slots = slots[:, None].expand(tokens.shape) if slots.dim() == 1 else slots
+        for slot, position, token in zip(token_slots.flatten().tolist(), cache_positions.flatten().tolist(),
+                                         tokens.flatten().tolist()):
             sequence = self.sequences.setdefault(slot, [])
-            del sequence[start:]
-            sequence += tokens[row].tolist()
-        rows, length = tokens.shape
-        return torch.stack([slots[:, None].expand(rows, length).float(), cache_positions.float()], dim=-1)
+            del sequence[position:]
+            sequence.append(token)
+        return torch.stack([token_slots.float(), cache_positions.float()], dim=-1)
 
     def logits(self, hidden):
         logits = torch.full((hidden.shape[0], self._model.config.vocab_size), -1e4)
