@@ -313,12 +313,12 @@ class DecodeBatch:
         for seq in seqs:
             if left <= 0:
                 break
+            chunk = self._next_chunk(seq, left)
+            if chunk is not None:
+                chunks.append((seq, chunk[0]))
+                left -= chunk[1]
+                continue
             if seq not in self._layerwise:
-                end, cost = self._next_chunk(seq, left)
-                if end == len(seq.prompt) or not seq.layout.prefix_len:  # a bidirectional prefix is never split
-                    chunks.append((seq, end))
-                    left -= cost
-                    continue
                 self._layerwise[seq] = LayerwisePrefill(self.model, self.cache, seq.prompt, seq.layout,
                                                         seq.slot, seq.kv_len)
             state = self._layerwise[seq]
@@ -336,30 +336,38 @@ class DecodeBatch:
             del self._layerwise[seq]
         return read + layerwise
 
-    def _next_chunk(self, seq: Sequence, budget: float) -> tuple[int, float]:
-        """Where seq's next prompt chunk ends within `budget` (at least one token), and its cost."""
+    def _next_chunk(self, seq: Sequence, budget: float) -> Optional[tuple[int, float]]:
+        """Where seq's next chunk of tokens ends within `budget` (at least one token), and its
+        cost; None where seq goes a layer at a time instead: a prompt with a bidirectional prefix
+        (ChatGLM-6B) that does not fit whole (a chunk's queries would see keys not written yet),
+        or one already begun that way."""
+        if seq in self._layerwise:
+            return None
         size = chunk_size(seq.kv_len, len(seq.prompt) - seq.kv_len, budget, self.model.config.hidden_size)
+        if seq.layout.prefix_len and seq.kv_len + size < len(seq.prompt):
+            return None
         return seq.kv_len + size, chunk_cost(seq.kv_len, size, self.model.config.hidden_size)
 
-    def _token_chunks(self, reading: list[Sequence], budget: Optional[int]) -> list[tuple[Sequence, int]]:
-        """The prompt chunks (sequence, where its chunk ends) that `budget` reads, in order."""
+    def _token_chunks(self, reading: list[Sequence], budget: Optional[int]) -> Optional[list[tuple[Sequence, int]]]:
+        """The chunks of tokens (sequence, where its chunk ends) that `budget` reads, in order;
+        None if one of those prompts goes a layer at a time (`_next_chunk`)."""
         left = math.inf if budget is None else budget
         chunks: list[tuple[Sequence, int]] = []
         for seq in reading:
             if left <= 0:
                 break
-            end, cost = self._next_chunk(seq, left)
-            chunks.append((seq, end))
-            left -= cost
+            chunk = self._next_chunk(seq, left)
+            if chunk is None:
+                return None
+            chunks.append((seq, chunk[0]))
+            left -= chunk[1]
         return chunks
 
     def packs(self, reading: list[Sequence], budget: Optional[int]) -> bool:
         """Whether `prefill_and_step(reading, ..., budget)` can read these prompts: not beside
-        the fixed-shape decode step, and a prompt with a bidirectional prefix (ChatGLM-6B) only
-        whole (chunks of tokens are exact for causal prompts alone; a longer one goes layer by
-        layer in `prefill`)."""
-        return not self.whole_decode and not any(seq in self._layerwise for seq in reading) and all(
-            end == len(seq.prompt) for seq, end in self._token_chunks(reading, budget) if seq.layout.prefix_len)
+        the fixed-shape decode step, and only in chunks of tokens (a prompt that goes a layer at a
+        time is read by `prefill`)."""
+        return not self.whole_decode and self._token_chunks(reading, budget) is not None
 
     @torch.inference_mode()
     def prefill_and_step(self, reading: list[Sequence], decoding: list[Sequence],
@@ -369,6 +377,8 @@ class DecodeBatch:
         step reads each weight once; one sampling call (one host sync) for all. Returns the
         prompts read whole (their first token sampled). Nothing moves unless all of it ran."""
         chunks = self._token_chunks(reading, budget)
+        if chunks is None:
+            raise ValueError("a prompt that goes a layer at a time cannot be packed: ask packs() first")
         read, hidden = self._packed(chunks, decoding)
         if read or decoding:
             self._sample(read + decoding, hidden)
@@ -399,9 +409,8 @@ class DecodeBatch:
                               [(seq.slot, len(seq.tokens)) for seq in decoding])
         device = self.model.device
         try:
-            hidden = self.model(torch.tensor([tokens], device=device), torch.cat(positions, -1)[None].to(device),
-                                torch.cat(cache_positions)[None].to(device), None,
-                                torch.tensor([slots], device=device), self.cache)[0]
+            hidden = self._forward(torch.tensor([tokens]), torch.cat(positions, -1)[None], torch.cat(cache_positions)[None],
+                                   None, torch.tensor([slots]))[0]
         finally:
             self.cache.set_decode_rows(None)
         chunk_ends = itertools.accumulate(end - seq.kv_len for seq, end in chunks)  # in the packed row
@@ -419,7 +428,9 @@ class DecodeBatch:
         tokens = torch.tensor([[s.tokens[-1]] for s in seqs])
         positions = torch.stack([s.layout.positions(i, i + 1) for s, i in zip(seqs, index)])
         self.cache.set_decode_rows([(s.slot, len(s.tokens)) for s in seqs])  # attention reads each slot in place
-        hidden = self._forward(seqs, tokens, positions, torch.tensor(index)[:, None], max(index) + 1)
+        cache_positions = torch.tensor(index)[:, None]
+        mask = attention_mask(torch.tensor([s.layout.prefix_len for s in seqs]), cache_positions, max(index) + 1)
+        hidden = self._forward(tokens, positions, cache_positions, mask, torch.tensor([s.slot for s in seqs]))
         for seq in seqs:
             seq.kv_len = len(seq.tokens)
         self._sample(seqs, hidden[:, -1])
@@ -449,13 +460,12 @@ class DecodeBatch:
             seq.kv_len = len(seq.tokens)
         self._sample(seqs, hidden[torch.tensor([s.slot for s in seqs], device=device), -1])
 
-    def _forward(self, seqs, tokens, positions, cache_positions, kv_len):
+    def _forward(self, tokens, positions, cache_positions, mask, slots) -> torch.Tensor:
+        """The model's forward over this batch's cache, inputs moved to its device: every forward
+        but the fixed-shape decode step's goes through here (benchmarks time it)."""
         device = self.model.device
-        prefix_lens = torch.tensor([s.layout.prefix_len for s in seqs])
-        mask = attention_mask(prefix_lens, cache_positions, kv_len)
-        slots = torch.tensor([s.slot for s in seqs])
         return self.model(tokens.to(device), positions.to(device), cache_positions.to(device),
-                          mask.to(device), slots.to(device), self.cache)
+                          None if mask is None else mask.to(device), slots.to(device), self.cache)
 
     def _sample(self, seqs: list[Sequence], hidden: torch.Tensor) -> None:
         logits = self.model.logits(hidden)[:, :self.vocab_size]
