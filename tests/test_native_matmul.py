@@ -80,18 +80,18 @@ def test_a_quantized_model_runs_on_it(tiny_checkpoint, bits, isa):
     assert {layer.kernel.name for layer in quantized_linears(model).values()} == {f"cpu-{isa}"}
 
 
-def test_a_machine_that_cannot_build_it_gets_torchs_kernels_and_the_reason(monkeypatch, caplog):
-    def no_compiler(**kwargs):
-        raise RuntimeError("Ninja is required to load C++ extensions")
-
+def test_a_machine_that_cannot_build_it_gets_torchs_kernels_and_the_reason(monkeypatch, caplog, tmp_path):
+    """No build yet and no ninja on PATH: the real build fails in its child process, and the
+    reason reaches the log and the kernel's error."""
     caches = (native._build, *KERNEL_CACHES)
     for cache in caches:
         cache.cache_clear()
-    monkeypatch.setattr(native.cpp_extension, "load", no_compiler)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    monkeypatch.setenv("PATH", str(tmp_path))
     try:
         with caplog.at_level(logging.INFO, logger=backends.__name__):
             assert choose_kernel("cpu", 8, torch.bfloat16).name == "cpu-int8pack"
-        assert "could not be built (RuntimeError: Ninja is required" in caplog.text
+        assert "could not be built (CalledProcessError: RuntimeError: Ninja is required" in caplog.text
         with pytest.raises(RuntimeError, match="cpu-avx2 could not be built"):
             KERNELS["cpu-avx2"](*quantize_weight(torch.randn(8, 64), 8), 8)
     finally:
@@ -141,11 +141,12 @@ def test_a_bfloat16_model_decodes_through_it_and_prefills_through_torch(tiny_che
 
 
 @pytest.mark.parametrize("why", ["a CPU without AVX2", "CHATGLM_CPU_ISA=none", "a model that computes on the GPU"])
-def test_a_start_where_our_kernels_cannot_help_never_invokes_the_compiler(tiny_checkpoint, monkeypatch, caplog, why):
+def test_a_start_where_our_kernels_cannot_help_never_invokes_the_compiler(tiny_checkpoint, monkeypatch, caplog, why,
+                                                                           tmp_path):
     """Decided before building: no compiler, torch's kernels everywhere, and the reason logged once."""
     builds = []
-    monkeypatch.setattr(native.cpp_extension, "load", lambda **kwargs: builds.append(kwargs["name"]))
-    monkeypatch.setattr(native, "_compile", lambda name, folder: builds.append(name))
+    monkeypatch.setattr(native, "_compile", lambda name, folder, guard: builds.append(name))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))  # no build to load: one would compile
     monkeypatch.setattr(native, "_logged", set())
     for cache in (native._build, *KERNEL_CACHES):
         cache.cache_clear()
@@ -173,20 +174,33 @@ def test_a_start_where_our_kernels_cannot_help_never_invokes_the_compiler(tiny_c
         assert caplog.text.count("bfloat16 Linear layers: torch's kernels (avx512 ") == 1
 
 
-def test_a_build_leaves_nothing_in_tmpdir_and_a_killed_build_never_blocks_the_next_start(tmp_path):
-    """A real build, as `python -m model_runtime.native` runs it, into an empty extensions folder:
-    the lock file a killed build leaves behind (on which torch would wait forever) is removed, and
-    nothing ever appears in TMPDIR, which the server shares with users' exports (polled all along:
-    g++'s assembly and the linker's tables live there for seconds otherwise)."""
+def test_a_build_leaves_nothing_in_tmpdir_and_a_killed_server_never_blocks_or_doubles_the_next(tmp_path):
+    """Real builds, as `python -m model_runtime.native` runs them, into an extensions folder that
+    holds the lock file a build killed long ago left behind (torch would wait on it forever). The
+    first start is killed while its compiler runs; the second waits for that orphaned build and
+    loads it: every object compiled exactly once (ninja's log), no compiler in the second
+    process, and nothing ever in TMPDIR, which the server shares with users' exports (polled all
+    along: g++'s assembly and the linker's tables live there for seconds otherwise)."""
     extensions, scratch = tmp_path / "extensions", tmp_path / "tmp"
     scratch.mkdir()
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "TMPDIR": str(scratch)}
     folder = extensions / native.extension_name()
     folder.mkdir(parents=True)
     (folder / "lock").touch()
-    build = subprocess.Popen([sys.executable, "-m", "model_runtime.native"], env=env, cwd=Path(__file__).parents[1],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = set()
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "model_runtime.native"], cwd=Path(__file__).parents[1],
+                                env={**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "TMPDIR": str(scratch)},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    killed = start()
+    while not (folder / "build.ninja").exists():  # written by the compiler's process just before ninja runs
+        assert killed.poll() is None, killed.stdout.read()
+        seen.update(path.name for path in scratch.iterdir())
+        time.sleep(0.002)
+    killed.kill()
+    killed.wait()
+    build = start()
     while build.poll() is None:
         seen.update(path.name for path in scratch.iterdir())
         time.sleep(0.002)
@@ -194,6 +208,8 @@ def test_a_build_leaves_nothing_in_tmpdir_and_a_killed_build_never_blocks_the_ne
     assert build.returncode == 0, output
     assert "decode attention: avx" in output and (folder / f"{folder.name}.so").exists()
     assert not (folder / "lock").exists()
+    built = [line.split("\t")[3] for line in (folder / ".ninja_log").read_text().splitlines()[1:]]
+    assert sorted(built) == [f"{folder.name}.so", "decode_attention.o", "decode_matmul.o"]
     assert seen == set() and not any(scratch.iterdir())
 
 

@@ -13,12 +13,13 @@ built with torch's extension builder the first time a process asks for it (about
 and ninja) into a folder named by a hash of the torch version, the sources and the flags (a
 torch upgrade or an edited kernel never loads a stale build), and later processes load it.
 `build_in_background()` lets the build run while a model loads; `python -m model_runtime.native`
-(or `chatglm-webdemo --build-kernels`) builds it ahead, at install time. A build killed halfway
-leaves torch's lock file behind, which would make every later start wait forever: builds here
-hold an OS file lock (released when the process dies), so a torch lock found while holding it is
-stale and removed. The compiler runs in a child process whose TMPDIR is a folder of the build's
-own, so its scratch files (assembly, linker tables) never appear in the server's temp folder, which
-holds users' exports. A model that only stays in CPU memory and computes elsewhere (ZeroGPU: on the
+(or `chatglm-webdemo --build-kernels`) builds it ahead, at install time. The compiler runs only in
+a child process (the server loads the finished library, never runs ninja), whose TMPDIR is a
+folder of the build's own, so its scratch files (assembly, linker tables) never appear in the
+server's temp folder, which holds users' exports. Builds hold an OS file lock, which the child
+shares: it is released when both are gone, so a build that outlives a killed server is waited
+for, never doubled, and torch's own lock file found while holding ours was left by a killed
+build (torch would wait on it forever) and is removed. A model that only stays in CPU memory and computes elsewhere (ZeroGPU: on the
 GPU inside each call) loads under `switched_off`, which builds nothing. Everything degrades to a
 reason string: callers then use torch's kernels and log why, once."""
 from __future__ import annotations
@@ -154,34 +155,44 @@ def extension_name() -> str:
 def _build() -> Optional[str]:
     name = extension_name()
     folder = Path(cpp_extension._get_build_directory(name, False))
+    library = folder / f"{name}.so"
     log.info("loading %s (built once per machine and torch version with g++, about 15 s)", name)
     try:
         with open(folder.with_name(folder.name + ".flock"), "w") as guard:
-            fcntl.flock(guard, fcntl.LOCK_EX)  # released by the OS if this process dies
+            fcntl.flock(guard, fcntl.LOCK_EX)  # released once this process and its compiler are gone
             stale = folder / "lock"  # torch's lock: we hold the only right to build, so it is stale
             if stale.exists():
                 log.warning("removing %s, left by a build that was killed", stale)
                 stale.unlink()
-            if not (folder / f"{name}.so").exists():
-                _compile(name, folder)
-            cpp_extension.load(name=name, sources=[str(path) for path in SOURCES], extra_cflags=CFLAGS,
-                               is_python_module=False, verbose=False)  # built: ninja has nothing to do
+            if not library.exists():
+                _compile(name, folder, guard)
+            try:
+                torch.ops.load_library(str(library))
+            except OSError:  # a library cut short by a kill during linking: build it again, once
+                log.warning("%s does not load; building it again", library)
+                library.unlink()
+                _compile(name, folder, guard)
+                torch.ops.load_library(str(library))
     except Exception as error:  # noqa: BLE001 - a missing compiler or ninja, a failed build
         detail = getattr(error, "stderr", None) or getattr(error, "output", None) or str(error)
-        first_line = next((line for line in str(detail).strip().splitlines() if "rror" in line),
+        first_line = next((line for line in str(detail).strip().splitlines()  # not a traceback's indented lines
+                           if "rror" in line and not line.startswith(" ")),
                           str(detail).strip().splitlines()[0] if str(detail).strip() else "")
         return f"could not be built ({type(error).__name__}: {first_line}; it needs g++ and ninja)"
     return None
 
 
-def _compile(name: str, folder: Path) -> None:
-    """Build into `folder` in a child process with TMPDIR inside it: g++ and the linker keep
-    scratch files (for seconds) in TMPDIR, and this process's TMPDIR is the users' export root."""
+def _compile(name: str, folder: Path, guard) -> None:
+    """Build into `folder` in a child process: the only place the compiler ever runs (this process
+    only loads the library), with TMPDIR inside `folder`, since g++ and the linker keep scratch
+    files (for seconds) in TMPDIR and this process's TMPDIR is the users' export root. The child
+    inherits the lock `guard`, so a build that outlives a killed server still holds it and the
+    next start waits for that build instead of starting a second one beside it."""
     scratch = folder / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-c", COMPILE, name, " ".join(CFLAGS), *map(str, SOURCES)],
                    env={**os.environ, "TMPDIR": str(scratch)}, check=True, capture_output=True, text=True,
-                   timeout=BUILD_TIMEOUT_S)
+                   timeout=BUILD_TIMEOUT_S, pass_fds=(guard.fileno(),))
 
 
 def build_error() -> Optional[str]:
