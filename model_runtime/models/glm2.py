@@ -27,6 +27,7 @@ from torch import nn
 
 from .base import GLMModel
 from .config import CausalGLMConfig, CheckpointError
+from .embedding import unfilled_embedding
 from .kv_cache import LayerCache
 from .prefix import PrefixEncoder
 
@@ -310,7 +311,7 @@ class Block(nn.Module):
 class Embedding(nn.Module):
     def __init__(self, config: GLM2Config):
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
+        self.word_embeddings = unfilled_embedding(config.padded_vocab_size, config.hidden_size)
 
 
 class Encoder(nn.Module):

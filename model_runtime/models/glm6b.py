@@ -21,6 +21,7 @@ from torch import nn
 
 from .base import GLMModel
 from .config import CheckpointError, ModelConfig
+from .embedding import unfilled_embedding
 from .kv_cache import LayerCache
 from .prefix import PrefixEncoder
 
@@ -117,16 +118,20 @@ class RotaryEmbedding2D(nn.Module):
     def __init__(self, head_dim: int):
         super().__init__()
         self.rotary_dim = head_dim // 2
-        exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32) / self.rotary_dim
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        """Made per forward (a few elements), not kept as a buffer: a buffer made as `GLMModel.empty`
+        makes models, on the meta device, would need remaking, and arange there imports
+        torch._dynamo (1.5 s of every start)."""
+        exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device=device) / self.rotary_dim
         # The checkpoint was trained with inv_freq rounded to float16; keep that rounding.
-        inv_freq = (1.0 / 10000 ** exponents).half().float()
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        return (1.0 / 10000 ** exponents).half().float()
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, 2, T] -> cos, sin [B, T, 1, head_dim] (both halves side by side), laid out
         for `apply_rotary` (made once per forward, used by every layer): sin negated on the first
         half of each rotary_dim-wide chunk."""
-        angles = positions.to(torch.float32)[..., None] * self.inv_freq  # [B, 2, T, d/4]
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq(positions.device)  # [B, 2, T, d/4]
         angles = torch.cat([angles, angles], dim=-1)  # [B, 2, T, rotary_dim]
         angles = torch.cat([angles[:, 0], angles[:, 1]], dim=-1)[:, :, None]  # [B, T, 1, head_dim]
         sin = angles.sin().to(dtype).unflatten(-1, (-1, 2, self.rotary_dim // 2))
@@ -213,7 +218,7 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, config: GLMConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.word_embeddings = unfilled_embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         if config.pre_seq_len:  # P-tuning v2; ChatGLM-6B's projection MLP takes hidden_size rows
@@ -235,7 +240,6 @@ class ChatGLMModel(GLMModel):
 
     def _after_to_empty(self, device: torch.device) -> None:
         self.lm_head.weight = self.transformer.word_embeddings.weight  # to_empty unties
-        self.rotary = RotaryEmbedding2D(self.config.head_dim).to(device)  # buffers are not in checkpoints
 
     def layout_for_prompt(self, prompt: list[int]) -> SequenceLayout:
         return layout_for_prompt(prompt, self.config)

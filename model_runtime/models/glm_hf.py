@@ -28,6 +28,7 @@ from torch import nn
 
 from .base import GLMModel
 from .config import CausalGLMConfig, CheckpointError
+from .embedding import unfilled_embedding
 from . import glm2
 from .glm2 import CAUSAL, CausalLayout, RMSNorm, RotaryEmbedding, SelfAttention, swiglu
 
@@ -219,7 +220,7 @@ class Decoder(nn.Module):
 
     def __init__(self, config: HFGLMConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = unfilled_embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = rms_norm(config)
 

@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .embedding import unfilled_embedding
+
 
 class PrefixEncoder(nn.Module):
     """pre_seq_len learnt rows -> every layer's prefix keys and values [P, layers * 2 * kv_heads * head_dim].
@@ -28,11 +30,11 @@ class PrefixEncoder(nn.Module):
         self.prefix_projection = config.prefix_projection
         if config.prefix_projection:
             width = projected_width or kv_size
-            self.embedding = nn.Embedding(config.pre_seq_len, width)
+            self.embedding = unfilled_embedding(config.pre_seq_len, width)
             self.trans = nn.Sequential(nn.Linear(width, config.hidden_size), nn.Tanh(),
                                        nn.Linear(config.hidden_size, kv_size))
         else:
-            self.embedding = nn.Embedding(config.pre_seq_len, kv_size)
+            self.embedding = unfilled_embedding(config.pre_seq_len, kv_size)
 
     def forward(self) -> torch.Tensor:
         rows = self.embedding.weight
