@@ -19,9 +19,10 @@ folder of the build's own, so its scratch files (assembly, linker tables) never 
 server's temp folder, which holds users' exports. Builds hold an OS file lock, which the child
 shares: it is released when both are gone, so a build that outlives a killed server is waited
 for, never doubled, and torch's own lock file found while holding ours was left by a killed
-build (torch would wait on it forever) and is removed. A model that only stays in CPU memory and computes elsewhere (ZeroGPU: on the
-GPU inside each call) loads under `switched_off`, which builds nothing. Everything degrades to a
-reason string: callers then use torch's kernels and log why, once."""
+build (torch would wait on it forever) and is removed. A model that only stays in CPU memory and
+computes elsewhere (ZeroGPU: on the GPU inside each call) loads under `switched_off`, which builds
+nothing. Everything degrades to a reason string: callers then use torch's kernels and log why,
+once."""
 from __future__ import annotations
 
 import fcntl
