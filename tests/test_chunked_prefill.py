@@ -13,7 +13,7 @@ from model_runtime.loading.loader import load_model
 from model_runtime.protocol import ChatRequest, Message, SamplingParams
 from model_runtime.serving.decode_batch import DecodeBatch, chunk_cost, generate, new_sequence
 from model_runtime.serving.engine import Engine
-from model_runtime.serving.pacing import GAP_STEPS, IDLE_STEP_S, PrefillPace
+from model_runtime.serving.pacing import GAP_STEPS, IDLE_STEP_S, WINDOW, PrefillPace
 from model_runtime.tiny.checkpoint import write_tiny_checkpoint
 from model_runtime.tokenizers.hf_json import JSONTokenizer
 from model_runtime.tiny.glm_hf import TINY_HF
@@ -374,6 +374,20 @@ def test_the_default_budget_is_paced_by_measured_step_times():
         measured.decoded(0.020)
     assert fixed.budget(decoding=False) == fixed.budget(decoding=True) == 32
     assert whole.budget(decoding=False) is None
+
+
+def test_one_slow_step_moves_no_budget_and_a_new_rate_takes_over_within_a_few_steps():
+    pace = PrefillPace(32)
+    for _ in range(WINDOW):
+        pace.read(0.064, 32, used_up=True)  # 2 ms a token's worth
+        pace.decoded(0.040)
+    steady = pace.budget(decoding=True)
+    pace.decoded(0.400)  # one decode step ten times as slow (a collection, a busy neighbour)
+    pace.read(0.640, 32, used_up=True)  # and one prompt step
+    assert pace.budget(decoding=True) == steady == int((GAP_STEPS - 1) * 0.040 / 0.002)
+    for _ in range(WINDOW // 2 + 1):  # the machine got twice as slow at reading, for good
+        pace.read(0.128, 32, used_up=True)
+    assert pace.budget(decoding=True) == int((GAP_STEPS - 1) * 0.040 / 0.004)
 
 
 def test_an_engine_paces_its_default_budget_and_keeps_a_chosen_one(models):

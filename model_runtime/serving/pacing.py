@@ -10,17 +10,22 @@ usual gaps for their next token: a step that packs their decode rows with the pr
 a decode step one less. When nothing else runs a step takes about IDLE_STEP_S (few steps, so a
 lone prompt reads almost as fast as unchunked, while a cancel or a deadline still takes effect
 within about that time). Larger steps cost the newcomer less: each step reads every weight once
-more, and prompt chunks under about 100 tokens make slower matrix products (bfloat16, 2 cores of an
-EPYC Zen 4, hidden 1024: 330 GFLOPS at 64 rows against 370 from 128 on). Times are moving averages of the steps
-measured so far. CPUs only: on a GPU a step returns before its kernels finish (its time would need
-a host sync the step does not make), so GPUs keep their fixed budget."""
+more, and prompt chunks under about 100 tokens make slower matrix products (bfloat16, 2 cores of
+an EPYC Zen 4, hidden 1024: 330 GFLOPS at 64 rows against 370 from 128 on). Times are medians of
+the last WINDOW steps measured: one slow step (a collection, a busy neighbour) moves no budget,
+and a newcomer's first steps, whose rate differs from the rest, are forgotten within a few steps
+(a moving average took about ten, and its outliers made the longest stalls). CPUs only: on a GPU
+a step returns before its kernels finish (its time would need a host sync the step does not
+make), so GPUs keep their fixed budget."""
 from __future__ import annotations
 
+from collections import deque
+from statistics import median
 from typing import Optional
 
 GAP_STEPS = 6.0  # running answers wait about this many of their usual gaps while a prompt is read
 IDLE_STEP_S = 1.0  # and about this long when no answer is running
-SMOOTHING = 0.3  # weight of the newest measurement in the moving averages
+WINDOW = 5  # the steps each estimate is the median of
 
 
 class PrefillPace:
@@ -31,30 +36,37 @@ class PrefillPace:
         step as measured times allow (else always `floor`)."""
         self.floor = floor
         self.paced = paced
-        self.decode_s: Optional[float] = None  # one decode step
-        self.token_s: Optional[float] = None  # one prompt token's worth of reading
+        self._decode_times: deque[float] = deque(maxlen=WINDOW)  # of decode steps
+        self._token_times: deque[float] = deque(maxlen=WINDOW)  # of a prompt token's worth of reading
+
+    @property
+    def decode_s(self) -> Optional[float]:
+        """One decode step's time (None before one is measured)."""
+        return median(self._decode_times) if self._decode_times else None
+
+    @property
+    def token_s(self) -> Optional[float]:
+        """One prompt token's worth of reading (None before a prompt step is measured)."""
+        return median(self._token_times) if self._token_times else None
 
     def budget(self, decoding: bool, packed: bool = False) -> Optional[int]:
         """Tokens' worth for the next prompt step; `decoding`: answers are running meanwhile,
         `packed`: in the same forward (else their decode step follows it)."""
         if not self.floor:
             return None
-        if not self.paced or self.token_s is None or (decoding and self.decode_s is None):
+        token_s, decode_s = self.token_s, self.decode_s
+        if not self.paced or token_s is None or (decoding and decode_s is None):
             return self.floor
-        seconds = (GAP_STEPS - (not packed)) * self.decode_s if decoding else IDLE_STEP_S
-        return max(self.floor, int(seconds / self.token_s))
+        seconds = (GAP_STEPS - (not packed)) * decode_s if decoding else IDLE_STEP_S
+        return max(self.floor, int(seconds / token_s))
 
     def read(self, seconds: float, budget: Optional[int], used_up: bool) -> None:
         """A prompt step took `seconds`; `used_up`: its budget ran out (a prompt is still being
         read), so the step read `budget` tokens' worth (a step that finished its prompts early
         says nothing about the rate)."""
         if budget and used_up:
-            self.token_s = _average(self.token_s, seconds / budget)
+            self._token_times.append(seconds / budget)
 
     def decoded(self, seconds: float) -> None:
         """A decode step took `seconds`."""
-        self.decode_s = _average(self.decode_s, seconds)
-
-
-def _average(old: Optional[float], new: float) -> float:
-    return new if old is None else (1 - SMOOTHING) * old + SMOOTHING * new
+        self._decode_times.append(seconds)
