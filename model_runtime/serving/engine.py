@@ -41,6 +41,7 @@ from ..protocol import ChatEvent, ChatRequest, EngineBusy, InvalidRequest, Messa
 from .admission import model_info, prepare
 from .decode_batch import CUDA_GRAPHS, DecodeBatch, Sequence
 from .pacing import PrefillPace
+from .openmp import release_workers
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,8 @@ class Engine:
         self._ttft_sum = 0.0
         self._ttft_count = 0
         self._token_times: deque[float] = deque()  # when each token of the last RATE_WINDOW_S came
+        if model.device.type == "cpu":  # from here the engine's thread computes: one OpenMP pool (openmp.py)
+            release_workers()
         self._thread = threading.Thread(target=self._run, name="chatglm-engine", daemon=True)
         self._thread.start()
 
