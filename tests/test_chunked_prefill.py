@@ -13,6 +13,7 @@ from model_runtime.loading.loader import load_model
 from model_runtime.protocol import ChatRequest, Message, SamplingParams
 from model_runtime.serving.decode_batch import DecodeBatch, chunk_cost, generate, new_sequence
 from model_runtime.serving.engine import Engine
+from model_runtime.serving.layerwise import MIN_RANGE
 from model_runtime.serving.pacing import GAP_STEPS, IDLE_STEP_S, WINDOW, PrefillPace
 from model_runtime.tiny.checkpoint import write_tiny_checkpoint
 from model_runtime.tokenizers.hf_json import JSONTokenizer
@@ -112,6 +113,27 @@ def test_a_bidirectional_prompt_is_never_split_into_token_chunks(models):
     assert chunk_cost(0, n, hidden) > n + 4  # so that the budgets below hold the tokens but not the work
     for budget in (n - 1, n, n + 2, int(chunk_cost(0, n, hidden)) - 1):
         torch.testing.assert_close(first_logits(budget), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_wise_read_runs_no_sliver_of_a_range(models, monkeypatch):
+    """Each range of a layer's keys or rows passes over that part's weights once, so a step's
+    budget left for under MIN_RANGE rows waits for the next step, and a layer's last rows go with
+    the range before them: every range holds at least MIN_RANGE rows (one per step's end did)."""
+    tokenizer, model = models["chatglm"]
+    layer_type = type(model.transformer.layers[0])
+    sizes = []
+    for part in ("write_keys", "finish"):
+        original = getattr(layer_type, part)
+        monkeypatch.setattr(layer_type, part, lambda self, rows, *rest, run=original: (
+            sizes.append(rows.shape[1]), run(self, rows, *rest))[1])
+    prompt = encode(tokenizer, LONG_QUERY)
+    assert len(prompt) > 8 * MIN_RANGE
+    batch = DecodeBatch(model, slots=1, max_len=GREEDY.max_length, vocab_size=tokenizer.vocab_size)
+    seq = new_sequence(model, prompt, GREEDY)
+    batch.admit(seq)
+    calls, _ = read(batch, seq, 2 * MIN_RANGE + 3)  # steps of a few ranges, ending mid-layer
+    layers = model.config.num_layers
+    assert calls > layers and len(sizes) >= 2 * layers and min(sizes) >= MIN_RANGE
 
 
 @pytest.mark.parametrize("family", FAMILIES)

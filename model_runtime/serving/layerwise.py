@@ -73,11 +73,16 @@ class LayerwisePrefill:
         layers = self.model.transformer.layers
         n = self.hidden.shape[1]
         spent = 0.0
+        row_cost = 1 - KEYS_SHARE + attention_share(self.length, self.hidden.shape[-1])
         while not self.done and spent < budget:
             layer, cache = layers[self.layer], self.cache.layers[self.layer]
-            if self.keys_written < n:
+            writing_keys = self.keys_written < n
+            tokens_left = (budget - spent) / (KEYS_SHARE if writing_keys else row_cost)
+            if spent and tokens_left < MIN_RANGE:
+                break  # a sliver of a range would cost a pass over the part's weights: the next step takes it
+            if writing_keys:
                 start = self.keys_written
-                end = _range_end(start, n, (budget - spent) / KEYS_SHARE)
+                end = _range_end(start, n, tokens_left)
                 _, queries = layer.write_keys(self.hidden[:, start:end], self.cos[:, start:end], self.sin[:, start:end],
                                               self.slots, self.cache_positions[:, start:end], cache)
                 if self.queries is None:
@@ -86,8 +91,7 @@ class LayerwisePrefill:
                 self.keys_written = end
                 spent += (end - start) * KEYS_SHARE
                 continue
-            row_cost = 1 - KEYS_SHARE + attention_share(self.length, self.hidden.shape[-1])
-            start, end = self.rows_done, _range_end(self.rows_done, n, (budget - spent) / row_cost)
+            start, end = self.rows_done, _range_end(self.rows_done, n, tokens_left)
             rows = self.hidden[:, start:end]
             mask = attention_mask(self.prefix_len, self.cache_positions[:, start:end], self.length)
             self.output[:, start:end] = layer.finish(rows, layer.input_layernorm(rows), self.queries[:, start:end],
@@ -105,5 +109,7 @@ class LayerwisePrefill:
 
 
 def _range_end(start: int, n: int, tokens: float) -> int:
-    """The end of the next range from start: `tokens` of them, at least MIN_RANGE, at most to n."""
-    return min(n, start + max(MIN_RANGE, int(tokens)))
+    """The end of the next range from start: `tokens` of them, at least MIN_RANGE, and to n when
+    fewer than MIN_RANGE would be left after it (no sliver at a layer's end either)."""
+    end = start + max(MIN_RANGE, int(tokens))
+    return n if n - end < MIN_RANGE else end
