@@ -43,8 +43,8 @@ from types import SimpleNamespace
 import sentencepiece
 import torch
 
-from benchmarks.common import CACHE, memory_bandwidth_gbs, print_table, report, run_worker
-from benchmarks.cpu_isa import cpu_model, quant_worker, serving_checkpoint
+from benchmarks.common import CACHE, cpu_summary, memory_bandwidth_gbs, print_table, report, run_worker
+from benchmarks.cpu_isa import quant_worker, serving_checkpoint
 from model_runtime import native
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -252,7 +252,7 @@ def main() -> None:
     threads = their_threads()
     env = {"OMP_NUM_THREADS": str(threads), **({native.ISA_VARIABLE: "avx2"} if args.isa == "avx2" else {})}
     zmm = zmm_instructions(library)
-    print(f"{cpu_model()}, {threads} threads on both sides, our path {args.isa}, chatglm.cpp {library} "
+    print(f"{cpu_summary()}, {threads} threads on both sides, our path {args.isa}, chatglm.cpp {library} "
           f"({zmm} zmm instructions), load average {os.getloadavg()[0]:.1f}", flush=True)
     ids = special_ids(args.tokenizer)
     serve_args = argparse.Namespace(**{**vars(args), "repeats": 1})
@@ -263,7 +263,7 @@ def main() -> None:
             ours = quant_worker("serve", bits, serve_args, env, checkpoint=ours_checkpoint)
             rounds.append({"round": number, "bits": bits, "ours": ours, "theirs": theirs(bits, their_model, args, ids)})
     rows = [summary(bits, rounds, args) for bits in args.bits]
-    extra = {"cpu_model": cpu_model(), "threads": threads, "our_path": args.isa, "chatglm_cpp": str(library),
+    extra = {"cpu_model": cpu_summary(), "threads": threads, "our_path": args.isa, "chatglm_cpp": str(library),
              "chatglm_cpp_zmm_instructions": zmm, "layers": args.layers, "prompt_tokens": args.prompt,
              "long_prompt_tokens": args.long_prompt, "decode_tokens": args.tokens, "rounds": rounds,
              "wall_s": round(time.perf_counter() - started), "load_average_end": round(os.getloadavg()[0], 1)}

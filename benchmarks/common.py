@@ -128,10 +128,19 @@ CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
 def machine() -> dict:
     """The machine a result came from: the CPU's model name and the features our kernels use."""
     return {"cpu": platform.processor() or platform.machine(), "cpu_model": _cpuinfo("model name"),
-            "cpu_flags": [flag for flag in CPU_FLAGS if flag in _cpuinfo("flags").split()],
+            "cpu_flags": _cpu_flags(),
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "last_level_cache_mib": round(last_level_cache_bytes() / 2**20, 1)}
+
+
+def cpu_summary() -> str:
+    """The CPU's model name and the features our kernels use, for the line above a table."""
+    return f"{_cpuinfo('model name') or 'unknown CPU'} ({', '.join(_cpu_flags())})"
+
+
+def _cpu_flags() -> list[str]:
+    return [flag for flag in CPU_FLAGS if flag in _cpuinfo("flags").split()]
 
 
 def last_level_cache_bytes() -> int:

@@ -35,22 +35,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import (CACHE, CHATGLM_6B, fastest_read_gbs, last_level_cache_bytes, print_table, read_paths,
-                               report, run_worker, write_random_checkpoint)
+from benchmarks.common import (CACHE, CHATGLM_6B, cpu_summary, fastest_read_gbs, last_level_cache_bytes, print_table,
+                               read_paths, report, run_worker, write_random_checkpoint)
 from benchmarks.quant import best_time
 from model_runtime import native
 from model_runtime.quant.backends import KERNELS
 from model_runtime.quant.format import quantize_weight
 
 SHAPES = [(3 * 4096, 4096), (4096, 4096), (16384, 4096), (4096, 16384)]  # one ChatGLM-6B block's Linear layers
-
-
-def cpu_model() -> str:
-    """The CPU's model name and the flags that pick our paths."""
-    with open("/proc/cpuinfo") as cpuinfo:
-        name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "unknown")
-    flags = [flag for flag in ("avx2", "fma", "avx512f", "avx512bw", native.BF16_FLAG) if flag in native.cpu_flags()]
-    return f"{name} ({', '.join(flags)})"
 
 
 def plain_read_gbs(weights: list[torch.Tensor], repeats: int = 2) -> float:
@@ -196,14 +188,14 @@ def main() -> None:
     parser.add_argument("--name", default="cpu_isa", help="results/NAME.json")
     args = parser.parse_args()
     started = time.perf_counter()
-    print(f"{cpu_model()}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"{cpu_summary()}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}", flush=True)
     kernels = [] if args.skip_kernels else kernel_rows(args.rounds, args.prefill_rows)
     if kernels:
         print("\nKernels, the four Linear layers of one full-size block, one row (decode) and "
               f"{args.prefill_rows} rows (prefill):")
         print_table(kernels)
     rows = [] if args.kernels_only else model_rows(args)
-    extra = {"cpu_model": cpu_model(), "kernels": kernels, "layers": args.layers, "prompt_tokens": args.prompt,
+    extra = {"cpu_model": cpu_summary(), "kernels": kernels, "layers": args.layers, "prompt_tokens": args.prompt,
              "long_prompt_tokens": args.long_prompt, "decode_tokens": args.tokens, "repeats": args.repeats,
              "wall_s": round(time.perf_counter() - started), "load_average_end": round(os.getloadavg()[0], 1)}
     print()
