@@ -252,7 +252,9 @@ def chat_head(length: int) -> bytes:
 
 
 def chat_body(model: str, max_tokens: int, stream: bool = False) -> bytes:
-    return json.dumps({"model": model, "max_tokens": max_tokens, "stream": stream,
+    """Greedy: a sampled answer of the tiny model could end early (it did once), and the long one
+    must last past every deadline."""
+    return json.dumps({"model": model, "max_tokens": max_tokens, "stream": stream, "temperature": 0,
                        "messages": [{"role": "user", "content": "hi"}]}).encode()
 
 
