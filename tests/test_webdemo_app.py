@@ -1,4 +1,5 @@
 """app.py: flags, their environment variables, Spaces defaults, and the load-failure message."""
+import gc
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import openai
 import pytest
 
 import app
+import webdemo.server
 from tests.browser.app_server import AppServer
 from webdemo import hf_spaces, limits, settings
 
@@ -163,6 +165,34 @@ def test_a_login_alone_on_a_reachable_server_is_refused_saying_what_to_add(argv,
     assert exit_info.value.code == 2
     assert "add --require-api-key KEY" in capsys.readouterr().err
     assert app.parse_args(argv + ["--require-api-key", "k"]).auth == ("me", "secret")
+
+
+def test_start_up_objects_are_frozen_out_of_garbage_collection_before_serving(monkeypatch):
+    """A full collection walks every tracked object holding the GIL (about 0.2 s over what the
+    page and the model leave behind): app.main freezes them before the server takes requests."""
+    seen = {}
+
+    class Served:
+        def __init__(self, backend):
+            self.backend = backend
+
+        def shutdown(self, drain_s):
+            self.backend.close()
+            seen["shut down"] = True
+
+    def start_server(page, backend, **settings):
+        seen["frozen"] = gc.get_freeze_count()
+        return Served(backend)
+
+    monkeypatch.setattr(webdemo.server, "start_server", start_server)
+    monkeypatch.setattr(app.StopRequests, "wait", lambda self: None)  # asked to stop at once
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # leave pytest's handlers alone
+    gc.unfreeze()
+    try:
+        assert app.main(["--tiny-random"]) == 0
+    finally:
+        gc.unfreeze()
+    assert seen["frozen"] > 100_000 and seen["shut down"]
 
 
 def test_sigterm_mid_answer_drains_cuts_off_honestly_and_exits_0():
