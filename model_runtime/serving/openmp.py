@@ -5,9 +5,9 @@ Linux wheels) keeps a pool of worker threads for each thread that starts regions
 loads a model gets one; the engine's own thread (engine.py) gets a second. Once libgomp manages
 more threads than the machine has CPUs it "throttles" them: between regions its workers spin 100
 times instead of 300,000 (GCC's documentation of GOMP_SPINCOUNT), then sleep, so every region has
-to wake them through the kernel. On 2 cores of an AMD EPYC Zen 5 a small batched matmul took 43-62 us on the
-engine's thread against 14 on the loading thread, and a mid-size model's 4-answer decode step
-10.7 ms in the engine against 6.5 ms on the thread that loaded it (torch 2.13).
+to wake them through the kernel. On 2 cores of an AMD EPYC Zen 5 a small batched matmul took
+43-62 us on the engine's thread against 14 on the loading thread, and a mid-size model's 4-answer
+decode step 10.7 ms in the engine against 6.5 ms on the thread that loaded it (torch 2.13).
 
 `release_workers` hands the calling thread's pool back (OpenMP 5's `omp_pause_resource_all`, which
 in libgomp joins only the caller's own workers), so the engine's pool is the only one and keeps
