@@ -140,7 +140,7 @@ def cpu_summary() -> str:
 
 
 def _cpu_flags() -> list[str]:
-    return [flag for flag in CPU_FLAGS if flag in _cpuinfo("flags").split()]
+    return [flag for flag in CPU_FLAGS if flag in native.cpu_flags()]
 
 
 def last_level_cache_bytes() -> int:

@@ -39,7 +39,6 @@ print(json.dumps({"before": before, "released": released, "after": after, "again
 
 def test_an_engine_on_the_cpu_leaves_the_loading_thread_without_workers(tiny_checkpoint):
     seen = run(f"""
-import time
 from model_runtime.loading.loader import load_model
 from model_runtime.protocol import ChatRequest, Message, SamplingParams
 from model_runtime.serving.engine import Engine

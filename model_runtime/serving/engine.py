@@ -40,8 +40,8 @@ from ..chat.tool_calls import ToolReader
 from ..protocol import ChatEvent, ChatRequest, EngineBusy, InvalidRequest, Message
 from .admission import model_info, prepare
 from .decode_batch import CUDA_GRAPHS, DecodeBatch, Sequence
-from .pacing import PrefillPace
 from .openmp import release_workers
+from .pacing import PrefillPace
 
 log = logging.getLogger(__name__)
 
