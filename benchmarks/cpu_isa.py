@@ -11,7 +11,9 @@ measured in the same run.
    before it in the same round (torch's sum over them as int64 words, or our fastest path
    streaming them as a bfloat16 matrix), median of --rounds per-round ratios. Both read enough
    copies of the block to pass twice the CPU's last-level cache, as a whole model does (one INT4
-   block is 109 MB: it fits a 260 MiB L3, whose reads ran at 42 GB/s where memory gave 23). Then a 512-row
+   block is 109 MB: it fits a 260 MiB L3, whose reads ran at 42 GB/s where memory gave 23).
+   "in_cache_of_ceiling": the same path on a weight that stays in that cache, over the same
+   ceiling: what the path's instructions allow, the most its decode can reach. Then a 512-row
    prefill of the same layers as each path runs it (dequantize, then one GEMM in bfloat16 where
    the CPU multiplies bfloat16 natively and the path may use it, else in float32).
 2. Model (unless --kernels-only): benchmarks/quant.py's serving worker, once per path in its own
@@ -32,6 +34,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -74,8 +77,9 @@ def kernel_rows(rounds: int, prefill_rows: int) -> list[dict]:
         streamed = layers + [(w.clone(), s) for _ in range(copies - 1) for w, s in layers]
         nbytes = copies * block_bytes
         xs = [torch.randn(1, k, generator=generator).to(torch.bfloat16) for _, k in SHAPES] * copies
-        ratios = {isa: [] for isa in paths}
-        speeds = {isa: [] for isa in paths}
+        cached_weight, cached_scale = cache_resident_weight(bits, generator)
+        cached_x = torch.randn(1, 4096, generator=generator).to(torch.bfloat16)
+        ratios, speeds, cached_ratios = ({isa: [] for isa in paths} for _ in range(3))
         ceilings = []
         for _ in range(rounds):
             ceilings.append(plain_read_gbs([w for w, _ in streamed]))
@@ -84,17 +88,31 @@ def kernel_rows(rounds: int, prefill_rows: int) -> list[dict]:
                                                 for x, (w, s) in zip(xs, streamed)])
                 speeds[isa].append(nbytes / seconds / 1e9)
                 ratios[isa].append(speeds[isa][-1] / ceilings[-1])
+                seconds = best_time(lambda: native.linear(cached_x, cached_weight, cached_scale, None, bits, isa), 5)
+                cached_ratios[isa].append(cached_weight.nbytes / seconds / 1e9 / ceilings[-1])
         del streamed
         for isa in paths:
             row = {"bits": bits, "path": isa, "block_copies": copies, "decode_gbs": round(statistics.median(speeds[isa]), 1),
                    "read_ceiling_gbs": round(statistics.median(ceilings), 1),
                    "decode_of_ceiling": round(statistics.median(ratios[isa]), 2),
+                   "in_cache_of_ceiling": round(statistics.median(cached_ratios[isa]), 2),
                    "decode_ms_per_block": round(block_bytes / statistics.median(speeds[isa]) / 1e6, 2)}
             row.update(prefill(bits, isa, layers, prefill_rows, generator))
             row["load_average"] = round(os.getloadavg()[0], 1)
             rows.append(row)
             print(row, file=sys.stderr, flush=True)
     return rows
+
+
+def cache_resident_weight(bits: int, generator: torch.Generator) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A weight of 4096 inputs per row that stays in the last-level cache (a quarter of it, at
+    most 4096 rows): a path's speed on it is what its instructions allow with memory out of the
+    way, the most its decode_of_ceiling can reach (AVX-512 read 80-115 GB/s from a Zen 5's L3,
+    more than its memory gives)."""
+    row_bytes = 4096 * bits // 8
+    rows = max(64, min(4096, last_level_cache_bytes() // 4 // row_bytes // 64 * 64))
+    weight = torch.randn(rows, 4096, generator=generator) / 64
+    return (weight.to(torch.bfloat16), None) if bits == 16 else quantize_weight(weight, bits)
 
 
 def prefill(bits, isa, layers, rows, generator) -> dict:
