@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from model_runtime.chat.formats import chat_format_for
+from model_runtime import native
 from model_runtime.loading.loader import load_model
+from model_runtime.models import kv_cache
+from model_runtime.models.kv_cache import amx_attention
 from model_runtime.protocol import ChatRequest, Message, SamplingParams
 from model_runtime.serving.decode_batch import DecodeBatch, chunk_cost, generate, new_sequence
 from model_runtime.serving.engine import Engine
@@ -86,6 +89,40 @@ def test_chunked_prefill_equals_one_forward(models, family, budget):
     for chunked, whole in zip(caches[1], caches[0]):
         torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-4)
     assert answers[1] == answers[0] and len(answers[0]) > 3
+
+
+@pytest.mark.parametrize("family", ["chatglm", "glm4"])  # ungrouped heads, read layer by layer; grouped, by tokens
+def test_bfloat16_prompts_read_by_our_attention_kernel_are_as_accurate_as_by_sdpa(models, tiny_checkpoint,
+                                                                                   tiny_family_checkpoints, family,
+                                                                                   isa, monkeypatch):
+    """A bfloat16 model on x86-64 CPUs reads prompts with our attention kernel (each code path),
+    whole and in chunks: its first logits are as close to the float32 model's as SDPA's are."""
+    tokenizer, reference = models[family]
+    _, model = load_model(tiny_checkpoint if family == "chatglm" else tiny_family_checkpoints[family], device="cpu",
+                          dtype="bfloat16")
+    prompt = encode(tokenizer, LONG_QUERY)
+    monkeypatch.setattr(kv_cache, "AVX2_SEEN_SHARE", 1.0)  # the avx2 path too takes every chunk (a speed rule)
+    calls = []
+    original = native.prefill_attention
+    monkeypatch.setattr(native, "prefill_attention", lambda *args: (calls.append(args[-1]), original(*args))[1])
+
+    def first_logits(model, budget, kernel):
+        batch = DecodeBatch(model, slots=1, max_len=GREEDY.max_length, vocab_size=tokenizer.vocab_size)
+        for layer in batch.cache.layers:
+            assert layer.native_prefill == (isa if model is not reference and not amx_attention() else None)
+            layer.native_prefill = layer.native_prefill if kernel else None
+        seq = new_sequence(model, prompt, GREEDY)
+        batch.admit(seq)
+        return read(batch, seq, budget)[1].double()
+
+    expected = first_logits(reference, None, kernel=False)
+    for budget in (None, 24):
+        sdpa = first_logits(model, budget, kernel=False)
+        calls.clear()
+        ours = first_logits(model, budget, kernel=True)
+        assert set(calls) == ({isa} if not amx_attention() else set())
+        error = {name: ((got - expected).norm() / expected.norm()).item() for name, got in (("ours", ours), ("sdpa", sdpa))}
+        assert error["ours"] <= 1.25 * error["sdpa"] + 2e-3, (budget, error)
 
 
 def test_a_bidirectional_prompt_is_never_split_into_token_chunks(models):

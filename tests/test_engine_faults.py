@@ -75,9 +75,9 @@ class FaultyModel:
             self._last_slots = slots.tolist()
             return self._model(tokens, positions, cache_positions, mask, slots, cache)
         chunks, start = [], 0
-        for slot, _, length, _ in packed.chunks:
-            chunks.append((slot, self._tokenizer.decode(tokens[0, start:start + length].tolist())))
-            start += length
+        for chunk in packed.chunks:
+            chunks.append((chunk.slot, self._tokenizer.decode(tokens[0, start:start + chunk.length].tolist())))
+            start += chunk.length
         if any("KILL" in text for _, text in chunks):
             raise SchedulerKilled()
         if any("FORWARD" in text for _, text in chunks):

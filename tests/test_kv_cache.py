@@ -1,9 +1,12 @@
 """Decode attention reads each row's slot in place: the same numbers as gathering the rows'
-caches under the visibility mask, for rows of different lengths beside slots full of other data."""
+caches under the visibility mask, for rows of different lengths beside slots full of other data;
+our CPU kernels (decode rows, prompt chunks) on each code path as accurate as SDPA; and a CPU
+cache costs the memory of what its slots hold."""
 import pytest
 import torch
 import torch.nn.functional as F
 
+from model_runtime import native
 from model_runtime.models import kv_cache
 from model_runtime.models.kv_cache import KVCache, attention_mask
 
@@ -106,6 +109,92 @@ def test_our_decode_kernel_reads_each_slot_in_place_as_accurately_as_sdpa(head_d
             return ((got.double() - expected).norm() / expected.norm()).item()
 
         assert error(ours[row:row + 1]) <= 1.1 * error(sdpa) + 1e-7 and error(ours[row:row + 1]) < 4e-3, (row, length)
+
+
+# (slot, end, length, prefix_len, columns): a whole causal prompt; a later chunk of one; a
+# ChatGLM-6B prompt read whole (its prefix seen by all); a range of one read a layer at a time
+# (rows in the middle, every column of the prompt seen); a chunk of one row. Lengths and ends
+# are no multiples of a block of 8 rows or 16 keys.
+PROMPT_CHUNKS = [(1, 77, 77, 0, 0), (3, 150, 37, 0, 0), (0, 61, 61, 60, 0), (2, 60, 21, 119, 120), (4, 5, 1, 0, 0)]
+
+
+@pytest.mark.parametrize("head_dim", [16, 64, 128])  # the tiny models'; GLM-4's mid-size and GLM's
+@pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 2)])
+def test_our_prompt_kernel_attends_each_chunk_in_place_as_accurately_as_sdpa(heads, kv_heads, head_dim, isa):
+    """Prompt attention on x86-64 CPUs (native/prefill_attention.cpp), each code path: a bfloat16
+    cache whose slots hold other data past each chunk's columns, chunks of every kind a prefill
+    makes, peaky scores; against float64 attention under GLM's visibility rule, no worse than SDPA."""
+    cache = KVCache(layers=1, slots=5, heads=kv_heads, max_len=160, head_dim=head_dim, dtype=torch.bfloat16,
+                    device="cpu", query_heads=heads)
+    layer = cache.layers[0]
+    assert layer.native_prefill == (None if kv_cache.amx_attention() else isa)  # this CPU: the build must work
+    assert not KVCache(1, 5, kv_heads, 160, head_dim, torch.float32, "cpu", query_heads=heads).layers[0].native_prefill
+    if layer.native_prefill is None:
+        pytest.skip("SDPA runs bfloat16 on this CPU's AMX tiles: our prompt kernel is not used")
+    generator = torch.Generator().manual_seed(head_dim)
+    layer.k.normal_(generator=generator)
+    layer.v.normal_(generator=generator)
+    for chunk in map(kv_cache.PromptChunk, *zip(*PROMPT_CHUNKS)):
+        q = (3 * torch.randn(chunk.length, heads, head_dim, generator=generator)).to(torch.bfloat16)
+        keys = native.prefill_attention_keys(layer.k, chunk.slot, chunk.seen, isa)
+        ours = native.prefill_attention(q, keys, layer.v, chunk.slot, chunk.end - chunk.length, chunk.seen,
+                                        chunk.prefix_len, isa)
+        k, v = (t[chunk.slot, :, :chunk.seen].repeat_interleave(heads // kv_heads, 0) for t in (layer.k, layer.v))
+        mask = kv_cache.PackedRows([chunk], [], layer.k).mask(chunk)[0]
+        expected = F.scaled_dot_product_attention(q.double().transpose(0, 1), k.double(), v.double(),
+                                                  attn_mask=mask).transpose(0, 1)
+        sdpa = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask).transpose(0, 1)
+
+        def error(got):
+            return ((got.double() - expected).norm() / expected.norm()).item()
+
+        assert ours.shape == q.shape and ours.dtype == torch.bfloat16
+        assert error(ours) <= 1.1 * error(sdpa) + 1e-7 and error(ours) < 4e-3, chunk
+        # in float32 it is float32 attention: exact products, float32 sums and softmax
+        assert error(native.prefill_attention(q.float(), keys, layer.v, chunk.slot, chunk.end - chunk.length,
+                                              chunk.seen, chunk.prefix_len, isa)) < 1e-5, chunk
+
+
+def test_ranges_of_a_prompt_read_a_layer_at_a_time_lay_its_keys_out_once(monkeypatch):
+    """The kernel's layout of a slot's keys is made once for the ranges of rows that read them
+    all (packed forwards told `same_keys`), and again for any other packed forward, which may
+    follow a write: never stale."""
+    cache = KVCache(layers=2, slots=2, heads=2, max_len=64, head_dim=16, dtype=torch.bfloat16, device="cpu")
+    first, second = cache.layers
+    if first.native_prefill is None:
+        pytest.skip("our prompt kernel does not run on this CPU")
+    layouts = []
+    original = native.prefill_attention_keys
+    monkeypatch.setattr(native, "prefill_attention_keys", lambda *args: (layouts.append(args[1:3]), original(*args))[1])
+    k = torch.randn(1, 40, 2, 16).to(torch.bfloat16)
+    first.write(k, k, torch.tensor([1]), torch.arange(40)[None])
+    chunk = kv_cache.PromptChunk(1, 40, 8, 39)
+    cache.set_packed([chunk], [])
+    a = first.transposed.get(first, 1, 40)
+    cache.set_packed([chunk._replace(end=32)], [], same_keys=True)  # the next range of the layer
+    assert first.transposed.get(first, 1, 40) is a and layouts == [(1, 40)]
+    second.transposed.get(second, 1, 40)  # another layer's keys replace it
+    assert first.transposed.get(first, 1, 40) is not a and len(layouts) == 3
+    first.write(k[:, :1] + 1, k[:, :1], torch.tensor([1]), torch.tensor([[3]]))  # a new key at position 3
+    cache.set_packed([chunk], [])
+    fresh = first.transposed.get(first, 1, 40)
+    assert len(layouts) == 4 and torch.equal(fresh, original(first.k, 1, 40, first.native_prefill))
+
+
+def test_the_avx2_path_takes_the_chunks_whose_rows_see_little_of_their_columns(monkeypatch):
+    """At 8 float32 lanes our prompt kernel is slower than SDPA per column computed, so the avx2
+    path takes only chunks whose rows see at most AVX2_SEEN_SHARE of rows x columns (a causal
+    prompt read whole: about half); the avx512 path takes every chunk."""
+    layer = KVCache(1, 2, 2, 64, 16, torch.float32, "cpu").layers[0]
+    whole_causal, late_chunk, whole_bidirectional = (kv_cache.PromptChunk(0, 60, 60), kv_cache.PromptChunk(0, 60, 10),
+                                                     kv_cache.PromptChunk(0, 60, 60, 59))
+    assert kv_cache.seen_share(0, 60, 60, 0) == pytest.approx(61 / 120)
+    layer.native_prefill = "avx2"
+    assert [layer.in_kernel(c) for c in (whole_causal, late_chunk, whole_bidirectional)] == [True, False, False]
+    layer.native_prefill = "avx512"
+    assert [layer.in_kernel(c) for c in (whole_causal, late_chunk, whole_bidirectional)] == [True, True, True]
+    layer.native_prefill = None
+    assert not layer.in_kernel(whole_causal)
 
 
 def test_a_cpu_cache_costs_the_memory_of_what_its_slots_hold():

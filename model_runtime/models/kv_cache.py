@@ -13,7 +13,7 @@ import math
 import mmap
 import re
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +108,64 @@ def native_decode_attention(device, dtype, grouped: bool, head_dim: int) -> Opti
     return isa
 
 
+def native_prefill_attention(device, dtype, head_dim: int) -> Optional[str]:
+    """The code path of our prompt attention kernel (native/prefill_attention.cpp) or None for
+    SDPA: CPU, a bfloat16 cache, a head size the path is built for, and no AMX (SDPA's flash
+    kernel runs bfloat16 on AMX tiles there). Per mid-size layer (16 heads of 64), a 2037-token
+    prompt, 2 Zen 5 threads: causal with 2 key/value heads 32 against SDPA's 101 ms, all columns
+    seen (ChatGLM-6B's prompt) 63 against 100 (benchmarks/attention.py)."""
+    if not (torch.device(device).type == "cpu" and dtype == torch.bfloat16 and head_dim <= 256) or amx_attention():
+        return None
+
+    def unavailable(isa: str) -> Optional[str]:
+        if head_dim % native.PREFILL_HEAD_DIM_MULTIPLE[isa]:
+            return f"is not built for head size {head_dim}"
+        return native.prefill_attention_unavailable(isa)
+
+    isa, passed_over = native.first_isa(unavailable)
+    if isa is None:
+        native.log_fallback_once("prompt attention", passed_over)
+    return isa
+
+
+# On the avx2 path our kernel multiplies in float32 at 8 lanes, about 1.3x SDPA's time per column
+# it computes (2 threads, forced on a Zen 5, SDPA at its AVX2 capability too), but computes only
+# the columns its rows see, where SDPA computes every column it is given: so it takes a chunk whose
+# rows see at most this share of rows x columns (a whole causal prompt sees about half).
+AVX2_SEEN_SHARE = 0.6
+
+
+def seen_share(start: int, length: int, columns: int, prefix_len: int) -> float:
+    """The share of a prompt chunk's rows x columns that its rows see: row i (at position start + i
+    < columns) sees max(prefix, start + i + 1) columns, prefix = min(prefix_len, columns)."""
+    prefix = min(prefix_len, columns)
+    flat = min(max(prefix - start, 0), length)  # rows that see just the prefix
+    seen = flat * prefix + (length - flat) * start + (length * (length + 1) - flat * (flat + 1)) // 2
+    return seen / (length * columns)
+
+
+class TransposedKeys:
+    """Keys laid out for our prompt kernel (`native.prefill_attention_keys`), kept for the next
+    chunk that reads the same ones: the ranges of rows of a prompt read a layer at a time all read
+    its every key (for ChatGLM-6B's 32 heads, laying out 2048 keys took 22 ms, as long as attending
+    256 rows to them). One layout per cache, so it holds at most one layer's slot; every packed
+    forward but such a range clears it (`KVCache.set_packed`), so it is never stale."""
+
+    def __init__(self):
+        self.key: Optional[tuple] = None
+        self.keys: Optional[torch.Tensor] = None
+
+    def get(self, layer: "LayerCache", slot: int, columns: int) -> torch.Tensor:
+        if self.key != (id(layer), slot, columns):
+            self.clear()  # the old layout's memory first
+            self.keys = native.prefill_attention_keys(layer.k, slot, columns, layer.native_prefill)
+            self.key = (id(layer), slot, columns)
+        return self.keys
+
+    def clear(self) -> None:
+        self.key, self.keys = None, None
+
+
 class CommittedOnWrite:
     """CPU memory for a cache's tensors that the OS commits page by page as each page is first
     written: zeros in a private anonymous mapping, transparent huge pages off (a huge page would
@@ -172,21 +230,25 @@ class LayerCache:
     ungrouped ones' rows from LONG_ROW keys to one widened chunk in steps of MANY_ROWS rows or
     more; else SDPA); elsewhere (GPUs, AMX) in one SDPA call over the slots the rows span
     (`DecodeRows`), reading the cache in place. A packed forward (`packed` set: prompt chunks and
-    decode rows in one row, `PackedRows`) attends per chunk, in place, then its decode rows as
-    above; prompts are read that way too. Otherwise (a prompt read a layer at a time, or a
-    P-tuning prefix in front of a decode step) the rows' first kv_len columns are gathered and
-    attended to under the visibility mask."""
+    decode rows in one row, `PackedRows`) attends per chunk, in place (on CPUs without AMX by our
+    kernel where `native_prefill`, see `in_kernel`; else SDPA under the chunk's mask), then its
+    decode rows as above; prompts are read that way, a prompt read a layer at a time too (a
+    chunk that sees all its prompt's columns). Otherwise (a P-tuning prefix in front of a decode
+    step) the rows' first kv_len columns are gathered and attended to under the visibility mask."""
 
     def __init__(self, shape: tuple[int, ...], dtype, device, scratch: Optional[torch.Tensor] = None,
                  grouped: bool = False, native_decode: Optional[str] = None,
-                 memory: Optional[CommittedOnWrite] = None):
+                 memory: Optional[CommittedOnWrite] = None, native_prefill: Optional[str] = None,
+                 transposed: Optional[TransposedKeys] = None):
         if memory is not None:
             self.k, self.v = memory.zeros(shape, dtype), memory.zeros(shape, dtype)
         else:
             self.k = torch.zeros(shape, dtype=dtype, device=device)
             self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.memory = memory
-        self.native_decode = native_decode  # our kernel's code path, or None
+        self.native_decode = native_decode  # our decode attention kernel's code path, or None
+        self.native_prefill = native_prefill  # our prompt attention kernel's, or None
+        self.transposed = transposed or TransposedKeys()  # its keys' layout, shared by a cache's layers
         self.decode_rows: Optional[DecodeRows] = None
         self.packed: Optional[PackedRows] = None  # the next forward is one packed row (PackedRows)
         self.whole = False  # row i of the forward is slot i, for every slot: read the whole cache in place
@@ -256,20 +318,32 @@ class LayerCache:
 
     def _attend_packed(self, q: torch.Tensor, packed: "PackedRows",
                        prefix_kv: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """q [1, T, heads, d] of a packed forward: each prompt chunk attends causally to its slot
-        up to its own end (read in place), then the decode rows as in a decode step (with a
-        P-tuning prefix in front, they go one by one like chunks of one token)."""
+        """q [1, T, heads, d] of a packed forward: each prompt chunk attends to its slot's columns
+        (read in place; by our CPU kernel where `in_kernel` says so, else SDPA under its mask),
+        then the decode rows as in a decode step (with a P-tuning prefix in front, they go one by
+        one like chunks of one token)."""
         out, start = [], 0
-        for slot, end, length, mask in packed.chunks + (packed.decode_chunks if prefix_kv is not None else []):
-            keys, values, seen = with_prefix(prefix_kv, self.k[slot:slot + 1, :, :end], self.v[slot:slot + 1, :, :end],
-                                             mask)
-            queries = q[:, start:start + length].transpose(1, 2)
-            out.append(F.scaled_dot_product_attention(queries, keys, values, attn_mask=seen,
+        for chunk in packed.chunks + (packed.decode_chunks if prefix_kv is not None else []):
+            queries = q[:, start:start + chunk.length]
+            start += chunk.length
+            if prefix_kv is None and self.in_kernel(chunk):
+                keys = self.transposed.get(self, chunk.slot, chunk.seen)
+                out.append(native.prefill_attention(queries[0], keys, self.v, chunk.slot, chunk.end - chunk.length,
+                                                    chunk.seen, chunk.prefix_len, self.native_prefill)[None])
+                continue
+            keys, values, seen = with_prefix(prefix_kv, self.k[chunk.slot:chunk.slot + 1, :, :chunk.seen],
+                                             self.v[chunk.slot:chunk.slot + 1, :, :chunk.seen], packed.mask(chunk))
+            out.append(F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values, attn_mask=seen,
                                                       enable_gqa=keys.shape[1] != q.shape[2]).transpose(1, 2))
-            start += length
         if prefix_kv is None and packed.decode is not None:
             out.append(self._attend_decode_rows(q[0, start:, None], packed.decode).transpose(0, 1))
         return torch.cat(out, dim=1) if len(out) > 1 else out[0]
+
+    def in_kernel(self, chunk: PromptChunk) -> bool:
+        """Whether our prompt attention kernel takes this chunk (see AVX2_SEEN_SHARE)."""
+        if self.native_prefill != "avx2":
+            return self.native_prefill is not None
+        return seen_share(chunk.end - chunk.length, chunk.length, chunk.seen, chunk.prefix_len) <= AVX2_SEEN_SHARE
 
     def _attend_span(self, q: torch.Tensor, rows: "DecodeRows") -> torch.Tensor:
         """One new token per row, all rows in one SDPA call over the cache's slots rows.start to
@@ -342,34 +416,52 @@ class DecodeRows:
         return torch.arange(self.longest) >= self.slots_lengths[1][:, None]
 
 
+class PromptChunk(NamedTuple):
+    """Prompt rows of one slot in a packed forward: the slot's positions end - length .. end - 1,
+    seeing its first `columns` columns (0: end; a prompt read a layer at a time sees all of it)
+    by GLM's rule (module docstring)."""
+
+    slot: int
+    end: int
+    length: int
+    prefix_len: int = 0
+    columns: int = 0
+
+    @property
+    def seen(self) -> int:
+        """The columns the chunk's rows attend over."""
+        return self.columns or self.end
+
+
 class PackedRows:
     """A packed forward: ONE row of tokens holding chunks of prompts, then one new token per
     decode row, so that a step reads each weight once for all of them (vLLM's mixed batches):
     running answers get their token in the step that reads a newcomer's prompt, and prompts of
     any lengths share a forward with no padding. Each chunk attends to exactly its slot's first
-    `end` columns, so no other row's length enters its sums: a prompt's numbers do not depend on
-    what was read beside it. Made once per step, not per layer: `chunks` as (slot, end, length,
-    mask), the chunk being the slot's positions end - length .. end - 1 and the mask its
-    queries' visibility (causal, plus a bidirectional prefix: a chunk of a prompt with one holds
-    all of it); `decode` the decode rows (slot, length: the new token at length - 1) as
-    `DecodeRows`, and as chunks of one token (`decode_chunks`, made at first use: only attention
-    with a P-tuning prefix in front needs them)."""
+    columns, so no other row's length enters its sums: a prompt's numbers do not depend on what
+    was read beside it. Made once per step, not per layer: `chunks` as `PromptChunk`s (a chunk of
+    a prompt with a bidirectional prefix holds all of it), and the visibility mask of each, made
+    at first use (our CPU kernel needs none); `decode` the decode rows (slot, length: the new token
+    at length - 1) as `DecodeRows`, and as chunks of one token (`decode_chunks`, made at first use:
+    only attention with a P-tuning prefix in front needs them)."""
 
-    def __init__(self, chunks: Sequence[tuple[int, int, int, int]], decode: Sequence[tuple[int, int]],
-                 cache: torch.Tensor):
+    def __init__(self, chunks: Sequence[PromptChunk], decode: Sequence[tuple[int, int]], cache: torch.Tensor):
         self.device = cache.device
-        self.chunks = [self._with_mask(*chunk) for chunk in chunks]
+        self.chunks = [PromptChunk(*chunk) for chunk in chunks]
         self.decode = DecodeRows(decode, cache) if decode else None
         self._decode = decode
+        self._masks: dict[PromptChunk, torch.Tensor] = {}
 
     @functools.cached_property
-    def decode_chunks(self) -> list[tuple[int, int, int, torch.Tensor]]:
-        return [self._with_mask(slot, length, 1) for slot, length in self._decode]
+    def decode_chunks(self) -> list[PromptChunk]:
+        return [PromptChunk(slot, length, 1) for slot, length in self._decode]
 
-    def _with_mask(self, slot: int, end: int, length: int, prefix_len: int = 0) -> tuple[int, int, int, torch.Tensor]:
-        """(slot, end, length, the mask of the chunk's queries over the slot's first end columns)."""
-        mask = attention_mask(torch.tensor([prefix_len]), torch.arange(end - length, end)[None], end).to(self.device)
-        return slot, end, length, mask
+    def mask(self, chunk: PromptChunk) -> torch.Tensor:
+        """The chunk's queries' visibility over its columns [1, 1, length, seen]."""
+        if chunk not in self._masks:
+            positions = torch.arange(chunk.end - chunk.length, chunk.end)[None]
+            self._masks[chunk] = attention_mask(torch.tensor([chunk.prefix_len]), positions, chunk.seen).to(self.device)
+        return self._masks[chunk]
 
 
 class KVCache:
@@ -388,11 +480,14 @@ class KVCache:
         grouped = query_heads is not None and query_heads > heads
         scratch = torch.empty(score_chunk(heads, head_dim, max_len) * heads * head_dim, dtype=torch.float32) \
             if torch.device(device).type == "cpu" and not amx_attention() else None
-        in_kernel = native_decode_attention(device, dtype, grouped, head_dim)
+        decode_path = native_decode_attention(device, dtype, grouped, head_dim)
+        prefill_path = native_prefill_attention(device, dtype, head_dim)
         shape = (slots, heads, max_len, head_dim)
         on_write = torch.device(device).type == "cpu" and CommittedOnWrite.available()
         self.memory = CommittedOnWrite(layers * 2 * whole_pages(math.prod(shape) * dtype.itemsize)) if on_write else None
-        self.layers = [LayerCache(shape, dtype, device, scratch, grouped, in_kernel, self.memory) for _ in range(layers)]
+        self.transposed = TransposedKeys()
+        self.layers = [LayerCache(shape, dtype, device, scratch, grouped, decode_path, self.memory, prefill_path,
+                                  self.transposed) for _ in range(layers)]
 
     def set_decode_rows(self, rows: Optional[Sequence[tuple[int, int]]], whole: bool = False) -> None:
         """(slot, length) of each row of the next forward when it decodes one token per row (its
@@ -405,10 +500,14 @@ class KVCache:
             layer.packed = None
             layer.whole = whole
 
-    def set_packed(self, chunks: Sequence[tuple[int, int, int, int]], decode: Sequence[tuple[int, int]]) -> None:
-        """The next forward is one packed row (see PackedRows): prompt chunks (slot, end,
-        length, prefix_len), then one token per decode row (slot, length). Any other forward resets it
-        with `set_decode_rows`."""
+    def set_packed(self, chunks: Sequence[PromptChunk], decode: Sequence[tuple[int, int]],
+                   same_keys: bool = False) -> None:
+        """The next forward is one packed row (see PackedRows): prompt chunks, then one token per
+        decode row (slot, length). Any other forward resets it with `set_decode_rows`. same_keys:
+        no key it reads was written since the last packed forward (a range of a prompt read a
+        layer at a time, after the layer's first), so that forward's layout of them still holds."""
+        if not same_keys:
+            self.transposed.clear()
         packed = PackedRows(chunks, decode, self.layers[0].k)
         for layer in self.layers:
             layer.decode_rows = None

@@ -1,6 +1,7 @@
-"""Our C++ CPU kernels, for the two places where torch's own are far from the memory bandwidth in
-a decode step: Linear layers with few input rows, bfloat16 or quantized (decode_matmul.cpp), and
-one-query-row attention to the KV cache (decode_attention.cpp).
+"""Our C++ CPU kernels, for the places where torch's own are far from what the CPU can do: in a
+decode step, Linear layers with few input rows, bfloat16 or quantized (decode_matmul.cpp), and
+one-query-row attention to the KV cache (decode_attention.cpp), both bound by memory; in a
+prefill, a prompt's attention to its slot (prefill_attention.cpp), bound by arithmetic.
 
 One build holds a code path per instruction set (`ISAS`, fastest first): "avx512" (AVX-512; for
 bfloat16 and INT4 weights also AVX512-BF16) and "avx2" (AVX2 + FMA: Intel Core since Haswell,
@@ -44,7 +45,8 @@ from torch.utils import cpp_extension
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("decode_matmul.cpp", "decode_attention.cpp")]
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("decode_matmul.cpp", "decode_attention.cpp", "prefill_attention.cpp")]
 CFLAGS = ["-O3", "-fopenmp"]
 ISA_VARIABLE = "CHATGLM_CPU_ISA"
 ISAS = ("avx512", "avx2")  # our code paths, fastest first
@@ -52,6 +54,7 @@ ISA_FLAGS = {"avx512": {"avx512f", "avx512bw"}, "avx2": {"avx2", "fma"}}  # as /
 BF16_FLAG = "avx512_bf16"  # the avx512 path's `vdpbf16ps` (bfloat16 and INT4 weights)
 IN_FEATURES_MULTIPLE = {16: 32, 8: 16, 4: 64}  # what `linear`'s loads assume, per weight width
 ATTENTION_HEAD_DIMS = (16, 32, 64, 128, 256)  # what decode_attention is built for
+PREFILL_HEAD_DIM_MULTIPLE = {"avx512": 16, "avx2": 8}  # prefill_attention: head sizes up to 256 in these steps
 BUILD_TIMEOUT_S = 900  # a build takes 15-60 s; a hung compiler must not hang every later start
 COMPILE = ("import sys\nfrom torch.utils import cpp_extension\n"  # what the child process runs
            "cpp_extension.load(name=sys.argv[1], extra_cflags=sys.argv[2].split(), sources=sys.argv[3:],"
@@ -257,6 +260,31 @@ def decode_attention_unavailable(isa: str) -> Optional[str]:
     if reason is None and not torch.ops.chatglm.decode_attention_supported(isa):
         reason = "is not supported by this CPU (the extension's own check)"
     return reason
+
+
+def prefill_attention_unavailable(isa: str) -> Optional[str]:
+    """None when `prefill_attention` runs on the `isa` path here (loading the extension), else why not."""
+    reason = path_unavailable(isa) or build_error()
+    if reason is None and not torch.ops.chatglm.prefill_attention_supported(isa):
+        reason = "is not supported by this CPU (the extension's own check)"
+    return reason
+
+
+def prefill_attention_keys(k: torch.Tensor, slot: int, columns: int, isa: str) -> torch.Tensor:
+    """The first `columns` keys of slot `slot` of k [slots, kv_heads, max_len, d] (bfloat16) laid out
+    for `prefill_attention` on the `isa` path (transposed per block of keys; d a multiple of
+    PREFILL_HEAD_DIM_MULTIPLE[isa], at most 256). Ask `prefill_attention_unavailable(isa)` first."""
+    return torch.ops.chatglm.prefill_attention_keys(k, slot, columns, isa)
+
+
+def prefill_attention(q: torch.Tensor, keys: torch.Tensor, v: torch.Tensor, slot: int, start: int, columns: int,
+                      prefix_len: int, isa: str) -> torch.Tensor:
+    """Prompt rows q [T, heads, d] at cache positions start .. start + T - 1 of slot `slot`, each
+    seeing the first `columns` columns j with j < prefix_len or j <= its position: keys from
+    `prefill_attention_keys(k, slot, columns, isa)`, values v [slots, kv_heads, max_len, d]
+    (bfloat16, read in place; heads a multiple of kv_heads). [T, heads, d] in q's dtype, computed
+    in float32."""
+    return torch.ops.chatglm.prefill_attention(q, keys, v, slot, start, columns, prefix_len, isa)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,

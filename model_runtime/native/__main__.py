@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from . import ISAS, build_error, decode_attention_unavailable, first_isa, linear_unavailable, path_unavailable
+from . import (ISAS, build_error, decode_attention_unavailable, first_isa, linear_unavailable, path_unavailable,
+               prefill_attention_unavailable)
 
 
 def main() -> int:
@@ -20,7 +21,8 @@ def main() -> int:
         print(f"our CPU kernels {error}; torch's kernels run instead", file=sys.stderr)
         return 1
     for what, unavailable in [(f"linear, {bits}-bit weights", lambda isa, bits=bits: linear_unavailable(bits, isa))
-                              for bits in (16, 8, 4)] + [("decode attention", decode_attention_unavailable)]:
+                              for bits in (16, 8, 4)] + [("decode attention", decode_attention_unavailable),
+                                                  ("prompt attention", prefill_attention_unavailable)]:
         isa, passed_over = first_isa(unavailable)
         print(f"{what}: {isa or 'torch'}" + (f" ({passed_over})" if passed_over else ""))
     return 0

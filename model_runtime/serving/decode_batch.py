@@ -31,7 +31,7 @@ from typing import Any, Iterable, Optional, Protocol, Sequence as Seq
 
 import torch
 
-from ..models.kv_cache import KVCache, attention_mask
+from ..models.kv_cache import KVCache, PromptChunk, attention_mask
 from ..protocol import SamplingParams
 from .layerwise import LayerwisePrefill, attention_share
 from .sampling import Sampler, sample
@@ -405,7 +405,7 @@ class DecodeBatch:
             positions.append(seq.layout.positions(index, index + 1))
             cache_positions.append(torch.tensor([index]))
             slots.append(seq.slot)
-        self.cache.set_packed([(seq.slot, end, end - seq.kv_len, seq.layout.prefix_len) for seq, end in chunks],
+        self.cache.set_packed([PromptChunk(seq.slot, end, end - seq.kv_len, seq.layout.prefix_len) for seq, end in chunks],
                               [(seq.slot, len(seq.tokens)) for seq in decoding])
         device = self.model.device
         try:

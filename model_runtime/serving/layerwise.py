@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..models.kv_cache import KVCache, attention_mask
+from ..models.kv_cache import KVCache, PromptChunk
 
 # What writing keys costs, as a share of a layer's matrix products per token: the query/key/value
 # projection is 3 of the about 12 hidden^2 multiply-adds per token of a block in every GLM family
@@ -50,7 +50,9 @@ class LayerwisePrefill:
         self.cos, self.sin = model.rotary.cos_sin(layout.positions(start, len(prompt))[None].to(device),
                                                   self.hidden.dtype)
         self.cache_positions = torch.arange(start, len(prompt), device=device)[None]
-        self.prefix_len = torch.tensor([layout.prefix_len])
+        self.first = start  # the cache position of the first token read here
+        self.prefix_len = layout.prefix_len
+        self.slot = slot
         self.slots = torch.tensor([slot], device=device)
         self.length = len(prompt)
         self.layer = 0
@@ -93,9 +95,15 @@ class LayerwisePrefill:
                 continue
             start, end = self.rows_done, _range_end(self.rows_done, n, tokens_left)
             rows = self.hidden[:, start:end]
-            mask = attention_mask(self.prefix_len, self.cache_positions[:, start:end], self.length)
-            self.output[:, start:end] = layer.finish(rows, layer.input_layernorm(rows), self.queries[:, start:end],
-                                                     mask.to(rows.device), self.slots, cache)
+            # the rows' attention: a chunk of the prompt that sees all of its columns (written before
+            # the layer's first range: the later ones read the same keys)
+            self.cache.set_packed([PromptChunk(self.slot, self.first + end, end - start, self.prefix_len, self.length)],
+                                  [], same_keys=start > 0)
+            try:
+                self.output[:, start:end] = layer.finish(rows, layer.input_layernorm(rows), self.queries[:, start:end],
+                                                         None, self.slots, cache)
+            finally:
+                self.cache.set_decode_rows(None)
             self.rows_done = end
             spent += (end - start) * row_cost
             if end == n:  # the layer is read: its output is the next one's input
