@@ -72,8 +72,9 @@ __attribute__((always_inline)) inline float lane_sum(typename Vectors<W>::F v) {
 }
 
 // e^x for x <= 0 (scores less their running maximum), about 1 ulp: x = n ln2 + r with |r| <= ln2/2,
-// e^r by its Taylor polynomial to r^6 (error below r^7/7! < 2^-23), 2^n put in the exponent bits.
-// Below -87 it gives e^-87 (the caller zeroes columns it must not see; others are that small).
+// e^r by its Taylor polynomial to r^6 (error about r^7/7!, 2^-23), 2^n put in the exponent bits.
+// Below -87 it gives e^-87, still a normal float (the caller zeroes columns it must not see;
+// others are that small).
 template <int W>
 __attribute__((always_inline)) inline typename Vectors<W>::F exp_nonpositive(typename Vectors<W>::F x) {
   using F = typename Vectors<W>::F;
@@ -99,9 +100,9 @@ __attribute__((always_inline)) inline typename Vectors<W>::F exp_nonpositive(typ
 // One block of up to kRows query rows of one head. q: [kRows, d], scaled by 1/sqrt(d); the first
 // row at cache position `first`; kt: this key head's keys as bfloat16 [kv_len / W blocks, d, W]
 // (zero past kv_len); v: its values in the cache, bfloat16 [kv_len, d]; out: rows `rows` of
-// [., out_stride]. Keys go kChunk vectors at a time: the scores of one vector of keys for the 8 rows
-// are 8 FMA chains over d (each widened key vector serves 8 FMAs, as each value vector below); a
-// chunk's softmax bookkeeping (its maximum, the rescaling of what was summed) is done once per row.
+// [., out_stride]. Keys go kChunk vectors at a time: the scores of one vector of keys are one FMA
+// chain over d per row (each widened key vector serves an FMA per row, as each value vector below);
+// a chunk's softmax bookkeeping (its maximum, the rescaling of what was summed) is done once per row.
 template <int W>
 __attribute__((always_inline)) inline void attend_block(const float* q, int rows, int64_t first, const uint16_t* kt,
                                                        const uint16_t* v, int64_t kv_len, int64_t prefix_len,
