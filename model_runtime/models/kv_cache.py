@@ -111,9 +111,9 @@ def native_decode_attention(device, dtype, grouped: bool, head_dim: int) -> Opti
 def native_prefill_attention(device, dtype, head_dim: int) -> Optional[str]:
     """The code path of our prompt attention kernel (native/prefill_attention.cpp) or None for
     SDPA: CPU, a bfloat16 cache, a head size the path is built for, and no AMX (SDPA's flash
-    kernel runs bfloat16 on AMX tiles there). Per mid-size layer (16 heads of 64), a 2037-token
-    prompt, 2 Zen 5 threads: causal with 2 key/value heads 32 against SDPA's 101 ms, all columns
-    seen (ChatGLM-6B's prompt) 63 against 100 (benchmarks/attention.py)."""
+    kernel runs bfloat16 on AMX tiles there). Per mid-size layer (16 heads of 64), a 2048-token
+    prompt, 2 Zen 5 threads: causal with 2 key/value heads 32 against SDPA's 103 ms, all columns
+    seen (ChatGLM-6B's prompt) 62 against 103 (benchmarks/prefill_attention.py)."""
     if not (torch.device(device).type == "cpu" and dtype == torch.bfloat16 and head_dim <= 256) or amx_attention():
         return None
 
@@ -447,7 +447,7 @@ class PackedRows:
 
     def __init__(self, chunks: Sequence[PromptChunk], decode: Sequence[tuple[int, int]], cache: torch.Tensor):
         self.device = cache.device
-        self.chunks = [PromptChunk(*chunk) for chunk in chunks]
+        self.chunks = list(chunks)
         self.decode = DecodeRows(decode, cache) if decode else None
         self._decode = decode
         self._masks: dict[PromptChunk, torch.Tensor] = {}

@@ -237,13 +237,19 @@ def first_isa(unavailable: Callable[[str], Optional[str]]) -> tuple[Optional[str
     return None, "; ".join(reasons)
 
 
+def _kernel_unavailable(path_reason: Optional[str], supported: Callable[[], bool]) -> Optional[str]:
+    """Why a kernel's path cannot run here: `path_reason` (path_unavailable's), the build's error
+    (loading the extension), or the extension's own check, `supported` (asked only once loaded)."""
+    reason = path_reason or build_error()
+    if reason is None and not supported():
+        reason = "is not supported by this CPU (the extension's own check)"
+    return reason
+
+
 def linear_unavailable(bits: int, isa: str) -> Optional[str]:
     """None when `linear` with weights of this width (16: bfloat16, 8 / 4: quantized) runs on
     the `isa` path here (loading the extension), else why not."""
-    reason = path_unavailable(isa, bits) or build_error()
-    if reason is None and not torch.ops.chatglm.linear_supported(bits, isa):
-        reason = "is not supported by this CPU (the extension's own check)"
-    return reason
+    return _kernel_unavailable(path_unavailable(isa, bits), lambda: torch.ops.chatglm.linear_supported(bits, isa))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -256,18 +262,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor],
 
 def decode_attention_unavailable(isa: str) -> Optional[str]:
     """None when `decode_attention` runs on the `isa` path here (loading the extension), else why not."""
-    reason = path_unavailable(isa) or build_error()
-    if reason is None and not torch.ops.chatglm.decode_attention_supported(isa):
-        reason = "is not supported by this CPU (the extension's own check)"
-    return reason
+    return _kernel_unavailable(path_unavailable(isa), lambda: torch.ops.chatglm.decode_attention_supported(isa))
 
 
 def prefill_attention_unavailable(isa: str) -> Optional[str]:
     """None when `prefill_attention` runs on the `isa` path here (loading the extension), else why not."""
-    reason = path_unavailable(isa) or build_error()
-    if reason is None and not torch.ops.chatglm.prefill_attention_supported(isa):
-        reason = "is not supported by this CPU (the extension's own check)"
-    return reason
+    return _kernel_unavailable(path_unavailable(isa), lambda: torch.ops.chatglm.prefill_attention_supported(isa))
 
 
 def prefill_attention_keys(k: torch.Tensor, slot: int, columns: int, isa: str) -> torch.Tensor:
